@@ -1,0 +1,101 @@
+"""HSTU: Hierarchical Sequential Transduction Units.
+
+References: Zhai et al., "Actions Speak Louder than Words: Trillion-Parameter Sequential
+  Transducers for Generative Recommendations", ICML 2024.
+
+Per layer: x̂ = LayerNorm(x); U, V, Q, K = SiLU(x̂·W); A = SiLU(Q·Kᵀ + rab) / N (causal, no
+softmax); y = x + W_o·(U ⊙ LayerNorm(A·V)). rab is a learned relative-position bias plus a
+bucketed time-gap bias, bucket = floor(ln(max(|Δt|, 1)) / 0.301), clamped. N is a static
+normalizer (the configured maximum length), so scores do not depend on how many events a
+cache happens to hold. The time gap of a query and a key is ts(query event) - ts(key event).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from malloc_jax.models.base import (SequenceRecommender, attention_mask, concat_keys,
+                                    dropout)
+
+
+def time_bucket(dt: jax.Array, num_buckets: int) -> jax.Array:
+  """floor(ln(max(|dt|, 1)) / 0.301), clamped to [0, num_buckets - 1]."""
+  x = jnp.maximum(jnp.abs(dt), 1).astype(jnp.float32)
+  return jnp.clip(jnp.floor(jnp.log(x) / 0.301), 0, num_buckets - 1).astype(jnp.int32)
+
+
+class HSTULayer(nnx.Module):
+  """One HSTU layer. Cached per event: K [H, Dqk] and V [H, Dv] (after SiLU)."""
+
+  def __init__(self, dim, heads, dqk, dv, max_len, num_time_buckets, dropout_rate, *, rngs):
+    self.heads, self.dqk, self.dv = heads, dqk, dv
+    self.max_len, self.num_time_buckets = max_len, num_time_buckets
+    self.dropout_rate = dropout_rate
+    self.ln = nnx.LayerNorm(dim, rngs=rngs)
+    self.uvqk = nnx.Linear(dim, heads * (2 * dv + 2 * dqk), rngs=rngs)
+    self.rab_pos = nnx.Param(jnp.zeros((heads, max_len), jnp.float32))
+    self.rab_time = nnx.Param(jnp.zeros((heads, num_time_buckets), jnp.float32))
+    self.ln_attn = nnx.LayerNorm(heads * dv, rngs=rngs)
+    self.out = nnx.Linear(heads * dv, dim, rngs=rngs)
+
+  def bias(self, q_pos, q_ts, kpos, kts):
+    """rab [B, H, m, T]: relative position plus time-gap bias."""
+    H = self.heads
+    heads = jnp.arange(H)[None, :, None, None]
+    rel = jnp.clip(q_pos[:, None, :, None] - kpos[:, :, None, :], 0, self.max_len - 1)
+    dt = q_ts[:, None, :, None] - kts[:, :, None, :]
+    return (self.rab_pos[...][heads, rel] +
+            self.rab_time[...][heads, time_bucket(dt, self.num_time_buckets)])
+
+  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None):
+    B, m, _ = x.shape
+    H, dqk, dv = self.heads, self.dqk, self.dv
+    h = nnx.silu(self.uvqk(self.ln(x)))
+    u, v, q, k = jnp.split(h, [H * dv, 2 * H * dv, 2 * H * dv + H * dqk], axis=-1)
+    heads = lambda t, d: t.reshape(B, m, H, d).transpose(0, 2, 1, 3)  # [B, H, m, d]
+    q, k, v = heads(q, dqk), heads(k, dqk), heads(v, dv)
+    kk, vv, kpos, kts = concat_keys(ck, cv, cpos, cts, k, v, q_pos, q_ts)
+    s = jnp.einsum("bhmd,bhtd->bhmt", q, kk) + self.bias(q_pos, q_ts, kpos, kts)
+    mask = attention_mask(q_pos, q_valid, kpos)
+    a = jnp.where(mask, nnx.silu(s), 0.0) / self.max_len  # [B, H, m, T+m]
+    o = jnp.einsum("bhmt,bhtd->bhmd", a, vv).transpose(0, 2, 1, 3).reshape(B, m, H * dv)
+    y = self.out(u * self.ln_attn(o))
+    r1, r2 = (None, None) if rng is None else jax.random.split(rng)
+    y = x + dropout(y, self.dropout_rate, r1)
+    del r2
+    return y, k, v, jnp.abs(a)
+
+
+class HSTU(SequenceRecommender):
+  """HSTU backbone with the cache serving API (see ``SequenceRecommender``).
+
+  Args:
+    num_items: V; item ids are 1..V, 0 is padding.
+    dim: embedding dimension d. heads: H. dqk, dv: per-head query/key and value dims.
+    num_layers: L. max_len: position table size and attention normalizer N.
+    num_time_buckets: size of the time-gap bias table. dropout: rate in training.
+    temperature: softmax temperature of the cosine logits.
+  """
+
+  def __init__(self, num_items, *, dim=50, heads=1, dqk=None, dv=None, num_layers=2,
+               max_len=200, num_time_buckets=128, dropout=0.2, temperature=0.05,
+               rngs: nnx.Rngs):
+    self.num_items, self.dim, self.temperature = num_items, dim, temperature
+    self.max_len, self.dropout_rate = max_len, dropout
+    self._kv = (heads, dqk or dim // heads, dv or dim // heads)
+    init = nnx.initializers.normal(stddev=0.02)
+    self.item_emb = nnx.Embed(num_items + 1, dim, embedding_init=init, rngs=rngs)
+    self.pos_emb = nnx.Embed(max_len, dim, embedding_init=init, rngs=rngs)
+    self.layers = nnx.List([
+        HSTULayer(dim, heads, self._kv[1], self._kv[2], max_len, num_time_buckets, dropout,
+                  rngs=rngs) for _ in range(num_layers)])
+
+  def head_dims(self):
+    return self._kv
+
+  def embed(self, items, pos, train_rng=None):
+    x = self.item_emb(items) * (self.dim ** 0.5)
+    x = x + self.pos_emb(jnp.minimum(pos, self.max_len - 1))
+    return dropout(x, self.dropout_rate, train_rng)
