@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from malloc_jax.models.base import (SequenceRecommender, attention_mask, concat_keys,
-                                    dropout)
+from malloc_jax.models.base import SequenceRecommender, attention_mask, concat_keys, dropout
 
 
 def time_bucket(dt: jax.Array, num_buckets: int) -> jax.Array:

@@ -12,8 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from malloc_jax.models.base import (SequenceRecommender, attention_mask, concat_keys,
-                                    dropout)
+from malloc_jax.models.base import SequenceRecommender, attention_mask, concat_keys, dropout
 
 
 class SASRecLayer(nnx.Module):

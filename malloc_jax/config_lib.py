@@ -1,0 +1,73 @@
+"""Shared pieces of the ml_collections config files in ``configs/`` (big_vision style).
+
+A config file's ``get_config(arg)`` receives the text after the colon of
+``--config configs/x.py:key=value,key=value`` and parses it with :func:`parse_arg`, which
+converts each value to the type of its default and rejects unknown keys.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+ARG_DEFAULTS = dict(model="hstu", steps=-1, data="synthetic", path="", runlocal=False,
+                    seed=0, max_len=-1)
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses ``"a=1,b=x"`` into a ConfigDict typed like ``ARG_DEFAULTS`` plus ``defaults``."""
+  spec = dict(ARG_DEFAULTS, **defaults)
+  out = dict(spec)
+  for part in filter(None, (arg or "").split(",")):
+    if "=" not in part:
+      raise ValueError(f"config argument {part!r}: expected key=value")
+    key, value = (s.strip() for s in part.split("=", 1))
+    if key not in spec:
+      raise ValueError(f"config argument {key!r} is unknown; expected one of {sorted(spec)}")
+    kind = type(spec[key])
+    try:
+      if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+          raise ValueError(value)
+        out[key] = value.lower() in ("true", "1")
+      else:
+        out[key] = kind(value)
+    except ValueError:
+      raise ValueError(f"config argument {key}={value!r}: expected {kind.__name__}") from None
+  return ml_collections.ConfigDict(out)
+
+
+def base_config(arg: str | None = None, **extra_defaults) -> ml_collections.ConfigDict:
+  """The common run config; ``extra_defaults`` declares a config file's own arguments."""
+  args = parse_arg(arg, **extra_defaults)
+  c = ml_collections.ConfigDict()
+  c.seed = args.seed
+  c.data = ml_collections.ConfigDict(dict(
+      source=args.data, path=args.path, max_len=128, min_events=3,
+      synthetic=dict(num_users=2000, num_items=1000, min_len=96, max_len=128, lag=80,
+                     p_copy=0.3, p_noise=0.1, branching=4, zipf=1.0, mean_gap=3600.0,
+                     seed=args.seed)))
+  c.model = ml_collections.ConfigDict(dict(
+      name=args.model, dim=64, heads=2, num_layers=2, dropout=0.1, temperature=0.05))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=800, batch_size=64, lr=1e-3, weight_decay=0.0, num_negatives=128, log_every=50,
+      checkpoint_every=200, eval_every=200, eval_users=512, patience=0))
+  c.eval = ml_collections.ConfigDict(dict(
+      split="test", batch_size=256, ks=(10, 50, 200), query_len=1, window=8, max_users=0,
+      calibration_users=512))
+  c.compressors = ml_collections.ConfigDict({"native": {"name": "native"}})
+  if args.data != "synthetic":  # the published small config of HSTU / SASRec on MovieLens
+    c.data.max_len = 200
+    c.model.update(dim=50, heads=1, dropout=0.2)
+    c.train.update(steps=3000, batch_size=128, eval_every=250, patience=4, eval_users=0)
+  if args.runlocal:
+    c.data.synthetic.update(num_users=64, num_items=50, min_len=24, max_len=32, lag=12)
+    c.data.max_len = 32
+    c.model.update(dim=16, heads=2)
+    c.train.update(steps=20, batch_size=16, num_negatives=16, log_every=10,
+                   checkpoint_every=10, eval_every=10, eval_users=32)
+    c.eval.update(batch_size=32, calibration_users=32)
+  if args.steps >= 0:
+    c.train.steps = args.steps
+  if args.max_len > 0:
+    c.data.max_len = args.max_len
+  return c

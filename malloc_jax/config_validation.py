@@ -1,0 +1,120 @@
+"""Start-up validation of a run config: every bad value is named before any work starts."""
+
+from __future__ import annotations
+
+from malloc_jax.models import BACKBONES
+
+SOURCES = ("synthetic", "ml-100k", "ml-1m", "recbole", "sasrec")
+
+
+def _fail(field: str, value, expected: str):
+  raise ValueError(f"config.{field}={value!r}: expected {expected}")
+
+
+def _int(config, field: str, lo: int | None = None, hi: int | None = None):
+  node = config
+  for part in field.split("."):
+    node = node[part]
+  if isinstance(node, bool) or not isinstance(node, int):
+    _fail(field, node, "an integer")
+  if lo is not None and node < lo:
+    _fail(field, node, f"an integer >= {lo}")
+  if hi is not None and node > hi:
+    _fail(field, node, f"an integer <= {hi}")
+  return node
+
+
+def _num(config, field: str, lo: float, hi: float | None = None, open_lo: bool = False):
+  node = config
+  for part in field.split("."):
+    node = node[part]
+  if isinstance(node, bool) or not isinstance(node, int | float):
+    _fail(field, node, "a number")
+  if node < lo or (open_lo and node == lo) or (hi is not None and node > hi):
+    _fail(field, node, f"a number in {'(' if open_lo else '['}{lo}, {hi if hi is not None else 'inf'}]")
+  return node
+
+
+def validate_config(config) -> None:
+  """Raises ValueError naming the first invalid field of ``config``."""
+  for section in ("data", "model", "train", "eval", "compressors"):
+    if section not in config:
+      _fail(section, None, f"a '{section}' section")
+  _int(config, "seed", 0)
+  d = config.data
+  if d.source not in SOURCES:
+    _fail("data.source", d.source, f"one of {SOURCES}")
+  if d.source != "synthetic" and not d.path:
+    _fail("data.path", d.path, f"the path of the {d.source} file")
+  max_len = _int(config, "data.max_len", 2)
+  _int(config, "data.min_events", 3)
+  if d.source == "synthetic":
+    for f in ("num_users", "num_items", "min_len", "max_len", "lag", "branching"):
+      _int(config, f"data.synthetic.{f}", 1)
+    _num(config, "data.synthetic.p_copy", 0.0, 1.0)
+    _num(config, "data.synthetic.p_noise", 0.0, 1.0)
+  m = config.model
+  if m.name not in BACKBONES:
+    _fail("model.name", m.name, f"one of {sorted(BACKBONES)}")
+  dim = _int(config, "model.dim", 1)
+  heads = _int(config, "model.heads", 1)
+  if dim % heads:
+    _fail("model.heads", heads, f"a divisor of model.dim={dim}")
+  _int(config, "model.num_layers", 1)
+  _num(config, "model.dropout", 0.0, 0.99)
+  _num(config, "model.temperature", 0.0, None, open_lo=True)
+  t = config.train
+  steps = _int(config, "train.steps", 0)
+  _int(config, "train.batch_size", 1)
+  _num(config, "train.lr", 0.0, None, open_lo=True)
+  _num(config, "train.weight_decay", 0.0)
+  _int(config, "train.num_negatives", 1)
+  _int(config, "train.log_every", 1)
+  _int(config, "train.checkpoint_every", 1)
+  _int(config, "train.eval_every", 0, None)
+  _int(config, "train.patience", 0)
+  del steps, t
+  e = config.eval
+  if e.split not in ("valid", "test"):
+    _fail("eval.split", e.split, "'valid' or 'test'")
+  _int(config, "eval.batch_size", 1)
+  _int(config, "eval.query_len", 1, max_len)
+  _int(config, "eval.window", 1, max_len)
+  _int(config, "eval.max_users", 0)
+  _int(config, "eval.calibration_users", 1)
+  if not e.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in e.ks):
+    _fail("eval.ks", tuple(e.ks), "positive integers")
+  _validate_compressors(config, max_len)
+
+
+def _validate_compressors(config, max_len: int) -> None:
+  from malloc_jax.compressors import registry
+
+  head_dim = config.model.dim // config.model.heads
+  if not config.compressors:
+    _fail("compressors", {}, "at least one compressor")
+  for label, spec in config.compressors.items():
+    field = f"compressors.{label}"
+    if "name" not in spec:
+      _fail(field, spec.to_dict(), "a 'name' entry")
+    name = spec.name
+    if name not in registry.METHODS:
+      _fail(f"{field}.name", name, f"one of {sorted(registry.METHODS)}")
+    params = spec.to_dict()
+    params.pop("name")
+    if name == "lowrank":
+      rank = params.get("rank", 0)
+      red = params.get("reduction", 4)
+      if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= head_dim:
+        _fail(f"{field}.rank", rank, f"an integer in [1, head dimension {head_dim}] "
+              "(0: use reduction)")
+      if not rank and (not isinstance(red, int) or not 1 <= red <= head_dim):
+        _fail(f"{field}.reduction", red, f"an integer in [1, {head_dim}]")
+      continue
+    try:
+      registry.make_compressor(name, **params)
+    except (TypeError, ValueError) as err:
+      raise ValueError(f"config.{field}: {err}") from None
+    for key in ("budget", "heavy", "recent", "sinks", "window"):
+      if key in params and isinstance(params[key], int) and params[key] > max_len:
+        _fail(f"{field}.{key}", params[key], f"at most data.max_len={max_len}")

@@ -1,0 +1,805 @@
+"""Parsers for raw interaction files: the only module of the project that reads raw data.
+
+Every parser returns an :class:`Interactions`: per-user, time-ordered event sequences in CSR
+form with items remapped to dense ids ``1..V`` (0 is reserved for padding).
+
+Formats (``load(format, path)`` dispatches by these names):
+
+* ``"ml-100k"``: MovieLens 100K ``u.data``, tab-separated ``user item rating timestamp``.
+* ``"ml-1m"``: MovieLens 1M ``ratings.dat``, ``user::item::rating::timestamp``.
+* ``"recbole"``: RecBole atomic ``.inter`` files, tab-separated with a typed header such as
+  ``user_id:token<TAB>item_id:token<TAB>rating:float<TAB>timestamp:float``; columns are found by
+  name, in any order, extra columns are ignored.
+* ``"sasrec"``: one line per user, ``user_id item_id item_id ...`` in time order, space
+  separated (the SASRec Amazon files); an event's timestamp is its index within the line.
+
+Conventions shared by all parsers:
+
+* **Ordering.** A user's events are sorted by timestamp with a *stable* sort on the timestamp
+  alone, so events with equal timestamps keep the file's row order. Ties are never broken by
+  item id (in ML-100K that would leak a popularity-correlated order; see DESIGN.md, "Data").
+* **Users** are listed in increasing order of their original id; ``Interactions.users`` holds
+  those ids (int64, or str for RecBole tokens that are not all canonical integers).
+* **Items** get dense ids ``1..V`` in increasing order of their original id, counting only
+  the events that survive the filters; ``item_ids[d]`` is the original id of dense id ``d``.
+* **Filters.** ``min_rating`` drops events rated below it (counted in
+  ``skipped["low_rating"]``); then users with fewer than ``min_events`` events are dropped
+  (counted in ``skipped["short_users"]``, their events in ``skipped["short_user_events"]``,
+  and summarized by one ``logging.warning``). If no user remains a ValueError names the file.
+* **Errors.** Malformed input raises ``ValueError`` whose message starts with the file path
+  and the 1-based line number (``"<path>: line <n>: ..."``) and says what was expected.
+  Trailing blank lines are ignored; blank lines elsewhere are errors.
+
+Parsing is vectorized (``np.loadtxt``'s C reader plus numpy checks); only when the fast path
+finds a problem does a per-line Python scan run, to report the first offending line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import itertools
+import logging
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+  "FORMATS",
+  "Interactions",
+  "Split",
+  "leave_one_out",
+  "load",
+  "parse_movielens_100k",
+  "parse_movielens_1m",
+  "parse_recbole_inter",
+  "parse_sasrec_text",
+  "popularity",
+]
+
+PathLike = str | Path
+
+
+# --------------------------------------------------------------------------------------------
+# Result types
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Interactions:
+  """Per-user time-ordered event sequences in CSR form.
+
+  User ``u`` (``0 <= u < len(self)``) owns events ``offsets[u]:offsets[u + 1]`` of ``items``,
+  ``timestamps`` and ``ratings``, in time order (stable on equal timestamps).
+
+  Attributes:
+    users: [U] original user ids (int64, or str for non-integer RecBole tokens).
+    offsets: [U + 1] int64 CSR offsets into the event arrays.
+    items: [N] int32 dense item ids in ``1..num_items`` (0 is padding, never used here).
+    timestamps: [N] int64 event times (unix seconds, or the event's index within its user's
+      sequence for formats without times).
+    ratings: [N] float32 ratings, or None when the format has none.
+    item_ids: [num_items + 1] original id of each dense id; index 0 is unused (0 or "").
+    num_items: V, the number of distinct items.
+    source: where the data came from, ``"<format>:<path>"``.
+    skipped: counts of what the filters dropped (``short_users``, ``short_user_events``,
+      ``low_rating`` when ``min_rating`` was given).
+  """
+
+  users: np.ndarray
+  offsets: np.ndarray
+  items: np.ndarray
+  timestamps: np.ndarray
+  ratings: np.ndarray | None
+  item_ids: np.ndarray
+  num_items: int
+  source: str
+  skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    n = len(self.items)
+    if len(self.offsets) != len(self.users) + 1 or self.offsets[0] != 0 or self.offsets[-1] != n:
+      raise ValueError(f"{self.source}: offsets [{len(self.offsets)}] do not describe "
+                       f"{len(self.users)} users and {n} events")
+    if len(self.timestamps) != n or (self.ratings is not None and len(self.ratings) != n):
+      raise ValueError(f"{self.source}: items, timestamps and ratings differ in length")
+    if len(self.item_ids) != self.num_items + 1:
+      raise ValueError(f"{self.source}: item_ids has {len(self.item_ids)} entries, "
+                       f"expected num_items + 1 = {self.num_items + 1}")
+
+  def __len__(self) -> int:
+    return len(self.users)
+
+  @property
+  def num_events(self) -> int:
+    """Total number of events N."""
+    return len(self.items)
+
+  def lengths(self) -> np.ndarray:
+    """Returns the [U] int64 number of events of each user."""
+    return np.diff(self.offsets)
+
+  def sequence(self, u: int) -> tuple[np.ndarray, np.ndarray]:
+    """Returns user ``u``'s events.
+
+    Args:
+      u: user index in ``0..len(self) - 1`` (not the original id; see ``users``).
+
+    Returns:
+      ``(items, timestamps)``: views of the int32 dense item ids and int64 times, in time order.
+    """
+    if not -len(self) <= u < len(self):
+      raise IndexError(f"user index {u} out of range for {len(self)} users")
+    u = u % len(self)
+    s, e = self.offsets[u], self.offsets[u + 1]
+    return self.items[s:e], self.timestamps[s:e]
+
+  def __repr__(self) -> str:
+    return (f"Interactions(source={self.source!r}, users={len(self)}, items={self.num_items}, "
+            f"events={self.num_events}, skipped={self.skipped})")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Split:
+  """Leave-one-out split of an :class:`Interactions` (see :func:`leave_one_out`).
+
+  For a user with events ``s_1..s_n`` (``n >= 3``):
+
+  * ``train``: ``s_1..s_{n-2}``;
+  * ``valid_history`` (the same object as ``train``) and ``valid_target`` ``s_{n-1}``;
+  * ``test_history``: ``s_1..s_{n-1}`` and ``test_target`` ``s_n``.
+
+  Histories are :class:`Interactions` over the same users, in the same order, with the same
+  item vocabulary (``item_ids``, ``num_items``) as the input; targets are [U] arrays.
+
+  Attributes:
+    train: all but the last two events of each user.
+    valid_history: same object as ``train``.
+    valid_target: [U] int32 dense id of each user's second-to-last event.
+    valid_target_ts: [U] int64 its timestamp.
+    test_history: all but the last event of each user.
+    test_target: [U] int32 dense id of each user's last event.
+    test_target_ts: [U] int64 its timestamp.
+  """
+
+  train: Interactions
+  valid_history: Interactions
+  valid_target: np.ndarray
+  valid_target_ts: np.ndarray
+  test_history: Interactions
+  test_target: np.ndarray
+  test_target_ts: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.train)
+
+  @property
+  def users(self) -> np.ndarray:
+    """[U] original user ids."""
+    return self.train.users
+
+  @property
+  def num_items(self) -> int:
+    """V, the size of the shared item vocabulary."""
+    return self.train.num_items
+
+
+def _truncate(inter: Interactions, drop: int) -> Interactions:
+  """Returns ``inter`` without the last ``drop`` events of every user (each has > drop)."""
+  lengths = inter.lengths()
+  starts = np.repeat(inter.offsets[:-1], lengths)
+  pos = np.arange(inter.num_events, dtype=np.int64) - starts
+  keep = pos < np.repeat(lengths - drop, lengths)
+  offsets = inter.offsets - drop * np.arange(len(inter.offsets), dtype=np.int64)
+  return Interactions(
+    users=inter.users, offsets=offsets, items=inter.items[keep],
+    timestamps=inter.timestamps[keep],
+    ratings=None if inter.ratings is None else inter.ratings[keep],
+    item_ids=inter.item_ids, num_items=inter.num_items, source=inter.source,
+    skipped=dict(inter.skipped))
+
+
+def leave_one_out(inter: Interactions) -> Split:
+  """Splits each user's sequence leave-one-out (SASRec / HSTU protocol).
+
+  Args:
+    inter: parsed interactions; every user needs at least 3 events (the parsers' default
+      ``min_events=3`` guarantees it).
+
+  Returns:
+    A :class:`Split`: ``train`` = all but the last two events, validation target = the
+    second-to-last event (history = ``train``), test target = the last event (history = all
+    but the last). Event order, and so the choice of targets among equal timestamps, is the
+    parser's stable file order.
+
+  Raises:
+    ValueError: a user has fewer than 3 events.
+  """
+  lengths = inter.lengths()
+  short = np.flatnonzero(lengths < 3)
+  if len(short):
+    u = short[0]
+    raise ValueError(f"{inter.source}: leave_one_out needs at least 3 events per user; user "
+                     f"{inter.users[u]} has {lengths[u]} ({len(short)} such users; parse "
+                     f"with min_events >= 3)")
+  last = inter.offsets[1:] - 1
+  train = _truncate(inter, 2)
+  return Split(
+    train=train, valid_history=train,
+    valid_target=inter.items[last - 1].copy(), valid_target_ts=inter.timestamps[last - 1].copy(),
+    test_history=_truncate(inter, 1),
+    test_target=inter.items[last].copy(), test_target_ts=inter.timestamps[last].copy())
+
+
+def popularity(items: np.ndarray, num_items: int) -> np.ndarray:
+  """Counts how often each dense item id occurs.
+
+  Args:
+    items: int array of dense item ids in ``0..num_items`` (e.g. ``split.train.items``);
+      zeros (padding) are not counted.
+    num_items: V.
+
+  Returns:
+    [V + 1] int64 counts; index 0 (padding) is always 0.
+  """
+  items = np.asarray(items).ravel()
+  if items.size and (items.min() < 0 or items.max() > num_items):
+    raise ValueError(f"popularity: item ids must lie in 0..{num_items}, got range "
+                     f"{items.min()}..{items.max()}")
+  counts = np.bincount(items.astype(np.int64), minlength=num_items + 1).astype(np.int64)
+  counts[0] = 0
+  return counts
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and field validation
+# --------------------------------------------------------------------------------------------
+
+_INT_RE = re.compile(r" *[+-]?[0-9]+ *")
+_INT64_MAX = 2**63 - 1
+# Separators a wrongly formatted line may use, for hints.
+_SEPARATORS = (("\t", "tab"), ("::", "'::'"), (",", "comma"), (";", "semicolon"),
+               ("|", "'|'"), (" ", "space"))
+
+
+def _sep_name(sep: str) -> str:
+  return dict(_SEPARATORS).get(sep, repr(sep))
+
+
+def _show(line: str, width: int = 80) -> str:
+  return repr(line if len(line) <= width else line[:width] + "...")
+
+
+def _separator_hint(line: str, expected: str) -> str:
+  """A hint when ``line`` is blank or looks separated by something other than ``expected``."""
+  if not line.strip():
+    return " (blank line)"
+  for sep, name in _SEPARATORS:
+    if sep != expected and sep not in expected and sep in line.strip():
+      return f"; the line looks {name}-separated, expected {_sep_name(expected)}"
+  return ""
+
+
+def _resolve(path: PathLike, default_name: str | None = None, pattern: str | None = None) -> Path:
+  """Returns the file to read: ``path`` itself, or the default file inside a directory."""
+  p = Path(path).expanduser()
+  if p.is_dir():
+    if default_name is not None and (p / default_name).is_file():
+      return p / default_name
+    if pattern is not None:
+      found = sorted(p.glob(pattern))
+      if len(found) == 1:
+        return found[0]
+      raise ValueError(f"{p}: directory holds {len(found)} files matching {pattern!r}; "
+                       "expected exactly one (pass the file itself)")
+    raise ValueError(f"{p}: is a directory without {default_name!r}; pass the file itself")
+  if not p.is_file():
+    raise FileNotFoundError(f"{p}: no such file")
+  return p
+
+
+def _read_text(p: Path, expected: str) -> str:
+  """Reads ``p`` as UTF-8, normalizes newlines, drops trailing blank lines.
+
+  Raises:
+    ValueError: undecodable bytes (with the line) or an empty file.
+  """
+  data = p.read_bytes()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    raise ValueError(f"{p}: line {line}: byte {e.start} is not valid UTF-8; expected a text "
+                     f"file of {expected}") from None
+  if text.startswith("\ufeff"):
+    text = text[1:]
+  if "\r" in text:
+    text = text.replace("\r\n", "\n")
+  end = len(text)
+  while end > 0:  # drop trailing blank (or whitespace-only) lines
+    nl = text.rfind("\n", 0, end)
+    if text[nl + 1:end].strip(" \t"):
+      break
+    end = max(nl, 0)
+  text = text[:end]
+  if not text:
+    raise ValueError(f"{p}: empty file, expected {expected}")
+  return text
+
+
+def _check_id(s: str, label: str) -> str | None:
+  if not s.strip():
+    return f"missing {label}"
+  if not _INT_RE.fullmatch(s):
+    return f"expected an integer {label}, got {s!r}"
+  if abs(int(s)) > _INT64_MAX:
+    return f"{label} {s.strip()} is out of the int64 range"
+  return None
+
+
+def _check_token(s: str, label: str) -> str | None:
+  return None if s.strip() else f"missing {label}"
+
+
+def _check_rating(s: str, label: str) -> str | None:
+  if not s.strip():
+    return f"missing {label}"
+  try:
+    v = float(s)
+  except ValueError:
+    return f"expected a numeric {label}, got {s!r}"
+  return None if math.isfinite(v) else f"expected a finite {label}, got {s!r}"
+
+
+def _check_time_int(s: str, label: str) -> str | None:
+  if not s.strip():
+    return f"missing {label}"
+  if not _INT_RE.fullmatch(s):
+    try:
+      float(s)
+    except ValueError:
+      return f"expected a non-negative integer {label}, got non-numeric {s!r}"
+    return f"expected a non-negative integer {label}, got {s!r}"
+  v = int(s)
+  if v < 0:
+    return f"expected a non-negative integer {label}, got negative {s.strip()}"
+  if v > _INT64_MAX:
+    return f"{label} {s.strip()} is out of the int64 range"
+  return None
+
+
+def _check_time_float(s: str, label: str) -> str | None:
+  if not s.strip():
+    return f"missing {label}"
+  try:
+    v = float(s)
+  except ValueError:
+    return f"expected a non-negative numeric {label}, got non-numeric {s!r}"
+  if not math.isfinite(v):
+    return f"expected a finite {label}, got {s!r}"
+  if v < 0:
+    return f"expected a non-negative {label}, got negative {s.strip()}"
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Column:
+  """A column to read: its role, 0-based index in the line, label and field validator."""
+
+  role: str  # "user" | "item" | "rating" | "timestamp"
+  index: int
+  label: str
+  check: Callable[[str, str], str | None]
+  dtype: str  # loadtxt dtype of the fast path
+
+
+@dataclasses.dataclass(frozen=True)
+class _Table:
+  """The layout of a delimited file, for parsing and for error messages."""
+
+  path: Path
+  sep: str
+  ncols: int
+  columns: tuple[_Column, ...]
+  layout: str  # e.g. "user_id item_id rating timestamp"
+  first_line: int = 1  # line number of the first data line (2 after a header)
+
+
+def _scan(table: _Table, lines: list[str]) -> None:
+  """Validates data lines one by one in Python; raises at the first bad one.
+
+  This is the slow path that names the offending line. It applies the same rules as the
+  vectorized fast path (column count, then each column's validator).
+  """
+  for k, line in enumerate(lines):
+    n = table.first_line + k
+    parts = line.split(table.sep)
+    if len(parts) != table.ncols:
+      raise ValueError(
+        f"{table.path}: line {n}: expected {table.ncols} {_sep_name(table.sep)}-separated "
+        f"columns ({table.layout}), got {len(parts)}{_separator_hint(line, table.sep)}: "
+        f"{_show(line)}")
+    for col in table.columns:
+      err = col.check(parts[col.index], col.label)
+      if err is not None:
+        raise ValueError(f"{table.path}: line {n}: {err} in column {col.index + 1} "
+                         f"(expected {table.layout}): {_show(line)}")
+
+
+def _fail(table: _Table, body: str, reason: str) -> NoReturn:
+  """Runs the slow scan to name the bad line; raises a generic error if it finds none."""
+  _scan(table, body.split("\n"))
+  raise ValueError(f"{table.path}: could not parse as {table.layout} "
+                   f"({_sep_name(table.sep)}-separated): {reason}")
+
+
+def _canonical_int_tokens(b: np.ndarray, ncols: int, indices: list[int]) -> bool:
+  """Whether no field of the token columns ``indices`` could be a non-canonical integer.
+
+  ``b`` holds the bytes of tab-separated lines that all have ``ncols`` fields. A field that
+  starts with '+', a space, '-0' or a '0' followed by a digit, or ends with a space, would
+  parse to the same int64 as another spelling ("01" and "1"); such files keep string tokens.
+  """
+  if not indices:
+    return True
+  starts = np.concatenate([[0], np.flatnonzero((b == 9) | (b == 10)) + 1])
+  ends = np.concatenate([starts[1:] - 1, [len(b)]])  # one past each field's last byte
+  starts = starts.reshape(-1, ncols)[:, indices].ravel()
+  ends = ends.reshape(-1, ncols)[:, indices].ravel()
+  padded = np.concatenate([b, np.zeros(2, np.uint8)])
+  first, second, last = padded[starts], padded[starts + 1], padded[np.maximum(ends - 1, 0)]
+  nonempty = ends > starts
+  bad = nonempty & ((first == ord("+")) | (first == ord(" ")) | (last == ord(" "))
+                    | ((first == ord("-")) & (second == ord("0")))
+                    | ((first == ord("0")) & (ends - starts > 1)))
+  return not bad.any()
+
+
+def _loadtxt(work: str, cols: tuple[_Column, ...], token_dtype: str) -> dict[str, np.ndarray]:
+  arr = np.loadtxt(io.StringIO(work), delimiter="\t", comments=None, quotechar=None,
+                   usecols=[c.index for c in cols], ndmin=1,
+                   dtype=[(c.role, token_dtype if c.dtype == "str" else c.dtype) for c in cols])
+  return {c.role: arr[c.role] for c in cols}
+
+
+def _read_table(table: _Table, body: str) -> dict[str, np.ndarray]:
+  """Parses the data lines ``body`` (no header, no trailing newline) of a delimited file.
+
+  Fast path: a vectorized column count on the raw bytes, then ``np.loadtxt``'s C reader
+  with typed columns. Any problem sends the file through :func:`_scan`, which names the line.
+
+  Returns:
+    One array per column role, with the column's dtype ("i8" -> int64, "f8" -> float64);
+    "str" (token) columns are int64 when every token is a canonical integer, else str.
+  """
+  work = body
+  if len(table.sep) > 1:  # loadtxt takes one-character delimiters: map "::" to a tab
+    if "\t" in body:
+      _fail(table, body, "unexpected tab")
+    work = body.replace(table.sep, "\t")
+  # Column count of every line at once: count tabs per line on the raw bytes.
+  b = np.frombuffer(work.encode("utf-8"), np.uint8)
+  newlines = np.flatnonzero(b == 10)
+  line_starts = np.concatenate([[0], newlines + 1])  # every line is non-empty here
+  tabs_per_line = np.add.reduceat((b == 9).view(np.uint8), line_starts, dtype=np.int64)
+  if np.any(tabs_per_line != table.ncols - 1):
+    _fail(table, body, "column count")
+  cols = table.columns
+  tokens = [c for c in cols if c.dtype == "str"]
+  out = None
+  if tokens and _canonical_int_tokens(b, table.ncols, [c.index for c in tokens]):
+    try:  # integer tokens (the common case): typed, fast
+      out = _loadtxt(work, cols, "i8")
+    except ValueError:
+      out = None
+  if out is None:
+    try:
+      out = _loadtxt(work, cols, "O")
+    except ValueError as e:
+      _fail(table, body, str(e))
+    for c in tokens:
+      out[c.role] = out[c.role].astype(str)
+      if np.any(np.char.str_len(np.char.strip(out[c.role])) == 0):
+        _fail(table, body, f"missing {c.label}")
+  if len(next(iter(out.values()))) != len(newlines) + 1:
+    _fail(table, body, "row count mismatch")
+  for c in cols:
+    v = out[c.role]
+    if c.role == "rating" and not np.all(np.isfinite(v)):
+      _fail(table, body, f"non-finite {c.label}")
+    if c.role == "timestamp" and (np.any(v < 0) or not np.all(np.isfinite(v))):
+      _fail(table, body, f"negative or non-finite {c.label}")
+  return out
+
+
+def _tokens_to_ids(tokens: np.ndarray) -> np.ndarray:
+  """Converts str tokens to int64 when all are canonical integers ("7", not "07"), else keeps str."""
+  if tokens.dtype.kind != "U":
+    return tokens
+  try:
+    ints = tokens.astype(np.int64)
+  except (ValueError, OverflowError):
+    return tokens
+  return ints if np.array_equal(ints.astype(str), tokens) else tokens
+
+
+# --------------------------------------------------------------------------------------------
+# Building the result
+# --------------------------------------------------------------------------------------------
+
+
+def _build(path: Path, fmt: str, users: np.ndarray, items: np.ndarray, ts: np.ndarray,
+           ratings: np.ndarray | None, *, min_events: int, min_rating: float | None,
+           positional_time: bool = False, empty_users: int = 0) -> Interactions:
+  """Filters, orders (stable on the timestamp alone), groups and remaps raw event columns.
+
+  Args:
+    path: the file, for messages.
+    fmt: format name, for ``source``.
+    users, items: [N] original ids per event, in file row order.
+    ts: [N] timestamps (int or float) in file row order.
+    ratings: [N] ratings or None.
+    min_events: users with fewer events (after the rating filter) are dropped.
+    min_rating: if not None, events rated below it are dropped first.
+    positional_time: store each event's index within its user's sequence as its timestamp.
+    empty_users: users known to have no events at all (counted as short users).
+
+  Returns:
+    The :class:`Interactions`.
+  """
+  skipped: dict[str, int] = {}
+  uniq, uinv = np.unique(users, return_inverse=True)  # before filtering: a user whose
+  uinv = uinv.reshape(-1)  # events are all low-rated counts as a short user
+  if min_rating is not None:
+    if ratings is None:
+      raise ValueError(f"{path}: min_rating={min_rating} given but the file has no ratings")
+    keep = ratings >= min_rating
+    skipped["low_rating"] = int(len(keep) - keep.sum())
+    uinv, items, ts, ratings = uinv[keep], items[keep], ts[keep], ratings[keep]
+  # Stable sort on the timestamp alone, then a stable sort by user: equal times keep row order.
+  order = np.argsort(ts, kind="stable")
+  order = order[np.argsort(uinv[order], kind="stable")]
+  counts = np.bincount(uinv, minlength=len(uniq))
+  short = counts < min_events
+  skipped["short_users"] = int(short.sum()) + empty_users
+  skipped["short_user_events"] = int(counts[short].sum())
+  if skipped["short_users"]:
+    log.warning("%s: skipped %d users with fewer than %d events (%d events)", path,
+                skipped["short_users"], min_events, skipped["short_user_events"])
+  if short.all():
+    raise ValueError(f"{path}: no user has at least min_events={min_events} events "
+                     f"({skipped['short_users']} users, {len(uinv)} events after filters)")
+  order = order[~short[uinv[order]]]
+  lengths = counts[~short]
+  offsets = np.zeros(len(lengths) + 1, np.int64)
+  np.cumsum(lengths, out=offsets[1:])
+  orig_items, item_inv = np.unique(items[order], return_inverse=True)
+  num_items = len(orig_items)
+  item_ids = np.empty(num_items + 1, dtype=orig_items.dtype)
+  item_ids[0] = "" if orig_items.dtype.kind == "U" else 0
+  item_ids[1:] = orig_items
+  if positional_time:
+    timestamps = (np.arange(len(order), dtype=np.int64)
+                  - np.repeat(offsets[:-1], lengths))
+  else:
+    t = ts[order]
+    if t.dtype.kind == "f":
+      if np.any(t != np.floor(t)):
+        log.warning("%s: fractional timestamps are ordered exactly but stored rounded down "
+                    "to int64", path)
+      t = np.floor(t)
+    timestamps = t.astype(np.int64)
+  return Interactions(
+    users=uniq[~short], offsets=offsets, items=(item_inv.reshape(-1) + 1).astype(np.int32),
+    timestamps=timestamps,
+    ratings=None if ratings is None else ratings[order].astype(np.float32),
+    item_ids=item_ids, num_items=num_items, source=f"{fmt}:{path}", skipped=skipped)
+
+
+def _check_min_events(min_events: int) -> None:
+  if int(min_events) != min_events or min_events < 1:
+    raise ValueError(f"min_events={min_events!r}: expected an integer >= 1")
+
+
+# --------------------------------------------------------------------------------------------
+# Parsers
+# --------------------------------------------------------------------------------------------
+
+
+def _movielens(path: PathLike, fmt: str, default_name: str, sep: str, min_events: int,
+               min_rating: float | None) -> Interactions:
+  _check_min_events(min_events)
+  p = _resolve(path, default_name)
+  layout = sep.join(["user_id", "item_id", "rating", "timestamp"])
+  table = _Table(path=p, sep=sep, ncols=4, layout=layout, columns=(
+    _Column("user", 0, "user id", _check_id, "i8"),
+    _Column("item", 1, "item id", _check_id, "i8"),
+    _Column("rating", 2, "rating", _check_rating, "f8"),
+    _Column("timestamp", 3, "timestamp", _check_time_int, "i8")))
+  what = f"{_sep_name(sep)}-separated lines '{layout}' (no header)"
+  cols = _read_table(table, _read_text(p, what))
+  return _build(p, fmt, cols["user"], cols["item"], cols["timestamp"], cols["rating"],
+                min_events=min_events, min_rating=min_rating)
+
+
+def parse_movielens_100k(path: PathLike, *, min_events: int = 3,
+                         min_rating: float | None = None) -> Interactions:
+  """Parses MovieLens 100K ``u.data`` (tab-separated ``user item rating timestamp``).
+
+  Args:
+    path: the ``u.data`` file, or the ``ml-100k`` directory holding it.
+    min_events: users with fewer events are skipped and counted.
+    min_rating: if given, events rated below it are skipped and counted.
+
+  Returns:
+    The :class:`Interactions` (with ratings).
+  """
+  return _movielens(path, "ml-100k", "u.data", "\t", min_events, min_rating)
+
+
+def parse_movielens_1m(path: PathLike, *, min_events: int = 3,
+                       min_rating: float | None = None) -> Interactions:
+  """Parses MovieLens 1M ``ratings.dat`` (``user::item::rating::timestamp``).
+
+  Args:
+    path: the ``ratings.dat`` file, or the ``ml-1m`` directory holding it.
+    min_events: users with fewer events are skipped and counted.
+    min_rating: if given, events rated below it are skipped and counted.
+
+  Returns:
+    The :class:`Interactions` (with ratings).
+  """
+  return _movielens(path, "ml-1m", "ratings.dat", "::", min_events, min_rating)
+
+
+def parse_recbole_inter(path: PathLike, *, min_events: int = 3,
+                        min_rating: float | None = None, user_field: str = "user_id",
+                        item_field: str = "item_id", time_field: str = "timestamp",
+                        rating_field: str = "rating") -> Interactions:
+  """Parses a RecBole atomic ``.inter`` file.
+
+  The first line is the header: tab-separated ``name:type`` fields (the type may be
+  omitted), e.g. ``user_id:token	item_id:token	rating:float	timestamp:float``. Columns are
+  found by name in any order; other columns are ignored but every line must have as many
+  fields as the header. User and item tokens are kept as int64 when every token is a canonical
+  decimal integer, otherwise as strings. Float timestamps are ordered at full precision and
+  stored rounded down to int64. Without a timestamp field the file's row order is the time
+  order and timestamps are the events' indices within each user.
+
+  Args:
+    path: the ``.inter`` file, or a directory holding exactly one.
+    min_events: users with fewer events are skipped and counted.
+    min_rating: if given, events rated below it are skipped and counted (needs a rating field).
+    user_field, item_field, time_field, rating_field: header names of those columns.
+
+  Returns:
+    The :class:`Interactions` (ratings when the file has a rating field, else None).
+  """
+  _check_min_events(min_events)
+  p = _resolve(path, pattern="*.inter")
+  expected = (f"a header line of tab-separated '{user_field}:token', '{item_field}:token', "
+              f"['{rating_field}:float'], ['{time_field}:float'] fields, then data lines")
+  text = _read_text(p, expected)
+  header, nl, body = text.partition("\n")
+  fields = header.split("\t")
+  names = [f.split(":", 1)[0].strip() for f in fields]
+  missing = [f for f in (user_field, item_field) if f not in names]
+  if missing:
+    raise ValueError(f"{p}: line 1: bad RecBole header, missing field(s) "
+                     f"{', '.join(repr(m) for m in missing)}; expected {expected}, got "
+                     f"{_show(header)}")
+  dup = sorted({n for n in names if names.count(n) > 1})
+  if dup:
+    raise ValueError(f"{p}: line 1: bad RecBole header, repeated field(s) {dup}: {_show(header)}")
+  if not nl or not body.strip():
+    raise ValueError(f"{p}: header-only file (line 1 is the header), expected at least one "
+                     "tab-separated data line after it")
+  columns = [_Column("user", names.index(user_field), user_field, _check_token, "str"),
+             _Column("item", names.index(item_field), item_field, _check_token, "str")]
+  if rating_field in names:
+    columns.append(_Column("rating", names.index(rating_field), rating_field, _check_rating,
+                           "f8"))
+  if time_field in names:
+    columns.append(_Column("timestamp", names.index(time_field), time_field,
+                           _check_time_float, "f8"))
+  else:
+    log.warning("%s: no %r field; using the file's row order as time order", p, time_field)
+  table = _Table(path=p, sep="\t", ncols=len(fields), columns=tuple(columns),
+                 layout=" ".join(fields), first_line=2)
+  cols = _read_table(table, body)
+  n = len(cols["user"])
+  positional = "timestamp" not in cols
+  ts = np.arange(n, dtype=np.int64) if positional else cols["timestamp"]
+  return _build(p, "recbole", _tokens_to_ids(cols["user"]), _tokens_to_ids(cols["item"]), ts,
+                cols.get("rating"), min_events=min_events, min_rating=min_rating,
+                positional_time=positional)
+
+
+def parse_sasrec_text(path: PathLike, *, min_events: int = 3) -> Interactions:
+  """Parses one-line-per-user text: ``user_id item_id item_id ...`` in time order.
+
+  Fields are separated by spaces (any run of whitespace is accepted). Each user may appear on
+  one line only. An event's timestamp is its 0-based index within the line's items. A line
+  with a user id and no items is a user with no events (skipped and counted as short).
+
+  Args:
+    path: the text file (e.g. the SASRec ``Beauty.txt``).
+    min_events: users with fewer events are skipped and counted.
+
+  Returns:
+    The :class:`Interactions` (ratings None).
+  """
+  _check_min_events(min_events)
+  p = _resolve(path)
+  layout = "user_id item_id item_id ... (space-separated, one line per user)"
+  lines = _read_text(p, f"lines '{layout}'").split("\n")
+  parts = [line.split() for line in lines]
+  lengths = np.fromiter((len(q) for q in parts), np.int64, len(parts))
+
+  def scan():
+    for k, (line, q) in enumerate(zip(lines, parts, strict=True)):
+      if not q:
+        raise ValueError(f"{p}: line {k + 1}: blank line, expected {layout}")
+      for j, tok in enumerate(q):
+        err = _check_id(tok, "user id" if j == 0 else "item id")
+        if err is not None:
+          raise ValueError(f"{p}: line {k + 1}: {err} (field {j + 1}; expected "
+                           f"{layout}){_separator_hint(line, ' ')}: {_show(line)}")
+
+  if np.any(lengths == 0):
+    scan()
+  try:
+    ids = np.array(list(itertools.chain.from_iterable(parts))).astype(np.int64)
+  except (ValueError, OverflowError) as e:
+    scan()
+    raise ValueError(f"{p}: could not parse as {layout}: {e}") from e
+  starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+  users = ids[starts]
+  uniq, first, cnt = np.unique(users, return_index=True, return_counts=True)
+  if np.any(cnt > 1):
+    d = np.flatnonzero(cnt > 1)[0]
+    lines_of = np.flatnonzero(users == uniq[d]) + 1
+    raise ValueError(f"{p}: line {lines_of[1]}: user {uniq[d]} already appeared on line "
+                     f"{lines_of[0]}; expected one line per user ({layout})")
+  is_item = np.ones(len(ids), bool)
+  is_item[starts] = False
+  n_items = lengths - 1
+  return _build(p, "sasrec", np.repeat(users, n_items), ids[is_item],
+                np.arange(int(n_items.sum()), dtype=np.int64), None, min_events=min_events,
+                min_rating=None, positional_time=True, empty_users=int(np.sum(n_items == 0)))
+
+
+FORMATS: dict[str, Callable[..., Interactions]] = {
+  "ml-100k": parse_movielens_100k,
+  "ml-1m": parse_movielens_1m,
+  "recbole": parse_recbole_inter,
+  "sasrec": parse_sasrec_text,
+}
+
+
+def load(format: str, path: PathLike, **opts) -> Interactions:
+  """Parses ``path`` with the parser registered for ``format``.
+
+  Args:
+    format: one of ``FORMATS``: "ml-100k", "ml-1m", "recbole", "sasrec".
+    path: the file (or, for MovieLens and RecBole, its directory).
+    **opts: the parser's keyword options (``min_events``, ``min_rating``, ...).
+
+  Returns:
+    The :class:`Interactions`.
+
+  Raises:
+    ValueError: unknown format.
+  """
+  try:
+    parser = FORMATS[format]
+  except (KeyError, TypeError):
+    raise ValueError(f"unknown data format {format!r}; expected one of "
+                     f"{', '.join(repr(f) for f in FORMATS)}") from None
+  return parser(path, **opts)

@@ -1,0 +1,190 @@
+"""The main job: load data, train (resumably), evaluate compressors, report.
+
+``train_and_evaluate(config, workdir)`` is what ``python -m malloc_jax.main`` and the
+notebooks call. A workdir holds one training run: its checkpoints, the training-relevant
+config (a rerun with a different one is refused instead of silently mixing runs), the
+results (written atomically) and saved memories.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from malloc_jax import checkpoint as ckpt_lib
+from malloc_jax import compressors as comp_lib
+from malloc_jax.config_validation import validate_config
+from malloc_jax.data.dataset import SequenceDataset, build_dataset
+from malloc_jax.data.synthetic import SyntheticSpec, generate_sequences
+from malloc_jax.evaluate import calibration_caches, evaluate
+from malloc_jax.metrics import popularity_ranks, retrieval_metrics
+from malloc_jax.models import make_model
+from malloc_jax.train import Trainer, fit, make_optimizer
+
+TRAIN_FIELDS = ("seed", "data", "model", "train")
+
+
+def load_data(config) -> SequenceDataset:
+  """Builds the dataset named by ``config.data.source``."""
+  d = config.data
+  if d.source == "synthetic":
+    spec = SyntheticSpec(**d.synthetic.to_dict())
+    items, ts = generate_sequences(spec)
+    return build_dataset("synthetic", items, ts, spec.num_items, d.max_len)
+  from malloc_jax.data import parsers  # the only module that reads raw files
+  inter = parsers.load(d.source, d.path, min_events=d.min_events)
+  items, ts = zip(*(inter.sequence(u) for u in range(len(inter))))
+  return build_dataset(f"{d.source}:{Path(d.path).name}", list(items), list(ts),
+                       inter.num_items, d.max_len)
+
+
+def build_model(config, num_items: int):
+  m = config.model.to_dict()
+  name = m.pop("name")
+  return make_model(name, num_items, seed=config.seed, max_len=config.data.max_len, **m)
+
+
+def _train_config(config) -> dict:
+  """The fields that determine the trained weights, as plain JSON values."""
+  full = json.loads(config.to_json_best_effort(sort_keys=True))
+  return {k: full[k] for k in TRAIN_FIELDS}
+
+
+def _check_workdir(workdir: Path, config) -> None:
+  """Refuses to resume a workdir trained with a different data/model/train config."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / "train_config.json"
+  current = _train_config(config)
+  if path.exists():
+    saved = json.loads(path.read_text())
+    if saved != current:
+      diffs = [f"{k}" for k in TRAIN_FIELDS if saved.get(k) != current.get(k)]
+      raise ValueError(f"workdir {workdir} holds a run trained with a different config "
+                       f"(differs in: {', '.join(diffs)}); use another --workdir or delete it")
+  else:
+    ckpt_lib.write_json_atomic(path, current)
+
+
+def train_model(config, workdir: Path, data: SequenceDataset, print_fn=print):
+  """Trains (or resumes, or reloads) the backbone; returns (model, training info)."""
+  model = build_model(config, data.num_items)
+  t = config.train
+  trainer = Trainer(model, make_optimizer(t.lr, t.weight_decay), t.num_negatives,
+                    dropout=config.model.dropout > 0)
+  store = ckpt_lib.TrainCheckpoints(workdir / "checkpoints")
+  target = {"train": trainer.init_state, "best": trainer.init_state["params"]}
+  restored = store.restore(target)
+  meta = {"step": 0, "best_metric": -1.0, "best_step": 0, "bad_evals": 0, "done": False,
+          "train_seconds": 0.0}
+  state, best = trainer.init_state, None
+  if restored is not None:
+    step, saved, meta = restored
+    state, best = saved["train"], saved["best"]
+    print_fn(f"resumed from checkpoint step {step}" + (" (training finished)"
+                                                         if meta["done"] else ""))
+  t_start = time.time() - meta["train_seconds"]
+  valid_users = t.eval_users or None
+
+  def save(step, state):
+    meta.update(train_seconds=time.time() - t_start, step=step)
+    store.save(step, {"train": state, "best": best if best is not None else state["params"]},
+               meta)
+
+  def on_step(step, st, logs):
+    nonlocal best
+    stop = False
+    if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+      res = evaluate(trainer.merge(st["params"]), data.valid, comp_lib.native(),
+                     batch_size=config.eval.batch_size, max_users=valid_users)
+      ndcg = res.metrics["NDCG@10"]
+      improved = ndcg > meta["best_metric"]
+      if improved:
+        best = jax.tree.map(jnp.copy, st["params"])
+        meta.update(best_metric=ndcg, best_step=step, bad_evals=0)
+      else:
+        meta["bad_evals"] += 1
+      print_fn(f"  valid NDCG@10 {ndcg:.4f} HR@10 {res.metrics['HR@10']:.4f}"
+               f"{' (best)' if improved else ''}")
+      stop = bool(t.patience) and meta["bad_evals"] >= t.patience
+    if stop or step == t.steps:
+      meta["done"] = True
+    if stop or step % t.checkpoint_every == 0 or step == t.steps:
+      save(step, st)
+    return stop
+
+  if not meta["done"]:
+    state = fit(trainer, data, steps=t.steps, batch_size=t.batch_size, seed=config.seed,
+                state=state, start_step=meta["step"], log_every=t.log_every, on_step=on_step,
+                print_fn=print_fn)
+    store.wait()
+  store.close()
+  params = best if (t.eval_every and best is not None) else state["params"]
+  info = {"train_seconds": meta["train_seconds"], "steps": meta.get("step", t.steps),
+          "best_step": meta["best_step"], "best_valid_ndcg10": meta["best_metric"],
+          "update_compiles": trainer.compiles}
+  return trainer.merge(params), info
+
+
+def make_compressors(config, model, data: SequenceDataset) -> dict[str, comp_lib.Compressor]:
+  """Builds the configured compressors; low-rank bases are fitted on training histories."""
+  from malloc_jax.compressors.registry import make_compressor
+  out = {}
+  for label, spec in config.compressors.items():
+    params = spec.to_dict()
+    name = params.pop("name")
+    if name == "lowrank":
+      _, dk, _ = model.head_dims()
+      rank = params.pop("rank", 0) or max(1, dk // params.pop("reduction", 4))
+      params.pop("reduction", None)
+      params["bases"] = comp_lib.fit_lowrank(
+          calibration_caches(model, data.valid, num_users=config.eval.calibration_users,
+                             seed=config.seed), rank)
+    out[label] = make_compressor(name, **params)
+  return out
+
+
+def format_table(rows: list[dict]) -> str:
+  head = "| method | HR@10 | NDCG@10 | MRR | bytes/user | ratio |"
+  lines = [head, "|---|---|---|---|---|---|"]
+  for r in rows:
+    b = r.get("bytes_per_user")
+    lines.append(f"| {r['method']} | {r['HR@10']:.4f} | {r['NDCG@10']:.4f} | {r['MRR']:.4f} | "
+                 + (f"{b:,.0f} | {r['compression_ratio']:.2f}x |" if b else "- | - |"))
+  return "\n".join(lines)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, print_fn=print) -> dict:
+  """Runs the whole job; returns the results dict also written to ``workdir/results.json``."""
+  validate_config(config)
+  workdir = Path(workdir)
+  _check_workdir(workdir, config)
+  t0 = time.time()
+  data = load_data(config)
+  print_fn(data.summary())
+  model, info = train_model(config, workdir, data, print_fn)
+  split = data.eval_set(config.eval.split)
+  e = config.eval
+  ks = tuple(e.ks)
+  pop = retrieval_metrics(popularity_ranks(data.popularity, split.target), ks)
+  rows = [{"method": "popularity", **pop}]
+  comps = make_compressors(config, model, data)
+  for label, comp in comps.items():
+    print_fn(f"evaluating {label} ...")
+    res = evaluate(model, split, comp, batch_size=e.batch_size, ks=ks, query_len=e.query_len,
+                   window=e.window, max_users=e.max_users or None)
+    rows.append({"method": label, **res.row()})
+  native_row = next((r for r in rows if r["method"] == "native"), None)
+  ref = native_row["bytes_per_user"] if native_row else None
+  for r in rows[1:]:
+    r["compression_ratio"] = (ref / r["bytes_per_user"]) if ref else float("nan")
+  results = {"dataset": data.summary(), "split": e.split, "train": info, "rows": rows,
+             "seconds": time.time() - t0, "devices": [str(d) for d in jax.devices()]}
+  ckpt_lib.write_json_atomic(workdir / "results.json", results)
+  print_fn(format_table(rows))
+  print_fn(f"results: {workdir / 'results.json'}  ({results['seconds']:.0f}s)")
+  return results

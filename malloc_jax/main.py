@@ -1,0 +1,38 @@
+r"""Command line: ``python -m malloc_jax.main --config configs/default.py[:k=v,...]``.
+
+Parses flags and calls :func:`malloc_jax.experiment.train_and_evaluate`; nothing else lives
+here, so a notebook can call the same function.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from malloc_jax import experiment
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory (checkpoints, results). Default: runs/<config name>.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  workdir = _WORKDIR.value
+  if workdir is None:
+    spec = flags.FLAGS["config"].config_filename
+    name = Path(spec.split(":")[0]).stem
+    suffix = spec.split(":", 1)[1].replace(",", "_").replace("=", "-") if ":" in spec else ""
+    workdir = os.path.join("runs", name + (f"_{suffix}" if suffix else ""))
+  logging.set_verbosity(logging.WARNING)
+  experiment.train_and_evaluate(config, workdir)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,144 @@
+"""Training with sampled softmax over negatives (the HSTU recipe), resumable.
+
+The model is split into a graph definition and parameter pytree (``nnx.split``) so that the
+update is a pure, jitted function of (params, opt_state, batch, key) with donated buffers,
+and the whole training state is a plain pytree that Orbax saves and restores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from malloc_jax.data.dataset import SequenceDataset, TrainSet
+from malloc_jax.models.base import Events, _l2norm
+
+
+def sampled_softmax_loss(model, items, ts, length, rng, num_negatives: int, dropout: bool):
+  """Mean sampled-softmax loss over every next-event prediction of a batch.
+
+  Args:
+    model: backbone. items, ts: [B, N + 1] windows; length [B] events in each window.
+    rng: key for dropout and negatives. num_negatives: K uniform negatives shared by the batch;
+      a negative equal to the target is masked out.
+
+  Returns:
+    (loss, number of predictions).
+  """
+  r1, r2 = jax.random.split(rng)
+  n_in = jnp.maximum(length - 1, 0)
+  h = model(Events(items[:, :-1], ts[:, :-1], n_in), train_rng=r1 if dropout else None)
+  h = _l2norm(h)  # [B, N, d]
+  table = model.item_embeddings()  # [V + 1, d]
+  tgt = items[:, 1:]  # [B, N]
+  valid = jnp.arange(tgt.shape[1])[None, :] < n_in[:, None]
+  pos = jnp.sum(h * table[tgt], axis=-1) / model.temperature  # [B, N]
+  neg = jax.random.randint(r2, (num_negatives,), 1, model.num_items + 1)
+  nl = jnp.einsum("bnd,kd->bnk", h, table[neg]) / model.temperature  # [B, N, K]
+  nl = jnp.where(neg[None, None, :] == tgt[..., None], -jnp.inf, nl)
+  lse = jax.nn.logsumexp(jnp.concatenate([pos[..., None], nl], axis=-1), axis=-1)
+  count = jnp.sum(valid)
+  loss = jnp.sum(jnp.where(valid, lse - pos, 0.0)) / jnp.maximum(count, 1)
+  return loss, count
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Owns the jitted update of one backbone; the training state is a plain pytree."""
+
+  model: nnx.Module
+  tx: optax.GradientTransformation
+  num_negatives: int
+  dropout: bool = True
+
+  def __post_init__(self):
+    self.graphdef, params, self.rest = nnx.split(self.model, nnx.Param, ...)
+    self.init_state = {"params": params, "opt_state": self.tx.init(params)}
+    self.compiles = 0
+    self._step = jax.jit(self._update, donate_argnums=(0,))
+
+  def merge(self, params) -> nnx.Module:
+    return nnx.merge(self.graphdef, params, self.rest)
+
+  def _update(self, state, items, ts, length, rng):
+    self.compiles += 1  # runs only while tracing: counts compilations
+
+    def loss_fn(params):
+      return sampled_softmax_loss(self.merge(params), items, ts, length, rng,
+                                  self.num_negatives, self.dropout)
+
+    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {"params": params, "opt_state": opt_state}, loss, count
+
+  def step(self, state, batch, rng):
+    return self._step(state, batch[0], batch[1], batch[2], rng)
+
+
+def make_optimizer(lr: float, weight_decay: float, clip: float = 1.0):
+  return optax.chain(optax.clip_by_global_norm(clip),
+                     optax.adamw(lr, b1=0.9, b2=0.98, weight_decay=weight_decay))
+
+
+def batch_indices(num_users: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+  """Users of training step ``step``: epoch-wise shuffles, a pure function of (step, seed)."""
+  per_epoch = max(num_users // batch_size, 1)
+  epoch, i = divmod(step, per_epoch)
+  perm = np.random.default_rng([seed, epoch]).permutation(num_users)
+  idx = perm[i * batch_size:(i + 1) * batch_size]
+  if len(idx) < batch_size:  # fewer users than a batch: sample with replacement
+    idx = np.random.default_rng([seed, epoch, 1]).choice(num_users, batch_size)
+  return idx
+
+
+def get_batch(train: TrainSet, idx: np.ndarray):
+  return (jnp.asarray(train.items[idx]), jnp.asarray(train.ts[idx]),
+          jnp.asarray(train.length[idx]))
+
+
+def fit(trainer: Trainer, data: SequenceDataset, *, steps: int, batch_size: int, seed: int,
+        state: Any = None, start_step: int = 0, log_every: int = 50,
+        on_step: Callable[[int, Any, dict], bool] | None = None, print_fn=print):
+  """Runs the training loop from ``start_step`` to ``steps``.
+
+  ``on_step(step, state, logs)`` is called after every update (checkpointing, validation);
+  returning True stops training early. Returns the final state.
+  """
+  state = trainer.init_state if state is None else state
+  key = jax.random.key(seed)
+  t0, events, losses = time.time(), 0, []
+  window_start = t0
+  for step in range(start_step, steps):
+    idx = batch_indices(len(data.train), batch_size, step, seed)
+    batch = get_batch(data.train, idx)
+    state, loss, count = trainer.step(state, batch, jax.random.fold_in(key, step))
+    losses.append(loss)
+    events += int(np.maximum(data.train.length[idx] - 1, 0).sum())
+    done = step + 1
+    logs = {}
+    if done % log_every == 0 or done == steps:
+      loss_v = float(np.mean(jax.device_get(losses)))
+      if not np.isfinite(loss_v):
+        raise FloatingPointError(f"training loss became {loss_v} at step {done}; "
+                                 "lower train.lr or check the data")
+      now = time.time()
+      rate = events / max(now - window_start, 1e-9)
+      eta = (now - t0) / max(done - start_step, 1) * (steps - done)
+      logs = {"loss": loss_v, "events_per_s": rate}
+      print_fn(f"step {done}/{steps}  loss {loss_v:.4f}  {rate:,.0f} events/s  "
+               f"eta {eta:.0f}s")
+      losses, events, window_start = [], 0, now
+    if on_step is not None and on_step(done, state, logs):
+      break
+  logging.info("training compiled the update %d time(s)", trainer.compiles)
+  return state
