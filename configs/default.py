@@ -1,4 +1,4 @@
-r"""Default run: HSTU on the built-in synthetic long histories, native memory.
+r"""Default run: HSTU on the built-in synthetic long histories; native vs 4x low-rank memory.
 
   python -m malloc_jax.main --config configs/default.py
   python -m malloc_jax.main --config configs/default.py:model=sasrec,steps=300 --workdir /tmp/run
@@ -12,4 +12,6 @@ from malloc_jax import config_lib as common
 
 
 def get_config(arg: str | None = None):
-  return common.base_config(arg)
+  config = common.base_config(arg)
+  config.compressors.lowrank_4x = {"name": "lowrank", "reduction": 4, "rank": 0}
+  return config

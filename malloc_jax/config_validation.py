@@ -98,8 +98,8 @@ def _validate_compressors(config, max_len: int) -> None:
     if "name" not in spec:
       _fail(field, spec.to_dict(), "a 'name' entry")
     name = spec.name
-    if name not in registry.METHODS:
-      _fail(f"{field}.name", name, f"one of {sorted(registry.METHODS)}")
+    if name not in registry.FACTORIES:
+      _fail(f"{field}.name", name, f"one of {sorted(registry.FACTORIES)}")
     params = spec.to_dict()
     params.pop("name")
     if name == "lowrank":

@@ -173,7 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, print_fn
   pop = retrieval_metrics(popularity_ranks(data.popularity, split.target), ks)
   rows = [{"method": "popularity", **pop}]
   comps = make_compressors(config, model, data)
-  for label, comp in comps.items():
+  for label, comp in sorted(comps.items(), key=lambda kv: kv[0] != "native"):
     print_fn(f"evaluating {label} ...")
     res = evaluate(model, split, comp, batch_size=e.batch_size, ks=ks, query_len=e.query_len,
                    window=e.window, max_users=e.max_users or None)
