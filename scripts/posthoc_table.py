@@ -1,0 +1,118 @@
+r"""Post-hoc compressor table: every method at 2x / 4x / 8x memory reduction on one dataset.
+
+Trains the backbone (or reuses the checkpoint in --workdir), then serves the test split from
+each compressed memory and prints a Markdown table (also written to --out as JSON).
+
+  python scripts/posthoc_table.py --config configs/default.py:data=ml-100k,path=../shared/data/ml-100k/u.data \
+      --workdir runs/ml100k_hstu --out runs/ml100k_hstu/posthoc.json
+  python scripts/posthoc_table.py --config configs/default.py --methods native,lowrank
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from malloc_jax import compressors as C
+from malloc_jax.checkpoint import write_json_atomic
+from malloc_jax.compressors.budget import cache_spec, memory_bytes, ratio_table
+from malloc_jax.compressors.registry import make_compressor
+from malloc_jax.config_validation import validate_config
+from malloc_jax.evaluate import calibration_caches, evaluate
+from malloc_jax.experiment import _check_workdir, load_data, train_model
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (reused).")
+_OUT = flags.DEFINE_string("out", None, "JSON output path (default workdir/posthoc.json).")
+_METHODS = flags.DEFINE_list(
+    "methods", "lowrank,h2o,snapkv,streaming,random,merge_evicted,kivi,intactkv,uniform",
+    "Methods to sweep (native always runs).")
+_RATIOS = flags.DEFINE_list("ratios", "2,4,8", "Memory reductions.")
+_CHAINS = flags.DEFINE_bool("chains", True, "Also run the chained configurations.")
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  validate_config(config)
+  workdir = Path(_WORKDIR.value)
+  _check_workdir(workdir, config)
+  data = load_data(config)
+  print(data.summary(), flush=True)
+  model, info = train_model(config, workdir, data)
+  split = data.eval_set(config.eval.split)
+  heads, dk, dv = model.head_dims()
+  spec = cache_spec(len(model.layers), heads, config.data.max_len, dk, dv)
+  native_bytes = memory_bytes("native", spec)
+  bases_cache = {}
+
+  def build(method, params):
+    params = dict(params)
+    if method == "lowrank":
+      r = params.pop("rank")
+      if r not in bases_cache:
+        bases_cache[r] = C.fit_lowrank(calibration_caches(
+            model, data.valid, num_users=config.eval.calibration_users), r)
+      params["bases"] = bases_cache[r]
+    return make_compressor(method, **params)
+
+  cells = [("native", "native", {})]
+  ratios = [float(r) for r in _RATIOS.value]
+  for method in _METHODS.value:
+    if method == "kivi":
+      for bits in (4, 2):
+        cells.append((f"kivi {bits}-bit", "kivi", {"bits": bits}))
+      continue
+    if method == "native":
+      continue
+    for ratio, params in ratio_table(method, spec, ratios).items():
+      if params is None:
+        print(f"{method}: {ratio:g}x is out of reach, skipped", flush=True)
+        continue
+      cells.append((f"{method} {ratio:g}x", method, params))
+  chains = []
+  if _CHAINS.value:
+    T = config.data.max_len
+    chains = [
+        ("snapkv(T/2) + kivi 4-bit", [("snapkv", {"budget": T // 2, "window": 8}),
+                                      ("kivi", {"bits": 4})]),
+        ("h2o(T/4) + uniform 8-bit", [("h2o", {"heavy": T // 8, "recent": T // 8}),
+                                      ("uniform", {"bits": 8})]),
+        ("streaming(T/2) + kivi 2-bit", [("streaming", {"sinks": 4, "recent": T // 2 - 4}),
+                                         ("kivi", {"bits": 2})]),
+    ]
+  rows = []
+  t0 = time.time()
+  todo = [(label, method, params, None) for label, method, params in cells]
+  todo += [(label, "chain", {}, steps) for label, steps in chains]
+  for i, (label, method, params, steps) in enumerate(todo):
+    if steps is None:
+      comp = build(method, params)
+    else:
+      comp = C.chain(*(build(m, p) for m, p in steps))
+      params = {m: p for m, p in steps}
+    res = evaluate(model, split, comp, batch_size=config.eval.batch_size,
+                   window=config.eval.window)
+    row = {"method": label, "family": method, "params": params, **res.row(),
+           "compression_ratio": native_bytes / res.bytes_per_user}
+    rows.append(row)
+    print(f"[{i + 1}/{len(todo)}] {label}: NDCG@10 {row['NDCG@10']:.4f} HR@10 "
+          f"{row['HR@10']:.4f} bytes/user {row['bytes_per_user']:,.0f} "
+          f"({row['compression_ratio']:.2f}x)  {time.time() - t0:.0f}s", flush=True)
+  out = Path(_OUT.value) if _OUT.value else workdir / "posthoc.json"
+  write_json_atomic(out, {"dataset": data.summary(), "model": config.model.to_dict(),
+                          "train": info, "rows": rows})
+  print("\n| method | params | NDCG@10 | HR@10 | bytes/user | ratio |\n|---|---|---|---|---|---|")
+  for r in rows:
+    p = json.dumps(r["params"], sort_keys=True).replace("|", "/")
+    print(f"| {r['method']} | `{p}` | {r['NDCG@10']:.4f} | {r['HR@10']:.4f} | "
+          f"{r['bytes_per_user']:,.0f} | {r['compression_ratio']:.2f}x |")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
