@@ -60,12 +60,16 @@ def main(argv):
       params["bases"] = bases_cache[r]
     return make_compressor(method, **params)
 
+  group = max(g for g in range(1, min(32, dv) + 1) if dv % g == 0)
   cells = [("native", "native", {})]
   ratios = [float(r) for r in _RATIOS.value]
   for method in _METHODS.value:
     if method == "kivi":
+      # group: the largest divisor of the head dim up to 32; residual: one group (the
+      # paper's R = 128 exceeds most of these histories and would keep them exact).
       for bits in (4, 2):
-        cells.append((f"kivi {bits}-bit", "kivi", {"bits": bits}))
+        cells.append((f"kivi {bits}-bit", "kivi",
+                      {"bits": bits, "group": group, "residual": group}))
       continue
     if method == "native":
       continue
@@ -79,11 +83,13 @@ def main(argv):
     T = config.data.max_len
     chains = [
         ("snapkv(T/2) + kivi 4-bit", [("snapkv", {"budget": T // 2, "window": 8}),
-                                      ("kivi", {"bits": 4})]),
+                                      ("kivi", {"bits": 4, "group": group,
+                                                "residual": group})]),
         ("h2o(T/4) + uniform 8-bit", [("h2o", {"heavy": T // 8, "recent": T // 8}),
                                       ("uniform", {"bits": 8})]),
         ("streaming(T/2) + kivi 2-bit", [("streaming", {"sinks": 4, "recent": T // 2 - 4}),
-                                         ("kivi", {"bits": 2})]),
+                                         ("kivi", {"bits": 2, "group": group,
+                                                   "residual": group})]),
     ]
   rows = []
   t0 = time.time()

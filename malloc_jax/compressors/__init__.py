@@ -25,11 +25,37 @@ from malloc_jax.compressors.base import (
     nbytes,
     shared_nbytes,
 )
+from malloc_jax.compressors.budget import (
+    budget_bytes,
+    cache_spec,
+    memory_bytes,
+    params_for_ratio,
+    ratio_table,
+)
+from malloc_jax.compressors.eviction import H2OState, RandomState, h2o, random, snapkv, streaming
 from malloc_jax.compressors.lowrank import LowRankBases, LowRankMemory, fit_lowrank, lowrank
+from malloc_jax.compressors.merging import merge_evicted
+from malloc_jax.compressors.quantization import (
+    IntactKVMemory,
+    KiviMemory,
+    QuantSpec,
+    UniformMemory,
+    intactkv,
+    kivi,
+    pack_codes,
+    uniform,
+    unpack_codes,
+)
+from malloc_jax.compressors.registry import FACTORIES, make_compressor, method_parameters
 
 __all__ = [
     "ChainState", "Compressor", "DenseIndex", "DenseMemory", "EmptyState", "LowRankBases",
     "LowRankMemory", "Signals", "SparseIndex", "batch_size", "bytes_per_user", "cache_from",
     "chain", "fit_lowrank", "identity", "index_of", "lowrank", "native", "nbytes",
     "shared_nbytes",
+    # post-hoc library
+    "FACTORIES", "H2OState", "IntactKVMemory", "KiviMemory", "QuantSpec", "RandomState",
+    "UniformMemory", "budget_bytes", "cache_spec", "h2o", "intactkv", "kivi", "make_compressor",
+    "memory_bytes", "merge_evicted", "method_parameters", "pack_codes", "params_for_ratio",
+    "random", "ratio_table", "snapkv", "streaming", "uniform", "unpack_codes",
 ]

@@ -18,7 +18,9 @@ stacked caches); capacities are static and lengths are arrays.
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, NamedTuple, Protocol
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -116,17 +118,20 @@ class DenseMemory:
 
 
 def _split_leaves(memory) -> tuple[list, list]:
-  """(per-user leaves, shared leaves) of a memory; nested memories are walked."""
+  """(per-user leaves, shared leaves) of a memory; nested memories are walked.
+
+  Static fields (``pytree_node=False``: layouts, flags) are aux data, not stored bytes.
+  """
   per_user, shared = [], []
   names = getattr(memory, "shared_fields", ())
-  if hasattr(memory, "__dataclass_fields__"):
-    for name in memory.__dataclass_fields__:
-      value = getattr(memory, name)
-      if name == "shared_fields":
+  if dataclasses.is_dataclass(memory):
+    for field in dataclasses.fields(memory):
+      if not field.metadata.get("pytree_node", True):
         continue
-      if name in names:
+      value = getattr(memory, field.name)
+      if field.name in names:
         shared.extend(jax.tree.leaves(value))
-      elif hasattr(value, "__dataclass_fields__"):
+      elif dataclasses.is_dataclass(value):
         p, s = _split_leaves(value)
         per_user.extend(p)
         shared.extend(s)

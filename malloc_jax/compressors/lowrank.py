@@ -6,7 +6,8 @@ References: Palu: Compressing KV-Cache with Low-Rank Projection (Chang et al., 2
 
 from __future__ import annotations
 
-from typing import ClassVar, Iterable
+from collections.abc import Iterable
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp

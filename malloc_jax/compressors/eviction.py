@@ -1,0 +1,415 @@
+"""Token pruning of per-user KV memories: H2O, SnapKV, StreamingLLM and a random floor.
+
+Every compressor here keeps, independently per layer, user and head, at most ``budget`` of the
+events held in the cache and returns::
+
+  DenseMemory(index=SparseIndex(pos, ts, length), k, v)
+    k [L, B, H, budget, Dk], v [L, B, H, budget, Dv]   kept keys and values (cache dtype)
+    pos, ts [L, B, H, budget] int32                    ORIGINAL positions / timestamps, -1 / 0
+                                                       in empty slots
+    length [B] int32                                   unchanged: the number of events seen
+
+Kept slots are compacted to a prefix of the slot axis and sorted by original position, so the
+result is again a valid Cache after ``materialize()`` (and ``extend`` can append to it). A row
+whose cache holds fewer real events than the budget keeps all of them; empty or padding slots
+are never kept in place of a real event. Top-k ties are broken by the smaller event position.
+
+The memory capacity (``budget``) is static; caches smaller than the budget are padded with
+empty slots first. Selection relies on the cache invariant that occupied slots are a prefix of
+the slot axis sorted by position (what ``prefill``, ``append`` and every compressor leave), so
+"the r newest events" of a row with n occupied slots are slots n - r .. n - 1.
+
+Attention signals: ``signals.acc_attn`` [L, B, H, T] is the attention each cached key received,
+summed over the real queries (softmax probabilities for SASRec, |SiLU(s)| / N for HSTU's
+pointwise attention); ``signals.window_attn`` [L, B, H, W, T] holds the rows of each user's
+last W real queries (rows of users shorter than W are zero).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from malloc_jax.cache import Cache, Signals, pad_capacity
+from malloc_jax.compressors.base import Compressor, DenseMemory, EmptyState, SparseIndex
+
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+# ----------------------------------------------------------------------------------------
+# Validation helpers (shared with merging, quantization and the registry).
+
+
+def check_int(method: str, name: str, value, minimum: int = 0) -> int:
+  """Returns ``value`` as an int, or raises ValueError naming ``method``'s parameter."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{method}: {name}={value!r} must be an integer >= {minimum}")
+  if value < minimum:
+    raise ValueError(f"{method}: {name}={value} must be >= {minimum}")
+  return int(value)
+
+
+def check_choice(method: str, name: str, value, choices) -> object:
+  """Returns ``value`` if it is one of ``choices``, else raises ValueError naming the parameter."""
+  if isinstance(value, bool) or value not in choices:
+    raise ValueError(f"{method}: {name}={value!r} is not supported; expected one of "
+                     f"{list(choices)}")
+  return value
+
+
+def require_signals(method: str, signals: Signals | None) -> Signals:
+  if signals is None:
+    raise ValueError(f"{method} needs attention signals (the `signals` returned by "
+                     f"model.prefill / model.extend); got signals=None. Inside chain(), put "
+                     f"{method} first: later steps receive no signals.")
+  return signals
+
+
+def _check_signal_slots(method: str, x: jax.Array, cache: Cache, what: str) -> None:
+  if x.shape[-1] != cache.capacity:
+    raise ValueError(f"{method}: signals.{what} covers {x.shape[-1]} slots but the cache has "
+                     f"capacity {cache.capacity}; pass the signals of this cache")
+
+
+# ----------------------------------------------------------------------------------------
+# Selection machinery.
+
+
+def pad_slots(x: jax.Array, capacity: int, value=0) -> jax.Array:
+  """Pads the slot axis (the last one) of x [..., T] to ``capacity`` with ``value``."""
+  extra = capacity - x.shape[-1]
+  if extra <= 0:
+    return x
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)], constant_values=value)
+
+
+def slot_ranks(cache: Cache) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(valid, rank from the oldest, rank from the newest), each [L, B, H, T].
+
+  Occupied slots are a prefix sorted by position, so slot t of a row holding n events is the
+  t-th oldest and the (n - 1 - t)-th newest.
+  """
+  valid = cache.pos >= 0  # [L, B, H, T]
+  n = jnp.sum(valid, axis=-1, keepdims=True, dtype=jnp.int32)  # [L, B, H, 1]
+  oldest = jnp.broadcast_to(jnp.arange(cache.capacity, dtype=jnp.int32), valid.shape)
+  return valid, oldest, n - 1 - oldest
+
+
+def take_slots(x: jax.Array, sel: jax.Array) -> jax.Array:
+  """Gathers slots ``sel`` [L, B, H, k] from x [L, B, H, T] or [L, B, H, T, D]."""
+  if x.ndim == sel.ndim:
+    return jnp.take_along_axis(x, sel, axis=-1)
+  return jnp.take_along_axis(x, sel[..., None], axis=-2)
+
+
+def top_slots(tier: jax.Array, score: jax.Array, pos: jax.Array,
+              k: int) -> tuple[jax.Array, jax.Array]:
+  """Picks k slots per row by (tier desc, score desc, position asc), then orders them by position.
+
+  Args:
+    tier: [L, B, H, T] int32; 0 marks slots that must not be chosen over any real event
+      (empty slots), higher tiers are always chosen before lower ones.
+    score: [L, B, H, T] float; ranks slots within a tier (larger first).
+    pos: [L, B, H, T] int32 original positions (ties go to the smaller one).
+    k: number of slots to pick (<= T).
+
+  Returns:
+    (sel [L, B, H, k] int32 slot indices sorted by position, tier-0 picks last;
+     picked [L, B, H, k] bool, the slot is a real (tier > 0) event).
+  """
+  T = tier.shape[-1]
+  slot = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tier.shape)
+  neg_score = jnp.where(tier > 0, -score.astype(jnp.float32), 0.0) + 0.0  # -0.0 -> 0.0
+  neg_tier, _, spos, order = jax.lax.sort(
+      (-tier.astype(jnp.int32), neg_score, pos.astype(jnp.int32), slot), dimension=-1,
+      num_keys=3, is_stable=True)
+  sel, picked = order[..., :k], neg_tier[..., :k] < 0  # [L, B, H, k]
+  key = jnp.where(picked, spos[..., :k], _INT32_MAX)
+  _, sel, picked = jax.lax.sort((key, sel, picked), dimension=-1, num_keys=1, is_stable=True)
+  return sel, picked
+
+
+def mark_slots(sel: jax.Array, picked: jax.Array, capacity: int) -> jax.Array:
+  """[L, B, H, capacity] bool: the slots ``sel`` [L, B, H, k] whose ``picked`` is set."""
+  out = jnp.zeros(sel.shape[:-1] + (capacity,), jnp.bool_)
+  return jnp.put_along_axis(out, sel, picked, axis=-1, inplace=False)
+
+
+def kept_memory(cache: Cache, sel: jax.Array, picked: jax.Array, k=None, v=None) -> DenseMemory:
+  """DenseMemory of slots ``sel`` of ``cache`` (or of the given k, v already gathered)."""
+  k = take_slots(cache.k, sel) if k is None else k
+  v = take_slots(cache.v, sel) if v is None else v
+  m = picked[..., None]
+  index = SparseIndex(pos=jnp.where(picked, take_slots(cache.pos, sel), -1),
+                      ts=jnp.where(picked, take_slots(cache.ts, sel), 0), length=cache.length)
+  return DenseMemory(index=index, k=jnp.where(m, k, 0).astype(cache.k.dtype),
+                     v=jnp.where(m, v, 0).astype(cache.v.dtype))
+
+
+def pool1d(x: jax.Array, kernel: int, mode: str) -> jax.Array:
+  """1-D pooling along the last axis, stride 1, "same" padding kernel // 2 (kernel odd).
+
+  "avg" pads with zeros that count in the divisor (PyTorch ``avg_pool1d`` default,
+  count_include_pad=True); "max" pads with -inf (PyTorch ``max_pool1d``).
+  """
+  T, p = x.shape[-1], kernel // 2
+  fill = 0.0 if mode == "avg" else -jnp.inf
+  xp = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(p, p)], constant_values=fill)
+  shifts = [xp[..., j:j + T] for j in range(kernel)]
+  if mode == "avg":
+    return sum(shifts[1:], shifts[0]) / kernel
+  return jnp.max(jnp.stack(shifts, axis=-1), axis=-1)
+
+
+def _pad_cache(cache: Cache, capacity: int) -> Cache:
+  return pad_capacity(cache, capacity) if cache.capacity < capacity else cache
+
+
+# ----------------------------------------------------------------------------------------
+# H2O.
+
+
+class H2OState(NamedTuple):
+  """Accumulated attention of the kept slots, acc [L, B, H, budget] float32.
+
+  ``model.extend`` leaves the kept events of a materialized memory in slots 0 .. budget-1,
+  so on the next ``compress`` this is added to the new queries' ``signals.acc_attn`` there:
+  scores accumulate over every request, as in H2O's decoding loop.
+  """
+
+  acc: jax.Array
+
+
+def h2o_select(cache: Cache, acc: jax.Array, heavy: int, recent: int):
+  """H2O rule on a cache of capacity >= heavy + recent: (sel, picked) as in :func:`top_slots`."""
+  valid, _, newest = slot_ranks(cache)
+  forced = valid & (newest < recent)
+  tier = jnp.where(forced, 2, jnp.where(valid, 1, 0))
+  return top_slots(tier, acc, cache.pos, heavy + recent)
+
+
+def h2o_scores(method: str, cache: Cache, state: H2OState, signals: Signals | None,
+               budget: int, accumulate: bool) -> tuple[Cache, jax.Array]:
+  """Pads the cache to ``budget`` slots; returns it and the accumulated attention [L,B,H,T]."""
+  signals = require_signals(method, signals)
+  _check_signal_slots(method, signals.acc_attn, cache, "acc_attn")
+  cache = _pad_cache(cache, budget)
+  acc = pad_slots(signals.acc_attn.astype(jnp.float32), cache.capacity)  # [L, B, H, T]
+  if accumulate:
+    acc = acc.at[..., :budget].add(state.acc)
+  return cache, jnp.where(cache.pos >= 0, acc, 0.0)
+
+
+def h2o(heavy: int, recent: int, accumulate: bool = True) -> Compressor:
+  """Heavy-hitter oracle: keeps the ``recent`` newest events plus the ``heavy`` heaviest.
+
+  Per layer, user and head, the ``recent`` newest events always stay; among the rest the
+  ``heavy`` events with the largest accumulated attention (``signals.acc_attn``, plus the
+  accumulated attention carried in the state when ``accumulate``) are kept, ties to the
+  smaller position. Evicted events never return.
+
+  Args:
+    heavy: number of heavy hitters (>= 0). recent: size of the recent window (>= 0).
+    accumulate: carry the kept events' accumulated attention in the state, so re-compressing
+      after ``extend`` ranks events by all the attention they ever received.
+
+  Returns:
+    A Compressor; memory: DenseMemory(SparseIndex) with capacity heavy + recent (see module
+    docstring); state: :class:`H2OState`.
+
+  References: Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of
+    Large Language Models", NeurIPS 2023.
+  """
+  heavy = check_int("h2o", "heavy", heavy)
+  recent = check_int("h2o", "recent", recent)
+  budget = heavy + recent
+  if budget < 1:
+    raise ValueError(f"h2o: heavy + recent must be >= 1; got heavy={heavy}, recent={recent}")
+
+  def init(cache):
+    return H2OState(jnp.zeros(cache.pos.shape[:3] + (budget,), jnp.float32))
+
+  def compress(cache, state, signals=None):
+    cache, acc = h2o_scores("h2o", cache, state, signals, budget, accumulate)
+    sel, picked = h2o_select(cache, acc, heavy, recent)
+    new_acc = jnp.where(picked, take_slots(acc, sel), 0.0)
+    return kept_memory(cache, sel, picked), H2OState(new_acc)
+
+  return Compressor(init, compress)
+
+
+# ----------------------------------------------------------------------------------------
+# SnapKV.
+
+
+def snapkv_votes(signals: Signals, cache: Cache, window: int, kernel: int,
+                 pool: str) -> jax.Array:
+  """Pooled votes [L, B, H, T] of the last ``window`` queries for the events before the window.
+
+  Votes outside the before-window prefix are zero before pooling, which is exactly the zero
+  padding PyTorch applies at the prefix's ends; entries outside the prefix are meaningless.
+  """
+  win = signals.window_attn  # [L, B, H, W, T]
+  W = win.shape[3]
+  if W < window:
+    raise ValueError(f"snapkv: window={window} needs signals with at least {window} window "
+                     f"rows (model.prefill(events, window>={window})); got W={W}")
+  _check_signal_slots("snapkv", win, cache, "window_attn")
+  votes = jnp.sum(win[:, :, :, W - window:, :].astype(jnp.float32), axis=3)  # [L, B, H, T]
+  valid, _, newest = slot_ranks(cache)
+  prefix = valid & (newest >= window)  # events before the window
+  votes = jnp.where(prefix, votes, 0.0 if pool == "avg" else -jnp.inf)
+  return pool1d(votes, kernel, pool)
+
+
+def snapkv(budget: int, window: int = 8, kernel: int = 5, pool: str = "avg") -> Compressor:
+  """SnapKV: keeps the last ``window`` events plus those the window's queries vote for.
+
+  Votes are the attention of the last ``window`` queries (the last rows of
+  ``signals.window_attn``) to each event before the window, summed over those queries, then
+  pooled along time (kernel ``kernel``, stride 1, "same" padding; avg pooling counts the zero
+  padding in its divisor, as PyTorch's default). Per layer, user and head the top
+  ``budget - window`` events before the window by pooled vote (ties to the smaller position)
+  are kept, plus the ``window`` window events.
+
+  Args:
+    budget: kept events per head (>= window). window: observation window w (>= 1; the
+      signals must hold W >= w rows). kernel: odd pooling size (SnapKV uses 5 or 7).
+    pool: "avg" or "max".
+
+  Returns:
+    A Compressor; memory: DenseMemory(SparseIndex) with capacity ``budget``; state: EmptyState.
+
+  References: Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation",
+    NeurIPS 2024.
+  """
+  budget = check_int("snapkv", "budget", budget, 1)
+  window = check_int("snapkv", "window", window, 1)
+  kernel = check_int("snapkv", "kernel", kernel, 1)
+  if kernel % 2 == 0:
+    raise ValueError(f"snapkv: kernel={kernel} must be odd ('same' pooling)")
+  check_choice("snapkv", "pool", pool, ("avg", "max"))
+  if window > budget:
+    raise ValueError(f"snapkv: window={window} must be <= budget={budget}")
+
+  def init(cache):
+    del cache
+    return EmptyState()
+
+  def compress(cache, state, signals=None):
+    signals = require_signals("snapkv", signals)
+    votes = snapkv_votes(signals, cache, window, kernel, pool)
+    cache = _pad_cache(cache, budget)
+    votes = pad_slots(votes, cache.capacity)
+    valid, _, newest = slot_ranks(cache)
+    tier = jnp.where(valid & (newest < window), 2, jnp.where(valid, 1, 0))
+    sel, picked = top_slots(tier, votes, cache.pos, budget)
+    return kept_memory(cache, sel, picked), state
+
+  return Compressor(init, compress)
+
+
+# ----------------------------------------------------------------------------------------
+# StreamingLLM.
+
+
+def streaming(sinks: int, recent: int) -> Compressor:
+  """StreamingLLM: keeps the first ``sinks`` events (attention sinks) and the ``recent`` newest.
+
+  Args:
+    sinks: number of initial events kept (>= 0). recent: recent window (>= 0).
+
+  Returns:
+    A Compressor; memory: DenseMemory(SparseIndex) with capacity sinks + recent; no signals
+    needed; state: EmptyState.
+
+  References: Xiao et al., "Efficient Streaming Language Models with Attention Sinks",
+    ICLR 2024.
+  """
+  sinks = check_int("streaming", "sinks", sinks)
+  recent = check_int("streaming", "recent", recent)
+  budget = sinks + recent
+  if budget < 1:
+    raise ValueError(f"streaming: sinks + recent must be >= 1; got sinks={sinks}, "
+                     f"recent={recent}")
+
+  def init(cache):
+    del cache
+    return EmptyState()
+
+  def compress(cache, state, signals=None):
+    del signals
+    cache = _pad_cache(cache, budget)
+    valid, oldest, newest = slot_ranks(cache)
+    forced = valid & ((oldest < sinks) | (newest < recent))
+    tier = jnp.where(forced, 2, jnp.where(valid, 1, 0))
+    sel, picked = top_slots(tier, jnp.zeros(tier.shape, jnp.float32), cache.pos, budget)
+    return kept_memory(cache, sel, picked), state
+
+  return Compressor(init, compress)
+
+
+# ----------------------------------------------------------------------------------------
+# Random floor.
+
+
+class RandomState(NamedTuple):
+  """uint32 key of the next ``compress`` (advanced on every call)."""
+
+  key: jax.Array
+
+
+_GOLDEN = 0x9E3779B9
+
+
+def hash32(x: jax.Array) -> jax.Array:
+  """The "lowbias32" integer hash (C. Wellons): a bijection of uint32 with good avalanche."""
+  x = x.astype(jnp.uint32)
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def random(budget: int, seed: int = 0) -> Compressor:
+  """Keeps ``budget`` events per layer, user and head drawn uniformly among the real events.
+
+  A floor for the attention-aware methods. Every slot of the [L, B, H, T] cache gets the
+  score hash32(key ^ hash32(flat slot index)) and the ``budget`` real events with the largest
+  scores are kept (a uniformly random subset; ties to the smaller position). The key starts
+  at hash32(seed) and advances to hash32(key + 0x9E3779B9) on every call, so results are
+  deterministic given ``seed``, identical on every backend, and cheap to compile (a counter
+  hash instead of threefry, whose CPU compile takes seconds).
+
+  Args:
+    budget: kept events per head (>= 1). seed: integer seed (>= 0).
+
+  Returns:
+    A Compressor; memory: DenseMemory(SparseIndex) with capacity ``budget``; state:
+    :class:`RandomState`.
+
+  References: the random-eviction baseline of Zhang et al., H2O (NeurIPS 2023).
+  """
+  budget = check_int("random", "budget", budget, 1)
+  seed = check_int("random", "seed", seed, 0)
+
+  def init(cache):
+    del cache
+    return RandomState(hash32(jnp.uint32(seed % (1 << 32))))
+
+  def compress(cache, state, signals=None):
+    del signals
+    cache = _pad_cache(cache, budget)
+    valid = cache.pos >= 0  # [L, B, H, T]
+    flat = jnp.arange(valid.size, dtype=jnp.uint32).reshape(valid.shape)
+    u = hash32(state.key ^ hash32(flat))
+    score = (u >> 8).astype(jnp.float32)  # 24 bits, exact in float32
+    sel, picked = top_slots(valid.astype(jnp.int32), score, cache.pos, budget)
+    key = hash32(state.key + jnp.uint32(_GOLDEN))
+    return kept_memory(cache, sel, picked), RandomState(key)
+
+  return Compressor(init, compress)

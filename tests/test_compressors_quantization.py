@@ -1,0 +1,311 @@
+"""Precision compressors (KIVI, IntactKV, uniform) against float64 NumPy references."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from malloc_jax import compressors as C
+from malloc_jax.cache import Cache, Signals
+
+L, B, H, T, D = 2, 3, 2, 12, 8
+SETTINGS = settings(max_examples=10, deadline=None)
+SEEDS = st.integers(0, 2**31 - 1)
+
+
+def make_cache(seed: int):
+  """A random contiguous cache (events 0..n-1 per user, n uneven, padding full of garbage)."""
+  rng = np.random.default_rng(seed)
+  n = rng.integers(0, T + 1, size=B)
+  n[rng.integers(B)] = T
+  pos = np.where(np.arange(T)[None] < n[:, None], np.arange(T)[None], -1)
+  pos = np.broadcast_to(pos[None, :, None, :], (L, B, H, T))
+  valid = pos >= 0
+  # Per-channel offsets and scales differ, as in real keys.
+  k = rng.normal(size=(L, B, H, T, D)) * rng.uniform(0.1, 3, size=D) + rng.normal(size=D)
+  v = rng.normal(size=(L, B, H, T, D))
+  k = np.where(valid[..., None], k, 77.0)
+  v = np.where(valid[..., None], v, -77.0)
+  ts = np.where(valid, 100 * pos + 5, 0)
+  acc = np.where(valid, rng.integers(0, 5, size=valid.shape), 1000.0)
+  cache = Cache(k=jnp.asarray(k, jnp.float32), v=jnp.asarray(v, jnp.float32),
+                pos=jnp.asarray(pos, jnp.int32), ts=jnp.asarray(ts, jnp.int32),
+                length=jnp.asarray(n, jnp.int32))
+  sig = Signals(acc_attn=jnp.asarray(acc, jnp.float32), window_attn=jnp.zeros((L, B, H, 1, T)),
+                window_valid=jnp.ones((B, 1), bool))
+  return cache, sig
+
+
+@functools.cache
+def _jitted(name, items):
+  comp = C.make_compressor(name, **dict(items))
+
+  def f(cache, sig):
+    memory, _ = comp.compress(cache, comp.init(cache), sig)
+    return memory, memory.materialize()
+
+  return jax.jit(f)
+
+
+def run(name, cache, sig=None, **params):
+  return _jitted(name, tuple(sorted(params.items())))(cache, sig)
+
+
+# ----------------------------------------------------------------------------------------
+# NumPy references.
+
+
+def np_pack(codes, bits):
+  """Reference packing: code j of each byte at bits j*bits.., ragged tail padded with zeros."""
+  per = 8 // bits
+  codes = np.asarray(codes, np.uint64)
+  pad = (-codes.shape[-1]) % per
+  codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (pad,), np.uint64)], -1)
+  codes = codes.reshape(codes.shape[:-1] + (-1, per))
+  out = np.zeros(codes.shape[:-1], np.uint64)
+  for j in range(per):
+    out |= codes[..., j] << np.uint64(j * bits)
+  return out.astype(np.uint8)
+
+
+def np_unpack(packed, bits, size):
+  per = 8 // bits
+  p = np.asarray(packed, np.uint64)[..., None] >> (np.arange(per, dtype=np.uint64) * bits)
+  return (p & np.uint64((1 << bits) - 1)).reshape(packed.shape[:-1] + (-1,))[..., :size]
+
+
+def within_half_step(x_hat, x, step):
+  """|x̂ - x| <= step / 2 (float32 arithmetic slack included)."""
+  err = np.abs(np.float64(x_hat) - np.float64(x))
+  return np.all(err <= 0.5 * step * (1 + 1e-5) + 1e-6 * (1 + np.abs(x)))
+
+
+def ref_kivi_steps(x, n, bits, group, residual, key_residual):
+  """float64 (key step [T, D], key exact mask [T], value step [T, D], value exact mask [T]).
+
+  Keys: groups of ``group`` slots per channel over the quantized prefix q_k; values: groups of
+  min(group, D) channels per slot over the quantized prefix q_v. step = (max - min)/(2^b - 1).
+  """
+  kx, vx = np.float64(x[0]), np.float64(x[1])
+  levels = 2**bits - 1
+  tail = min(n, residual)
+  q_k = n - (n % residual if key_residual == "block" else tail)
+  q_v = n - tail
+  k_step = np.zeros((T, D))
+  for g0 in range(0, q_k, group):
+    blk = kx[g0:min(g0 + group, q_k)]
+    k_step[g0:min(g0 + group, q_k)] = (blk.max(0) - blk.min(0)) / levels
+  gv = min(group, D)
+  v_step = np.zeros((T, D))
+  for t in range(q_v):
+    for c0 in range(0, D, gv):
+      seg = vx[t, c0:c0 + gv]
+      v_step[t, c0:c0 + gv] = (seg.max() - seg.min()) / levels
+  slot = np.arange(T)
+  return k_step, (slot >= q_k) & (slot < n), v_step, (slot >= q_v) & (slot < n)
+
+
+def index_bytes(cache):
+  return B * T * 4 + B * 4  # DenseIndex: ts [B, T] int32 + length [B] int32
+
+
+def packed(d, bits):
+  return -(-d * bits // 8)
+
+
+# ----------------------------------------------------------------------------------------
+# Packing.
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("size", [6, 8])
+def test_pack_round_trip_and_layout(bits, size):
+  codes = np.random.default_rng(bits * size).integers(0, 2**bits, size=(3, 5, size))
+  p = jax.jit(C.pack_codes, static_argnums=1)(jnp.asarray(codes, jnp.uint8), bits)
+  assert p.dtype == jnp.uint8 and p.shape == (3, 5, packed(size, bits))
+  np.testing.assert_array_equal(p, np_pack(codes, bits))
+  back = jax.jit(C.unpack_codes, static_argnums=(1, 2))(p, bits, size)
+  np.testing.assert_array_equal(back, codes)
+
+
+# ----------------------------------------------------------------------------------------
+# KIVI.
+
+KIVI = [dict(bits=2, group=4, residual=8, key_residual="block"),
+        dict(bits=4, group=8, residual=8, key_residual="block"),  # T = 12 padded to 16
+        dict(bits=2, group=4, residual=6, key_residual="sliding")]
+
+
+@pytest.mark.parametrize("params", KIVI, ids=["2bit", "4bit-padded", "sliding"])
+@SETTINGS
+@given(seed=SEEDS)
+def test_kivi_matches_reference(params, seed):
+  cache, _ = make_cache(seed)
+  memory, dense = run("kivi", cache, **params)
+  bits, group, residual = params["bits"], params["group"], params["residual"]
+  k, v = np.asarray(cache.k), np.asarray(cache.v)
+  dk, dv = np.asarray(dense.k), np.asarray(dense.v)
+  np.testing.assert_array_equal(dense.pos, cache.pos)
+  np.testing.assert_array_equal(dense.ts, cache.ts)
+  np.testing.assert_array_equal(dense.length, cache.length)
+  Tp = -(-T // group) * group
+  k_scale, k_min = np.asarray(memory.k_scale), np.asarray(memory.k_min)
+  k_codes = np_unpack(np.asarray(memory.k_codes), bits, D)  # [L, B, H, Tp, D]
+  for l, b, h in np.ndindex(L, B, H):
+    n = int(cache.length[b])
+    k_step, k_exact, v_step, v_exact = ref_kivi_steps((k[l, b, h], v[l, b, h]), n, bits,
+                                                      group, residual, params["key_residual"])
+    quant_k = (np.arange(T) < n) & ~k_exact
+    quant_v = (np.arange(T) < n) & ~v_exact
+    # Exact residual, half-step error elsewhere, zeros in empty slots.
+    np.testing.assert_array_equal(dk[l, b, h][k_exact], k[l, b, h][k_exact])
+    np.testing.assert_array_equal(dv[l, b, h][v_exact], v[l, b, h][v_exact])
+    assert within_half_step(dk[l, b, h][quant_k], k[l, b, h][quant_k], k_step[quant_k])
+    assert within_half_step(dv[l, b, h][quant_v], v[l, b, h][quant_v], v_step[quant_v])
+    assert np.all(dk[l, b, h, n:] == 0) and np.all(dv[l, b, h, n:] == 0)
+    # Stored per-channel scales are the reference steps; dequantization is code*scale + min.
+    steps = np.zeros((Tp, D))
+    steps[:T] = k_step
+    np.testing.assert_allclose(k_scale[l, b, h], steps[::group], rtol=1e-5, atol=1e-7)
+    rows = np.arange(T)[quant_k]
+    manual = k_codes[l, b, h][rows] * k_scale[l, b, h][rows // group] + k_min[l, b, h][
+        rows // group]
+    np.testing.assert_allclose(dk[l, b, h][rows], manual, rtol=1e-6, atol=1e-6)
+  # Bytes: the sum of stored leaves, and a closed form.
+  R = min(residual, T)
+  per_row = (Tp * packed(D, bits) + 2 * (Tp // group) * D * 4 + R * D * 4 +
+             T * packed(D, bits) + 2 * T * (D // min(group, D)) * 4 + R * D * 4)
+  assert C.nbytes(memory) == sum(x.nbytes for x in jax.tree.leaves(memory))
+  assert C.nbytes(memory) == L * B * H * per_row + index_bytes(cache)
+  assert memory.k_codes.dtype == jnp.uint8 and memory.k_scale.dtype == cache.k.dtype
+
+
+def test_kivi_residual_rule_on_block_boundaries():
+  """n = R: every key quantized, all values exact; n = R + 3: 3 exact keys, R exact values."""
+  cache, _ = make_cache(3)
+  cache = cache.replace(pos=jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), cache.pos.shape),
+                        length=jnp.full((B,), T, jnp.int32))
+  for n, exact_keys, exact_vals in ((8, 0, 8), (11, 3, 8), (12, 4, 8)):
+    c = cache.replace(pos=jnp.where(cache.pos < n, cache.pos, -1),
+                      length=jnp.full((B,), n, jnp.int32))
+    c = c.replace(k=jnp.where((c.pos >= 0)[..., None], c.k, 0))
+    memory, dense = run("kivi", c, **KIVI[0])
+    same_k = np.all(np.asarray(dense.k) == np.asarray(c.k), axis=-1)[..., :n]
+    same_v = np.all(np.asarray(dense.v) == np.asarray(c.v), axis=-1)[..., :n]
+    assert np.all(same_k[..., n - exact_keys:]) and np.all(same_v[..., n - exact_vals:])
+    assert not np.any(same_k[..., :n - exact_keys].all(axis=-1))  # quantized keys moved
+
+
+# ----------------------------------------------------------------------------------------
+# IntactKV.
+
+INTACT = [dict(bits=4, pivots=3, sinks=1), dict(bits=2, pivots=2, sinks=2, group=4)]
+
+
+def ref_pivots(pos, acc, pivots, sinks):
+  ev = sorted(int(p) for p in pos if p >= 0)
+  a = {int(p): float(x) for p, x in zip(pos, acc, strict=True) if p >= 0}
+  rest = sorted(ev[sinks:], key=lambda p: (-a[p], p))
+  return set(ev[:sinks]) | set(rest[:pivots - min(sinks, len(ev))])
+
+
+def ref_token_steps(x, bits, group):
+  """Per-slot steps [T, D] of asymmetric groups of ``group`` channels."""
+  x = np.float64(x)
+  g = x.reshape(x.shape[0], -1, group)
+  step = (g.max(-1) - g.min(-1)) / (2**bits - 1)
+  return np.repeat(step, group, axis=-1)
+
+
+@pytest.mark.parametrize("params", INTACT, ids=["heavy-pivots", "sinks-only"])
+@SETTINGS
+@given(seed=SEEDS)
+def test_intactkv_matches_reference(params, seed):
+  cache, sig = make_cache(seed)
+  memory, dense = run("intactkv", cache, sig, **params)
+  bits, P, sinks = params["bits"], params["pivots"], params["sinks"]
+  g = params.get("group") or D
+  k, v, acc, pos = (np.asarray(x) for x in (cache.k, cache.v, sig.acc_attn, cache.pos))
+  dk, dv = np.asarray(dense.k), np.asarray(dense.v)
+  slots = np.asarray(memory.pivot_slot)
+  for l, b, h in np.ndindex(L, B, H):
+    want = ref_pivots(pos[l, b, h], acc[l, b, h], P, sinks)
+    got = {int(s) for s in slots[l, b, h] if s >= 0}
+    assert got == want
+    n = int(cache.length[b])
+    quant = (np.arange(T) < n) & ~np.isin(np.arange(T), list(want))
+    for x, xh in ((k, dk), (v, dv)):
+      np.testing.assert_array_equal(xh[l, b, h, sorted(want)], x[l, b, h, sorted(want)])
+      step = ref_token_steps(x[l, b, h], bits, g)
+      assert within_half_step(xh[l, b, h][quant], x[l, b, h][quant], step[quant])
+      assert np.all(xh[l, b, h, n:] == 0)
+  per_row = 2 * (T * packed(D, bits) + 2 * T * (D // g) * 4) + P * 4 + P * 2 * D * 4
+  assert C.nbytes(memory) == L * B * H * per_row + index_bytes(cache)
+  assert C.nbytes(memory) == sum(x.nbytes for x in jax.tree.leaves(memory))
+
+
+def test_intactkv_heavy_pivots_need_signals():
+  cache, _ = make_cache(0)
+  comp = C.intactkv(bits=4, pivots=3, sinks=1)
+  with pytest.raises(ValueError, match="signals"):
+    comp.compress(cache, comp.init(cache), None)
+
+
+# ----------------------------------------------------------------------------------------
+# Uniform.
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@SETTINGS
+@given(seed=SEEDS)
+def test_uniform_matches_reference(bits, seed):
+  cache, _ = make_cache(seed)
+  memory, dense = run("uniform", cache, bits=bits)
+  qmax = 2**(bits - 1) - 1
+  for x, xh, codes, scale in ((cache.k, dense.k, memory.k_codes, memory.k_scale),
+                              (cache.v, dense.v, memory.v_codes, memory.v_scale)):
+    x, xh, codes, scale = (np.asarray(a) for a in (x, xh, codes, scale))
+    valid = np.asarray(cache.pos) >= 0
+    ref_scale = np.abs(np.float64(x)).max(-1) / qmax
+    np.testing.assert_allclose(scale[valid], ref_scale[valid], rtol=1e-6)
+    assert within_half_step(xh[valid], x[valid], ref_scale[valid][:, None])
+    assert np.all(xh[~valid] == 0)
+    if bits == 8:
+      assert codes.dtype == np.int8 and codes.shape[-1] == D
+      q = np.float64(codes)
+    else:
+      assert codes.dtype == np.uint8 and codes.shape[-1] == D // 2
+      u = np_unpack(codes, 4, D).astype(np.int64)
+      q = np.float64(np.where(u >= 8, u - 16, u))
+    assert np.all(np.abs(q) <= qmax)
+    np.testing.assert_allclose(xh, q * scale[..., None], rtol=1e-6, atol=1e-7)
+  per_row = T * 2 * (packed(D, bits) + 4)
+  assert C.nbytes(memory) == L * B * H * per_row + index_bytes(cache)
+  assert C.nbytes(memory) == sum(x.nbytes for x in jax.tree.leaves(memory))
+
+
+# ----------------------------------------------------------------------------------------
+# jit + vmap over stacked caches.
+
+VMAP = [("kivi", KIVI[0]), ("intactkv", INTACT[0]), ("uniform", dict(bits=4))]
+
+
+@pytest.mark.parametrize("name,params", VMAP, ids=[n for n, _ in VMAP])
+def test_vmap_over_stacked_caches(name, params):
+  pairs = [make_cache(s) for s in (1, 2)]
+  stack = lambda *xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)
+  cache, sig = stack(*(p[0] for p in pairs)), stack(*(p[1] for p in pairs))
+  f = _jitted(name, tuple(sorted(params.items())))
+  memory, dense = jax.jit(jax.vmap(f.__wrapped__ if hasattr(f, "__wrapped__") else f))(cache,
+                                                                                      sig)
+  for i, (c, s) in enumerate(pairs):
+    one_mem, one_dense = run(name, c, s, **params)
+    got = jax.tree.map(lambda x: np.asarray(x)[i], (memory, dense))
+    for a, b in zip(jax.tree.leaves((one_mem, one_dense)), jax.tree.leaves(got), strict=True):
+      np.testing.assert_array_equal(a, b)
