@@ -102,7 +102,7 @@ def main(argv):
       comp = C.chain(*(build(m, p) for m, p in steps))
       params = {m: p for m, p in steps}
     res = evaluate(model, split, comp, batch_size=config.eval.batch_size,
-                   window=config.eval.window)
+                   window=config.eval.window, max_users=config.eval.max_users or None)
     row = {"method": label, "family": method, "params": params, **res.row(),
            "compression_ratio": native_bytes / res.bytes_per_user}
     rows.append(row)
