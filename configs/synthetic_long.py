@@ -13,10 +13,12 @@ from malloc_jax import config_lib as common
 
 def get_config(arg: str | None = None):
   config = common.base_config(arg)
+  args = common.parse_arg(arg)
   config.data.max_len = 1024
   config.data.synthetic.update(num_users=2000, num_items=1000, min_len=900, max_len=1024,
                                lag=512)
-  config.train.update(steps=1500, batch_size=32, eval_every=250, eval_users=256)
+  config.train.update(steps=1500 if args.steps < 0 else args.steps, batch_size=32,
+                      eval_every=250, eval_users=256)
   config.eval.batch_size = 128
   config.compressors.lowrank_4x = {"name": "lowrank", "reduction": 4, "rank": 0}
   return config

@@ -3,12 +3,13 @@
 from malloc_jax.models.base import Events, SequenceRecommender
 from malloc_jax.models.hstu import HSTU
 from malloc_jax.models.sasrec import SASRec
+from malloc_jax.models.variants import VARIANTS
 
-BACKBONES = {"hstu": HSTU, "sasrec": SASRec}
+BACKBONES = {"hstu": HSTU, "sasrec": SASRec, **VARIANTS}
 
 
 def make_model(name: str, num_items: int, *, seed: int = 0, **kwargs) -> SequenceRecommender:
-  """Builds a backbone by name ("hstu" or "sasrec")."""
+  """Builds a backbone by name ("hstu", "sasrec" or a variant such as "hstu_gqa")."""
   if name not in BACKBONES:
     raise ValueError(f"model.name={name!r} is unknown; expected one of {sorted(BACKBONES)}")
   from flax import nnx
@@ -30,5 +31,5 @@ def score(model, cache, queries, candidates=None):
   return model.score(cache, queries, candidates)
 
 
-__all__ = ["BACKBONES", "Events", "HSTU", "SASRec", "SequenceRecommender", "extend",
+__all__ = ["BACKBONES", "Events", "HSTU", "SASRec", "SequenceRecommender", "VARIANTS", "extend",
            "make_model", "prefill", "score"]

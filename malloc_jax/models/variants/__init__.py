@@ -1,0 +1,52 @@
+"""Trained memory-efficient attention variants of HSTU (and SASRec where trivial).
+
+Each variant changes what attention stores per user, so it needs its own training run; all
+share the native serving API (``prefill``, ``extend``, ``encode``, ``score``, full forward,
+``item_embeddings``, ``head_dims``). Memory layouts, by granularity:
+
+| name | memory | per user |
+|---|---|---|
+| hstu_mqa, hstu_gqa | Cache, H_kv heads | L·H_kv·(Dqk+Dv)·4 B per event |
+| hstu_mla | Cache: k = latent, v = rotary key | L·(kv_rank+rope_dim)·4 B per event |
+| hstu_lsh | Cache (shared QK, V) | as native HSTU |
+| hstu_linformer | LinformerMemory (E·K, F·V sums) | fixed |
+| hstu_longformer | Cache: G global + w window slots | fixed |
+| hstu_beacon | Cache: beacons of complete chunks + current chunk | ≈ beacons/chunk of native |
+| hstu_rwkv | RWKVState | fixed |
+| hstu_linear | LinearAttentionState | fixed |
+| sasrec_mqa, sasrec_gqa | Cache, H_kv heads | L·H_kv·2·(d/H)·4 B per event |
+
+Cache memories also store their index (int32 timestamps per event, or pos and ts per slot
+for the non-contiguous layouts of Longformer and Beacon) and ``length [B]``.
+"""
+
+from malloc_jax.models.variants.common import BlockRecommender, FixedState, StateIndex
+from malloc_jax.models.variants.heads import HSTUGQA, HSTUMLA, HSTUMQA
+from malloc_jax.models.variants.merging import HSTUBeacon, HSTULongformer
+from malloc_jax.models.variants.recurrent import (
+  HSTURWKV,
+  HSTULinear,
+  LinearAttentionState,
+  RWKVState,
+)
+from malloc_jax.models.variants.sasrec import SASRecGQA, SASRecMQA
+from malloc_jax.models.variants.sequence import HSTULSH, HSTULinformer, LinformerMemory
+
+VARIANTS = {
+    "hstu_mqa": HSTUMQA,
+    "hstu_gqa": HSTUGQA,
+    "hstu_mla": HSTUMLA,
+    "hstu_linformer": HSTULinformer,
+    "hstu_lsh": HSTULSH,
+    "hstu_longformer": HSTULongformer,
+    "hstu_beacon": HSTUBeacon,
+    "hstu_rwkv": HSTURWKV,
+    "hstu_linear": HSTULinear,
+    "sasrec_mqa": SASRecMQA,
+    "sasrec_gqa": SASRecGQA,
+}
+
+__all__ = ["VARIANTS", "BlockRecommender", "FixedState", "HSTUBeacon", "HSTUGQA", "HSTULSH",
+           "HSTULinear", "HSTULinformer", "HSTULongformer", "HSTUMLA", "HSTUMQA", "HSTURWKV",
+           "LinearAttentionState", "LinformerMemory", "RWKVState", "SASRecGQA", "SASRecMQA",
+           "StateIndex"]
