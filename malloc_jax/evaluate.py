@@ -34,12 +34,13 @@ def split_request(items, ts, length, query_len: int):
 
 @functools.partial(jax.jit, static_argnames=("compressor", "query_len", "window"))
 def serve_batch(model, items, ts, length, target, *, compressor, query_len=1, window=8):
-  """Prefill, compress and score one batch; returns (target ranks [B], memory)."""
+  """Prefill, compress and score one batch; returns (ranks [B], memory, finite [B])."""
   prefix, req = split_request(items, ts, length, query_len)
   cache, signals = model.prefill(prefix, window)
   memory, _ = compressor.compress(cache, compressor.init(cache), signals)
   logits = model.score(memory.materialize(), req)
-  return target_rank(logits, target), memory
+  finite = jnp.all(jnp.isfinite(logits[:, 1:]), axis=1)  # [B] (item 0 is -inf padding)
+  return target_rank(logits, target), memory, finite
 
 
 @dataclasses.dataclass
@@ -68,21 +69,48 @@ def evaluate(model, data: EvalSet, compressor: comp_lib.Compressor, *, batch_siz
   n = len(data) if not max_users else min(max_users, len(data))
   if n == 0:
     raise ValueError("evaluate: the evaluation split has no users")
+  check_eval_set(data, model.num_items)
   bs = min(batch_size, n)
   ranks, memory, t0 = [], None, time.time()
   for start in range(0, n, bs):
     idx = np.arange(start, start + bs)
     real = idx < n
     idx = np.where(real, idx, 0)
-    r, memory = serve_batch(model, jnp.asarray(data.items[idx]), jnp.asarray(data.ts[idx]),
-                            jnp.asarray(data.length[idx]), jnp.asarray(data.target[idx]),
-                            compressor=compressor, query_len=query_len, window=window)
+    r, memory, finite = serve_batch(
+        model, jnp.asarray(data.items[idx]), jnp.asarray(data.ts[idx]),
+        jnp.asarray(data.length[idx]), jnp.asarray(data.target[idx]),
+        compressor=compressor, query_len=query_len, window=window)
+    bad = np.flatnonzero(~np.asarray(finite)[real])
+    if bad.size:
+      raise FloatingPointError(
+          f"evaluate: non-finite scores (NaN or inf in the memory or the model) for "
+          f"{bad.size} user(s), first user index {start + bad[0]}; refusing to report metrics")
     ranks.append(np.asarray(r)[real])
   seconds = time.time() - t0
   return EvalResult(metrics=retrieval_metrics(np.concatenate(ranks), ks),
                     bytes_per_user=comp_lib.bytes_per_user(memory),
                     shared_bytes=comp_lib.shared_nbytes(memory), seconds=seconds,
                     num_users=n, memory=memory)
+
+
+def check_eval_set(data: EvalSet, num_items: int) -> None:
+  """Raises ValueError, naming the user, for ids outside 1..num_items or empty histories."""
+  lengths = np.asarray(data.length)
+  if (lengths < 1).any():
+    u = int(np.flatnonzero(lengths < 1)[0])
+    raise ValueError(f"evaluate: user index {u} has an empty history (length "
+                     f"{int(lengths[u])}); serving needs at least one event")
+  valid = np.arange(data.items.shape[1])[None, :] < lengths[:, None]
+  bad = valid & ((data.items < 1) | (data.items > num_items))
+  if bad.any():
+    u, t = (int(x[0]) for x in np.nonzero(bad))
+    raise ValueError(f"evaluate: user index {u}, event {t} has item id {int(data.items[u, t])}"
+                     f" outside the model's vocabulary 1..{num_items}")
+  tbad = (data.target < 1) | (data.target > num_items)
+  if tbad.any():
+    u = int(np.flatnonzero(tbad)[0])
+    raise ValueError(f"evaluate: user index {u} has target item id {int(data.target[u])} "
+                     f"outside the model's vocabulary 1..{num_items}")
 
 
 def calibration_caches(model, data: EvalSet, *, num_users: int = 512, batch_size: int = 128,
