@@ -2,10 +2,13 @@
 
 from malloc_jax.data.parsers import (
   FORMATS,
+  CTRData,
+  CTRSamples,
   Interactions,
   Split,
   leave_one_out,
   load,
+  parse_fuxictr_csv,
   parse_movielens_1m,
   parse_movielens_100k,
   parse_recbole_inter,
@@ -14,11 +17,14 @@ from malloc_jax.data.parsers import (
 )
 
 __all__ = [
+  "CTRData",
+  "CTRSamples",
   "FORMATS",
   "Interactions",
   "Split",
   "leave_one_out",
   "load",
+  "parse_fuxictr_csv",
   "parse_movielens_100k",
   "parse_movielens_1m",
   "parse_recbole_inter",

@@ -13,6 +13,11 @@ Formats (``load(format, path)`` dispatches by these names):
 * ``"sasrec"``: one line per user, ``user_id item_id item_id ...`` in time order, space
   separated (the SASRec Amazon files); an event's timestamp is its index within the line.
 
+CTR impression logs in the FuxiCTR / BARS CSV layout (AmazonElectronics_x1, MicroVideo1.7M_x1,
+KuaiVideo_x1) are read by :func:`parse_fuxictr_csv` into a :class:`CTRData` (impressions with
+click labels and behaviour sequences, not per-user event sequences), so they are not in
+``FORMATS``.
+
 Conventions shared by all parsers:
 
 * **Ordering.** A user's events are sorted by timestamp with a *stable* sort on the timestamp
@@ -36,6 +41,7 @@ finds a problem does a per-line Python scan run, to report the first offending l
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import io
 import itertools
@@ -51,11 +57,14 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 __all__ = [
+  "CTRData",
+  "CTRSamples",
   "FORMATS",
   "Interactions",
   "Split",
   "leave_one_out",
   "load",
+  "parse_fuxictr_csv",
   "parse_movielens_100k",
   "parse_movielens_1m",
   "parse_recbole_inter",
@@ -803,3 +812,248 @@ def load(format: str, path: PathLike, **opts) -> Interactions:
     raise ValueError(f"unknown data format {format!r}; expected one of "
                      f"{', '.join(repr(f) for f in FORMATS)}") from None
   return parser(path, **opts)
+
+
+# --------------------------------------------------------------------------------------------
+# FuxiCTR / BARS CTR logs
+# --------------------------------------------------------------------------------------------
+
+# Column names of the BARS sequence datasets (looked up in the BARS / FuxiCTR dataset configs):
+#   AmazonElectronics_x1: label, user_id, item_id, cate_id, item_history, cate_history
+#   MicroVideo1.7M_x1:    user_id, item_id, cate_id, clicked_items, clicked_categories,
+#                         timestamp, is_click
+#   KuaiVideo_x1:         user_id, item_id, pos_items, neg_items, is_click (+ visual features)
+# Sequence fields hold '^'-separated ids, oldest first.
+FUXICTR_LABEL_FIELDS = ("label", "is_click", "clk")
+FUXICTR_HISTORY_FIELDS = ("item_history", "clicked_items", "pos_items")
+FUXICTR_SPLITS = ("train", "valid", "test")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CTRSamples:
+  """One split of a CTR log: impressions with click labels and behaviour sequences.
+
+  Row ``r`` is an impression of item ``item[r]`` to user ``user[r]`` with label ``label[r]``;
+  the user's behaviour sequence before it is ``hist_items[hist_offsets[r]:hist_offsets[r+1]]``
+  (dense item ids, oldest first, as in the file).
+
+  Attributes:
+    user: [R] int64 dense user index into ``CTRData.user_ids``.
+    item: [R] int32 dense item id in 1..V.
+    label: [R] int8, 0 or 1.
+    hist_offsets: [R + 1] int64 CSR offsets into ``hist_items``.
+    hist_items: [M] int32 dense item ids of every row's sequence.
+    timestamps: [R] float64 from a ``timestamp`` column, or None.
+    source: ``"fuxictr:<path>"``.
+  """
+
+  user: np.ndarray
+  item: np.ndarray
+  label: np.ndarray
+  hist_offsets: np.ndarray
+  hist_items: np.ndarray
+  timestamps: np.ndarray | None
+  source: str
+
+  def __len__(self) -> int:
+    return len(self.user)
+
+  def history(self, r: int) -> np.ndarray:
+    """Dense item ids [n] of row ``r``'s behaviour sequence, oldest first."""
+    return self.hist_items[self.hist_offsets[r]:self.hist_offsets[r + 1]]
+
+  def __repr__(self) -> str:
+    return (f"CTRSamples(source={self.source!r}, rows={len(self)}, "
+            f"positives={int(self.label.sum())}, history_events={len(self.hist_items)})")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CTRData:
+  """The splits of a FuxiCTR / BARS CTR dataset over one shared item and user vocabulary.
+
+  Attributes:
+    splits: {"train" | "valid" | "test" | file stem: CTRSamples}, in file order.
+    user_ids: [U] original user ids (int64, or str when not all are canonical integers).
+    item_ids: [V + 1] original item id of each dense id (index 0 unused: 0 or "").
+    num_items: V, distinct items among candidates and sequences of every split.
+    label_field, history_field: the columns that were read.
+    source: the path that was parsed.
+  """
+
+  splits: dict[str, CTRSamples]
+  user_ids: np.ndarray
+  item_ids: np.ndarray
+  num_items: int
+  label_field: str
+  history_field: str
+  source: str
+
+  def __getitem__(self, split: str) -> CTRSamples:
+    if split not in self.splits:
+      raise KeyError(f"{self.source}: no split {split!r}; have {sorted(self.splits)}")
+    return self.splits[split]
+
+  def __repr__(self) -> str:
+    rows = {k: len(v) for k, v in self.splits.items()}
+    return (f"CTRData(source={self.source!r}, rows={rows}, users={len(self.user_ids)}, "
+            f"items={self.num_items}, label={self.label_field!r}, "
+            f"history={self.history_field!r})")
+
+
+def _pick_field(p: Path, names: list[str], given: str | None, candidates: tuple[str, ...],
+                role: str, header: str) -> int:
+  if given is not None:
+    if given not in names:
+      raise ValueError(f"{p}: line 1: header has no {role} column {given!r}; columns: "
+                       f"{names} ({_show(header)})")
+    return names.index(given)
+  for c in candidates:
+    if c in names:
+      return names.index(c)
+  raise ValueError(f"{p}: line 1: header has no {role} column; expected one of "
+                   f"{list(candidates)} (or pass {role}_field=), got columns {names}")
+
+
+def _dense(tokens: list) -> tuple[np.ndarray, np.ndarray]:
+  """(originals sorted increasingly [n], rank of each first-seen token [n]) of unique tokens.
+
+  Tokens are compared as int64 when every one is a canonical integer, else as strings.
+  """
+  arr = _tokens_to_ids(np.array(tokens, dtype=str)) if tokens else np.zeros(0, np.int64)
+  order = np.argsort(arr, kind="stable")
+  rank = np.empty(len(arr), np.int64)
+  rank[order] = np.arange(len(arr))
+  return arr[order], rank
+
+
+def parse_fuxictr_csv(path: PathLike, *, label_field: str | None = None,
+                      history_field: str | None = None, user_field: str = "user_id",
+                      item_field: str = "item_id", splitter: str = "^") -> CTRData:
+  """Parses CTR logs in the FuxiCTR / BARS CSV layout (comma-separated, one header line).
+
+  The header names the columns (any order; other columns, e.g. ``cate_id``, ``cate_history``
+  or ``neg_items``, are ignored but every line must have as many fields as the header). Read
+  are ``user_field``, ``item_field`` (the candidate), the click label (``label_field``, default
+  the first of "label", "is_click", "clk" in the header; values 0/1, also written "0.0" /
+  "1.0") and the behaviour sequence (``history_field``, default the first of "item_history",
+  "clicked_items", "pos_items"; ids separated by ``splitter``, oldest first; an empty field is
+  an empty history). A ``timestamp`` column, if any, is kept per row. Item ids of candidates
+  and sequences share one vocabulary with dense ids 1..V assigned in increasing order of the
+  original id over all splits (int order when every id is a canonical integer, else string
+  order); users likewise get dense indices 0..U-1.
+
+  Args:
+    path: a CSV file, or a directory holding ``train.csv``, ``valid.csv`` and/or
+      ``test.csv`` (the BARS zip layout; AmazonElectronics_x1 has no valid.csv).
+    label_field, history_field, user_field, item_field: column names.
+    splitter: separator of ids inside the sequence field.
+
+  Returns:
+    A :class:`CTRData`; a single file becomes one split named by its stem.
+
+  Raises:
+    ValueError: naming the file and the 1-based line: a missing column in the header, a line
+      with the wrong number of fields, an empty user or item, a label other than 0/1, or an
+      empty id inside a sequence (e.g. ``"3^^4"``).
+
+  References: Zhu et al., "BARS: Towards Open Benchmarking for Recommender Systems", SIGIR
+    2022 (the FuxiCTR / BARS dataset layout).
+  """
+  p = Path(path).expanduser()
+  if p.is_dir():
+    files = [(s, p / f"{s}.csv") for s in FUXICTR_SPLITS if (p / f"{s}.csv").is_file()]
+    if not files:
+      raise ValueError(f"{p}: directory holds none of {[s + '.csv' for s in FUXICTR_SPLITS]}")
+  elif p.is_file():
+    files = [(p.stem, p)]
+  else:
+    raise FileNotFoundError(f"{p}: no such file")
+  item_index: dict[str, int] = {}
+  user_index: dict[str, int] = {}
+  raw = {}
+  fields = None
+  for split, f in files:
+    expected = (f"a comma-separated header line naming {user_field}, {item_field}, a label "
+                f"and a '{splitter}'-separated history column, then data lines")
+    text = _read_text(f, expected)
+    lines = text.split("\n")
+    rows = csv.reader(lines)
+    header_line = lines[0]
+    names = [h.strip() for h in next(rows)]
+    ucol = _pick_field(f, names, user_field, (), "user", header_line)
+    icol = _pick_field(f, names, item_field, (), "item", header_line)
+    lcol = _pick_field(f, names, label_field, FUXICTR_LABEL_FIELDS, "label", header_line)
+    hcol = _pick_field(f, names, history_field, FUXICTR_HISTORY_FIELDS, "history", header_line)
+    tcol = names.index("timestamp") if "timestamp" in names else None
+    chosen = (names[lcol], names[hcol])
+    if fields is not None and chosen != fields:
+      raise ValueError(f"{f}: line 1: label/history columns {chosen} differ from {fields} "
+                       f"of the other splits")
+    fields = chosen
+    if len(lines) < 2:
+      raise ValueError(f"{f}: header-only file (line 1 is the header), expected data lines")
+    ncols = len(names)
+    users, items, labels, offsets, hist, times = [], [], [], [0], [], []
+    for k, row in enumerate(rows):
+      n = k + 2
+      if not row or (len(row) == 1 and not row[0].strip()):
+        raise ValueError(f"{f}: line {n}: blank line, expected {ncols} comma-separated "
+                         f"fields ({', '.join(names)})")
+      if len(row) != ncols:
+        raise ValueError(f"{f}: line {n}: expected {ncols} comma-separated fields "
+                         f"({', '.join(names)}), got {len(row)}"
+                         f"{_separator_hint(lines[k + 1], ',')}: {_show(lines[k + 1])}")
+      u, it = row[ucol].strip(), row[icol].strip()
+      if not u:
+        raise ValueError(f"{f}: line {n}: missing {names[ucol]} (column {ucol + 1})")
+      if not it:
+        raise ValueError(f"{f}: line {n}: missing {names[icol]} (column {icol + 1})")
+      lab = row[lcol].strip()
+      if lab in ("0", "1"):
+        labels.append(int(lab))
+      else:
+        try:
+          v = float(lab)
+        except ValueError:
+          v = -1.0
+        if v not in (0.0, 1.0):
+          raise ValueError(f"{f}: line {n}: {names[lcol]}={lab!r} (column {lcol + 1}); "
+                           "expected a click label 0 or 1")
+        labels.append(int(v))
+      users.append(user_index.setdefault(u, len(user_index)))
+      items.append(item_index.setdefault(it, len(item_index)))
+      h = row[hcol].strip()
+      if h:
+        toks = h.split(splitter)
+        for j, t in enumerate(toks):
+          t = t.strip()
+          if not t:
+            raise ValueError(f"{f}: line {n}: empty id at position {j + 1} of {names[hcol]} "
+                             f"(column {hcol + 1}); expected ids separated by {splitter!r}: "
+                             f"{_show(h)}")
+          hist.append(item_index.setdefault(t, len(item_index)))
+      offsets.append(len(hist))
+      if tcol is not None:
+        err = _check_time_float(row[tcol], "timestamp")
+        if err is not None:
+          raise ValueError(f"{f}: line {n}: {err} (column {tcol + 1})")
+        times.append(float(row[tcol]))
+    raw[split] = (f, users, items, labels, offsets, hist, times if tcol is not None else None)
+  item_ids, item_rank = _dense(list(item_index))
+  user_ids, user_rank = _dense(list(user_index))
+  num_items = len(item_ids)
+  vocab = np.empty(num_items + 1, dtype=item_ids.dtype)
+  vocab[0] = "" if item_ids.dtype.kind == "U" else 0
+  vocab[1:] = item_ids
+  splits = {}
+  for split, (f, users, items, labels, offsets, hist, times) in raw.items():
+    splits[split] = CTRSamples(
+      user=user_rank[np.asarray(users, np.int64)],
+      item=(item_rank[np.asarray(items, np.int64)] + 1).astype(np.int32),
+      label=np.asarray(labels, np.int8),
+      hist_offsets=np.asarray(offsets, np.int64),
+      hist_items=(item_rank[np.asarray(hist, np.int64)] + 1).astype(np.int32),
+      timestamps=None if times is None else np.asarray(times, np.float64),
+      source=f"fuxictr:{f}")
+  return CTRData(splits=splits, user_ids=user_ids, item_ids=vocab, num_items=num_items,
+                 label_field=fields[0], history_field=fields[1], source=str(p))

@@ -1,0 +1,293 @@
+r"""Reports of a sweep: CSV, Markdown by granularity, a Pareto plot, budgets and projections.
+
+  python -m malloc_jax.report --workdir runs/sweep_ml100k
+  python -m malloc_jax.report --workdir runs/sweep_ml100k --budget_bytes 40000 --metric HR@10
+
+Reads ``workdir/results.jsonl`` (a torn last line of a sweep that is still running or was
+killed is ignored) and writes to ``--out`` (default: the workdir):
+
+* ``results.csv``: one row per (dataset, model, method), metrics averaged over seeds (with a
+  ``<metric>_std`` column when there are several seeds);
+* ``results.md``: per dataset, a Markdown table grouped by granularity (none / token /
+  precision / low rank / head / sequence / architecture, then chains);
+* ``pareto.png``: the metric against bytes per user (log x), one marker per method family,
+  the Pareto frontier drawn (matplotlib, the ``plot`` extra, imported only here).
+
+It prints the best configuration under ``--budget_bytes`` per dataset and a projection line:
+the bytes a memory bank needs for 10^9 users, per method. The recompute reference stores no
+memory (only the raw events), so it is listed but kept out of the frontier and the budget
+answer.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from malloc_jax.costs import projection
+from malloc_jax.sweep import RESULTS, load_results
+
+GRANULARITY_ORDER = ("none", "token", "precision", "low rank", "head", "sequence",
+                     "architecture", "chain", "other")
+KEY = ("dataset", "model", "method")
+LEAD = ("dataset", "model", "method", "family", "granularity", "params", "seeds")
+MARKERS = "osD^v<>pP*Xhd8H"
+
+
+def _num(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+  """One row per (dataset, model, method): numbers averaged over seeds, ``<k>_std`` added.
+
+  Non-numeric fields are taken from the first seed's row; ``seeds`` counts the rows merged.
+  Rows keep the order in which their key first appears.
+  """
+  groups: dict[tuple, list[dict]] = defaultdict(list)
+  for r in rows:
+    groups[tuple(r.get(k) for k in KEY)].append(r)
+  out = []
+  for members in groups.values():
+    row = dict(members[0])
+    row["seeds"] = len(members)
+    for k in members[0]:
+      vals = [m.get(k) for m in members]
+      if len(members) > 1 and all(_num(x) for x in vals) and k != "seed":
+        arr = np.asarray(vals, np.float64)
+        if len(set(vals)) > 1:  # identical values (user counts, bytes) keep their type
+          row[k] = float(np.mean(arr))
+        row[f"{k}_std"] = float(np.std(arr, ddof=1))
+    out.append(row)
+  return out
+
+
+def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
+  """Writes rows to CSV: the key columns first, then every other field (sorted)."""
+  fields = list(LEAD) + sorted({k for r in rows for k in r} - set(LEAD))
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
+                  for k, v in r.items()})
+
+
+def _fmt(x, spec: str = ".4f") -> str:
+  if x is None or (isinstance(x, float) and math.isnan(x)):
+    return "-"
+  return format(x, spec)
+
+
+def _params(p) -> str:
+  if not p:
+    return ""
+  if len(p) == 1:
+    p = next(iter(p.values()))
+  return "`" + json.dumps(p, sort_keys=True).replace('"', "").replace("|", "/") + "`"
+
+
+def stream_keys(rows: list[dict], metric: str) -> list[str]:
+  """The streaming columns present, e.g. ["stream4/NDCG@10", "stream16/NDCG@10"]."""
+  keys = {k for r in rows for k in r if k.startswith("stream") and k.endswith(f"/{metric}")}
+  return sorted(keys, key=lambda k: int(k[len("stream"):].split("/")[0]))
+
+
+def markdown(rows: list[dict], metric: str = "NDCG@10") -> str:
+  """Markdown tables, one per dataset, rows grouped by granularity."""
+  lines = []
+  for dataset in dict.fromkeys(r["dataset"] for r in rows):
+    rs = [r for r in rows if r["dataset"] == dataset]
+    skeys = stream_keys(rs, metric)
+    lines.append(f"## {dataset}\n")
+    if rs[0].get("dataset_name"):
+      lines.append(f"{rs[0]['dataset_name']}; split {rs[0].get('split', '?')}, "
+                   f"{rs[0].get('num_users', '?')} users.\n")
+    head = (["granularity", "model", "method", "params", metric, "HR@10"]
+            + [f"r={k[len('stream'):].split('/')[0]} {metric}" for k in skeys]
+            + ["AUC", "GAUC", "logloss", "bytes/user", "ratio", "10^9 users", "FLOPs/req",
+               "XLA/closed", "p50 ms", "p99 ms", "users/s", "seeds"])
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    order = {g: i for i, g in enumerate(GRANULARITY_ORDER)}
+    rs = sorted(rs, key=lambda r: (order.get(r.get("granularity"), len(order)),
+                                   r["model"], r.get("bytes_per_user") or 0))
+    for r in rs:
+      std = r.get(f"{metric}_std")
+      cells = [r.get("granularity", "?"), r["model"], r["method"], _params(r.get("params")),
+               _fmt(r.get(metric)) + (f" ± {std:.4f}" if std is not None else ""),
+               _fmt(r.get("HR@10"))]
+      cells += [_fmt(r.get(k)) for k in skeys]
+      b = r.get("bytes_per_user")
+      cells += [_fmt(r.get("AUC")), _fmt(r.get("GAUC")), _fmt(r.get("logloss")),
+                _fmt(b, ",.0f"),
+                _fmt(r.get("compression_ratio"), ".2f") + ("x" if r.get("compression_ratio")
+                                                          else ""),
+                projection(b) if b and r.get("stores_memory", True) else "-",
+                _fmt(r.get("flops_per_request"), ".3g"),
+                _fmt(r.get("flops_xla_over_closed_form"), ".3f"),
+                _fmt(r.get("latency_p50_ms"), ".2f"), _fmt(r.get("latency_p99_ms"), ".2f"),
+                _fmt(r.get("users_per_s"), ",.0f"), str(r.get("seeds", 1))]
+      lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def pareto_front(bytes_: np.ndarray, metric: np.ndarray) -> np.ndarray:
+  """Indices of the non-dominated points (fewer bytes and a higher metric), by bytes.
+
+  A point is dominated if another has at most its bytes and at least its metric, one of the
+  two strictly.
+  """
+  order = np.lexsort((-metric, bytes_))  # by bytes, then best metric first
+  front, best = [], -np.inf
+  for i in order:
+    if metric[i] > best:
+      front.append(i)
+      best = metric[i]
+  return np.asarray(front, np.int64)
+
+
+def _candidates(rows: list[dict], metric: str) -> list[dict]:
+  return [r for r in rows if r.get("stores_memory", True) and _num(r.get("bytes_per_user"))
+          and _num(r.get(metric)) and not math.isnan(r[metric])]
+
+
+def pareto_plot(rows: list[dict], path: str | os.PathLike, metric: str = "NDCG@10") -> None:
+  """Writes the metric against bytes per user (log x), one panel per dataset.
+
+  One marker per method family (a trained variant's native memory counts as the family of its
+  model name), one colour per backbone, and the Pareto frontier of each panel as a step line.
+  """
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib.lines import Line2D
+
+  datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+  fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets) + 2.2, 4.6),
+                           squeeze=False)
+  family = lambda r: (r["family"] if r["family"] not in ("native", "recompute")
+                      or r["model"] in ("hstu", "sasrec") else r["model"])
+  cands = _candidates(rows, metric)
+  families = list(dict.fromkeys(family(r) for r in cands))
+  models = list(dict.fromkeys(r["model"] for r in cands))
+  marker = {f: MARKERS[i % len(MARKERS)] for i, f in enumerate(families)}
+  colour = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(models)}
+  for ax, dataset in zip(axes[0], datasets):
+    rs = [r for r in cands if r["dataset"] == dataset]
+    if not rs:
+      continue
+    x = np.array([r["bytes_per_user"] for r in rs], np.float64)
+    y = np.array([r[metric] for r in rs], np.float64)
+    for i, r in enumerate(rs):
+      ax.scatter(x[i], y[i], marker=marker[family(r)], color=colour[r["model"]], s=42,
+                 alpha=0.85)
+    front = pareto_front(x, y)
+    ax.step(x[front], y[front], where="post", color="k", lw=1.2, alpha=0.7)
+    for i in front:
+      ax.annotate(f"{rs[i]['model']}/{rs[i]['method']}", (x[i], y[i]), fontsize=7,
+                  xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per user (stored)")
+    ax.set_ylabel(metric)
+    ax.set_title(dataset)
+    ax.grid(True, which="both", alpha=0.3)
+  handles = [Line2D([], [], ls="", marker=marker[f], color="0.35", label=f) for f in families]
+  handles += [Line2D([], [], ls="", marker="s", color=colour[m], label=m) for m in models]
+  handles.append(Line2D([], [], color="k", lw=1.2, label="Pareto frontier"))
+  fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+  fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def best_under(rows: list[dict], budget_bytes: float, metric: str = "NDCG@10") -> dict:
+  """{dataset: the row with the best metric among memories of <= budget_bytes per user}."""
+  out = {}
+  for r in _candidates(rows, metric):
+    if r["bytes_per_user"] <= budget_bytes:
+      cur = out.get(r["dataset"])
+      if cur is None or r[metric] > cur[metric]:
+        out[r["dataset"]] = r
+  return out
+
+
+def projection_lines(rows: list[dict], users: float = 1e9) -> list[str]:
+  """Per dataset: the bytes of each method's memory bank for ``users`` users."""
+  lines = []
+  for dataset in dict.fromkeys(r["dataset"] for r in rows):
+    rs = [r for r in rows if r["dataset"] == dataset and r.get("stores_memory", True)
+          and _num(r.get("bytes_per_user"))]
+    rs.sort(key=lambda r: -r["bytes_per_user"])
+    parts = [f"{r['model']}/{r['method']} {projection(r['bytes_per_user'], users)}" for r in rs]
+    lines.append(f"projection {dataset}, 10^{round(math.log10(users))} users: "
+                 + ", ".join(parts))
+  return lines
+
+
+def write_report(workdir: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                 budget_bytes: float | None = None, metric: str = "NDCG@10",
+                 plot: bool = True, print_fn=print) -> dict[str, Path]:
+  """Writes results.csv, results.md and pareto.png for a sweep's results; prints answers.
+
+  Returns:
+    {"csv", "markdown", "plot" (when written)}: the paths written.
+  """
+  workdir = Path(workdir)
+  out = Path(out) if out else workdir
+  out.mkdir(parents=True, exist_ok=True)
+  rows = load_results(workdir / RESULTS, repair=False)
+  if not rows:
+    raise ValueError(f"{workdir / RESULTS}: no results (run the sweep first)")
+  rows = aggregate(rows)
+  paths = {"csv": out / "results.csv", "markdown": out / "results.md"}
+  write_csv(rows, paths["csv"])
+  paths["markdown"].write_text(markdown(rows, metric))
+  if plot:
+    paths["plot"] = out / "pareto.png"
+    pareto_plot(rows, paths["plot"], metric)
+  print_fn(f"{len(rows)} rows -> " + ", ".join(str(p) for p in paths.values()))
+  if budget_bytes is not None:
+    best = best_under(rows, budget_bytes, metric)
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+      r = best.get(dataset)
+      if r is None:
+        print_fn(f"best under {budget_bytes:,.0f} bytes/user on {dataset}: none fits")
+      else:
+        print_fn(f"best under {budget_bytes:,.0f} bytes/user on {dataset}: {r['model']}/"
+                 f"{r['method']} {metric} {r[metric]:.4f} at {r['bytes_per_user']:,.0f} "
+                 f"bytes/user {_params(r.get('params'))}")
+  for line in projection_lines(rows):
+    print_fn(line)
+  return paths
+
+
+def main(argv):
+  from absl import flags
+
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  write_report(f.workdir, f.out, budget_bytes=f.budget_bytes, metric=f.metric,
+               plot=not f.no_plot)
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+
+  flags.DEFINE_string("workdir", None, "Sweep directory holding results.jsonl.")
+  flags.DEFINE_string("out", None, "Output directory (default: the workdir).")
+  flags.DEFINE_float("budget_bytes", None, "Answer: the best method under this many bytes "
+                     "per user.")
+  flags.DEFINE_string("metric", "NDCG@10", "Accuracy metric of the tables and the plot.")
+  flags.DEFINE_bool("no_plot", False, "Skip pareto.png (no matplotlib needed).")
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

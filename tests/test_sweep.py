@@ -1,0 +1,125 @@
+"""The sweep runner: results file atomicity, cell expansion, SIGKILL mid-cell then resume."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from malloc_jax.sweep import (
+  RESULTS,
+  append_result,
+  expand_cells,
+  granularity,
+  load_results,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sweep_config(arg):
+  spec = importlib.util.spec_from_file_location("sweep_config", ROOT / "configs" / "sweep.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_results_file_drops_a_torn_last_line(tmp_path):
+  path = tmp_path / RESULTS
+  append_result(path, {"cell": "a", "x": 1})
+  append_result(path, {"cell": "b", "x": float("nan")})
+  good = path.read_bytes()
+  with open(path, "ab") as f:  # a write cut short by SIGKILL
+    f.write(b'{"cell": "c", "x": ')
+  assert [r["cell"] for r in load_results(path, repair=False)] == ["a", "b"]
+  assert path.read_bytes() != good  # a reader leaves the file alone
+  rows = load_results(path)
+  assert [r["cell"] for r in rows] == ["a", "b"] and path.read_bytes() == good
+  append_result(path, {"cell": "c"})
+  assert [r["cell"] for r in load_results(path)] == ["a", "b", "c"]
+  path.write_bytes(good.replace(b'"cell": "b"', b'"cell": b', 1) + b'{"cell": "c"}\n')
+  with pytest.raises(ValueError, match=f"{path}: line 2: not a JSON object"):
+    load_results(path)
+
+
+def _with(config):
+  config.model_methods.hstu_gqa = "native+h2o"  # post-hoc methods on a cache variant
+  return config
+
+
+def test_cells_expand_budgets_models_and_stable_ids():
+  arg = "runlocal=True,models=hstu+hstu_gqa+hstu_rwkv,methods=native+recompute+h2o+kivi2"
+  cells = expand_cells(_with(sweep_config(arg)), print_fn=lambda *_: None)
+  got = {(c.model, c.method) for c in cells}
+  assert got == {("hstu", "native"), ("hstu", "recompute"), ("hstu", "h2o@2x"),
+                 ("hstu", "kivi2"), ("hstu_gqa", "native"), ("hstu_gqa", "h2o@2x"),
+                 ("hstu_rwkv", "native"), ("hstu_rwkv", "recompute")}
+  by = {(c.model, c.method): c for c in cells}
+  h2o = dict(by["hstu", "h2o@2x"].steps)["h2o"]
+  assert h2o["heavy"] + h2o["recent"] >= 12  # half of a 32-event window, index included
+  assert by["hstu", "kivi2"].steps == (("kivi", {"bits": 2, "group": 8, "residual": 8}),)
+  gqa = by["hstu_gqa", "native"].run.model  # from configs/hstu_gqa.py
+  assert (gqa.heads, gqa.kv_heads) == (4, 2)
+  assert by["hstu", "native"].train_key == by["hstu", "h2o@2x"].train_key
+  assert by["hstu", "native"].train_key != by["hstu_gqa", "native"].train_key
+  assert len({c.id for c in cells}) == len(cells)
+  again = expand_cells(_with(sweep_config(arg)), print_fn=lambda *_: None)
+  assert [c.id for c in again] == [c.id for c in cells]  # ids are stable
+  assert granularity("native", "hstu_gqa") == "head"
+  assert granularity("native", "hstu_rwkv") == "architecture"
+  assert granularity("snapkv", "hstu") == "token" and granularity("h2o", "hstu_gqa") == "chain"
+
+
+def _sweep(workdir, wait=True):
+  cmd = [sys.executable, "-m", "malloc_jax.sweep", "--config",
+         "configs/sweep.py:runlocal=True,methods=native+h2o,steps=4,requests=", "--workdir",
+         str(workdir), "--config.datasets.synthetic.train.eval_every=0"]
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  if wait:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=env)
+
+
+def _lines(path):
+  return path.read_bytes().splitlines(keepends=True) if path.exists() else []
+
+
+def test_sigkill_mid_cell_then_rerun_finishes_each_cell_once(tmp_path):
+  results = tmp_path / RESULTS
+  proc = _sweep(tmp_path, wait=False)
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if any(line.endswith(b"\n") for line in _lines(results)):
+      break
+    time.sleep(0.1)
+  assert proc.poll() is None, "the sweep ended before it could be killed"
+  proc.send_signal(signal.SIGKILL)  # the next cell is in progress
+  proc.wait()
+  first = _lines(results)
+  assert len(first) == 1
+  with open(results, "ab") as f:  # and a torn write on top of it
+    f.write(b'{"cell": "synthetic/hstu/h2o@2x/s0#0", "NDCG@')
+
+  again = _sweep(tmp_path)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "2 cells, 1 already in" in again.stdout
+  assert "[2/2]" in again.stdout and "resumed from checkpoint step 4 (training finished)" in (
+      again.stdout)
+  lines = _lines(results)
+  assert lines[0] == first[0]  # the finished cell was kept, not recomputed
+  rows = [json.loads(line) for line in lines]
+  assert len(rows) == 2 and len({r["cell"] for r in rows}) == 2
+  assert {r["method"] for r in rows} == {"native", "h2o@2x"}
+  native = next(r for r in rows if r["method"] == "native")
+  assert 0.9 < native["flops_xla_over_closed_form"] < 1.1
+  assert native["compression_ratio"] == pytest.approx(1.0)
+
+  done = _sweep(tmp_path)  # nothing left: the file is unchanged
+  assert done.returncode == 0 and "0 to run" in done.stdout
+  assert _lines(results) == lines
