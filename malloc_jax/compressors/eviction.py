@@ -105,30 +105,83 @@ def take_slots(x: jax.Array, sel: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, sel[..., None], axis=-2)
 
 
+def ordered_key(score: jax.Array) -> jax.Array:
+  """uint32 keys whose unsigned order is the float order of ``score`` (NaN lowest, -0 = +0)."""
+  score = score.astype(jnp.float32)
+  # -0.0 -> 0.0 by a comparison (XLA folds x + 0.0 away).
+  b = jax.lax.bitcast_convert_type(jnp.where(score == 0, 0.0, score), jnp.uint32)
+  u = jnp.where(b >> 31 == 1, ~b, b | jnp.uint32(0x80000000))
+  return jnp.where(jnp.isnan(score), jnp.uint32(0), u)
+
+
+def kth_largest(key: jax.Array, member: jax.Array, need: jax.Array) -> jax.Array:
+  """[...]: the ``need``-th largest uint32 ``key`` [..., T] among ``member`` slots, per row.
+
+  A 32-step radix select (the threshold is built bit by bit from the top: a bit is kept when
+  at least ``need`` members reach the prefix with it), so it costs 32 counting passes over
+  the row instead of a sort. Rows with need <= 0 get 0xFFFFFFFF; need must not exceed the
+  number of members.
+  """
+
+  def step(i, prefix):  # prefix [...]
+    trial = prefix | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+    count = jnp.sum(member & (key >= trial[..., None]), axis=-1, dtype=jnp.int32)
+    return jnp.where(count >= need, trial, prefix)
+
+  return jax.lax.fori_loop(0, 32, step, jnp.zeros(key.shape[:-1], jnp.uint32), unroll=True)
+
+
+def compact(mask: jax.Array, k: int) -> jax.Array:
+  """[..., k] int32: the slots where ``mask`` [..., T] is set, then the others, each in order."""
+  T = mask.shape[-1]
+  slot = jnp.arange(T, dtype=jnp.int32)
+  before = jnp.cumsum(mask, axis=-1, dtype=jnp.int32)  # set slots in [0, t]
+  count = before[..., -1:]
+  dest = jnp.where(mask, before - 1, count + slot - before)  # a permutation of 0..T-1
+  rows = dest.reshape(-1, T)
+  out = jax.vmap(lambda d: jnp.zeros((k,), jnp.int32).at[d].set(slot, mode="drop"))(rows)
+  return out.reshape(mask.shape[:-1] + (k,))
+
+
 def top_slots(tier: jax.Array, score: jax.Array, pos: jax.Array,
               k: int) -> tuple[jax.Array, jax.Array]:
   """Picks k slots per row by (tier desc, score desc, position asc), then orders them by position.
 
+  Relies on the cache invariant (occupied slots are a prefix sorted by position, the empty
+  slots after them), so position order is slot order. Instead of sorting the row, the tier
+  that the k-th pick falls in is found by counting, the score threshold within it by a radix
+  select over order-preserving integer keys (:func:`kth_largest`), and ties at the
+  threshold go to the smaller slots by a running count: the picks are exactly those of a
+  stable sort by (tier, score, position).
+
   Args:
-    tier: [L, B, H, T] int32; 0 marks slots that must not be chosen over any real event
-      (empty slots), higher tiers are always chosen before lower ones.
-    score: [L, B, H, T] float; ranks slots within a tier (larger first).
+    tier: [L, B, H, T] int32 in {0, 1, 2}; 0 marks slots that must not be chosen over any real
+      event (empty slots), higher tiers are always chosen before lower ones.
+    score: [L, B, H, T] float; ranks slots within a tier (larger first; NaN last).
     pos: [L, B, H, T] int32 original positions (ties go to the smaller one).
     k: number of slots to pick (<= T).
 
   Returns:
-    (sel [L, B, H, k] int32 slot indices sorted by position, tier-0 picks last;
-     picked [L, B, H, k] bool, the slot is a real (tier > 0) event).
+    (sel [L, B, H, k] int32 slot indices sorted by position, tier-0 picks last (in slot
+     order); picked [L, B, H, k] bool, the slot is a real (tier > 0) event).
   """
-  T = tier.shape[-1]
-  slot = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tier.shape)
-  neg_score = jnp.where(tier > 0, -score.astype(jnp.float32), 0.0) + 0.0  # -0.0 -> 0.0
-  neg_tier, _, spos, order = jax.lax.sort(
-      (-tier.astype(jnp.int32), neg_score, pos.astype(jnp.int32), slot), dimension=-1,
-      num_keys=3, is_stable=True)
-  sel, picked = order[..., :k], neg_tier[..., :k] < 0  # [L, B, H, k]
-  key = jnp.where(picked, spos[..., :k], _INT32_MAX)
-  _, sel, picked = jax.lax.sort((key, sel, picked), dimension=-1, num_keys=1, is_stable=True)
+  del pos  # position order is slot order (see above)
+  n2 = jnp.sum(tier == 2, axis=-1, dtype=jnp.int32)  # [L, B, H]
+  n1 = jnp.sum(tier == 1, axis=-1, dtype=jnp.int32)
+  # The tier of the k-th pick (0: fewer than k real events, all of them are picked).
+  edge = jnp.where(n2 >= k, 2, jnp.where(n2 + n1 >= k, 1, 0))[..., None]  # [L, B, H, 1]
+  above = tier > edge
+  member = (tier == edge) & (edge > 0)
+  need = k - jnp.sum(above, axis=-1, dtype=jnp.int32)  # picks left for the edge tier
+  key = ordered_key(score)
+  cut = kth_largest(key, member, need)[..., None]
+  over = member & (key > cut)
+  tie = member & (key == cut)
+  left = (need - jnp.sum(over, axis=-1, dtype=jnp.int32))[..., None]
+  tie_rank = jnp.cumsum(tie, axis=-1, dtype=jnp.int32) - tie  # earlier tied slots
+  chosen = above | over | (tie & (tie_rank < left))  # [L, B, H, T], min(k, #real) slots
+  sel = compact(chosen, k)
+  picked = jnp.arange(k) < jnp.sum(chosen, axis=-1, keepdims=True, dtype=jnp.int32)
   return sel, picked
 
 

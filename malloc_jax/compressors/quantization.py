@@ -79,15 +79,26 @@ def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
   """Packs unsigned codes [..., D] (< 2^bits) into uint8 [..., ceil(D * bits / 8)].
 
   Code j of a byte sits at bits j*bits .. (j+1)*bits - 1 (first code in the low bits); a
-  ragged last byte is padded with zero codes.
+  ragged last byte is padded with zero codes. ``codes`` may be integers or floats holding
+  integers (as :func:`minmax_codes` returns them): float codes are shifted into place by an
+  exact multiplication by 2^(j*bits) before the one conversion to uint8.
   """
   per = 8 // bits
   D = codes.shape[-1]
   n = packed_size(D, bits)
-  c = jnp.pad(codes.astype(jnp.uint32), [(0, 0)] * (codes.ndim - 1) + [(0, n * per - D)])
-  c = c.reshape(codes.shape[:-1] + (n, per))
-  shifts = (jnp.arange(per, dtype=jnp.uint32) * bits).astype(jnp.uint32)
-  return jnp.sum(c << shifts, axis=-1).astype(jnp.uint8)
+  if n * per != D:
+    codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, n * per - D)])
+  j = jnp.arange(n * per) % per  # [n * per] slot of each code in its byte
+  if jnp.issubdtype(codes.dtype, jnp.floating):
+    c = (codes.astype(jnp.float32) * (2.0 ** (bits * j)).astype(jnp.float32)).astype(jnp.uint8)
+  else:
+    c = codes.astype(jnp.uint8) << (j * bits).astype(jnp.uint8)
+  if per == 1:
+    return c
+  # Each byte is the OR of a window of `per` shifted codes. A reduce-window keeps the code
+  # producer a separate, vectorized loop (a strided reduction fused into it is scalarized).
+  window = (1,) * (codes.ndim - 1) + (per,)
+  return jax.lax.reduce_window(c, jnp.uint8(0), jax.lax.bitwise_or, window, window, "VALID")
 
 
 def unpack_codes(packed: jax.Array, bits: int, size: int) -> jax.Array:
@@ -98,7 +109,41 @@ def unpack_codes(packed: jax.Array, bits: int, size: int) -> jax.Array:
   return c.reshape(packed.shape[:-1] + (-1,))[..., :size]
 
 
-def minmax_quantize(x: jax.Array, mask: jax.Array, axis: int, bits: int, dtype):
+def _min_max(x, axis):
+  return jnp.min(x, axis=axis, keepdims=True), jnp.max(x, axis=axis, keepdims=True)
+
+
+def _masked_min_max(x: jax.Array, mask: jax.Array, axis: int):
+  """(min, max, some) over ``axis`` of the members of x that ``mask`` (same rank) selects.
+
+  ``some`` marks groups with at least one member; min and max are 0 in the others. Both reductions read x directly (no masked copy of x
+  is written): when every group is wholly in or out of the mask (a mask constant along
+  ``axis``, or KIVI's whole key blocks) the plain min / max are exact and empty groups are
+  fixed afterwards; otherwise the mask enters as a bound, max(x, +inf) = +inf and
+  max(x, -inf) = x, which XLA fuses into the reduction.
+  """
+  size = mask.shape[axis]
+  count = jnp.sum(mask, axis=axis, keepdims=True, dtype=jnp.int32)
+
+  def whole(x, mask):
+    del mask
+    return _min_max(x, axis)
+
+  def partial(x, mask):
+    lo = jnp.where(mask, -jnp.inf, jnp.inf)
+    return (jnp.min(jnp.maximum(x, lo), axis=axis, keepdims=True),
+            jnp.max(jnp.minimum(x, -lo), axis=axis, keepdims=True))
+
+  if size == 1:
+    mn, mx = whole(x, mask)
+  else:
+    every_whole = jnp.all((count == 0) | (count == size))
+    mn, mx = jax.lax.cond(every_whole, whole, partial, x, mask)
+  some = count > 0
+  return jnp.where(some, mn, 0.0), jnp.where(some, mx, 0.0), some
+
+
+def minmax_codes(x: jax.Array, mask: jax.Array, axis: int, bits: int, dtype):
   """Asymmetric quantization of groups along ``axis`` (only ``mask``-ed members count).
 
   Args:
@@ -106,20 +151,26 @@ def minmax_quantize(x: jax.Array, mask: jax.Array, axis: int, bits: int, dtype):
     bits: code width; dtype: storage dtype of scale and minimum.
 
   Returns:
-    (codes uint8 like x, 0 where masked out; scale and min of dtype with ``axis`` kept as 1).
+    (codes as float32 integers 0 .. 2^bits - 1 like x, 0 where masked out; scale and min of
+     dtype with ``axis`` kept as 1). Float codes let :func:`pack_codes` pack them in the
+     same loop that computes them.
   """
   x = x.astype(jnp.float32)
-  mask = jnp.broadcast_to(mask, x.shape)
+  mask = jnp.asarray(mask, jnp.bool_)
+  mask = mask.reshape((1,) * (x.ndim - mask.ndim) + mask.shape)  # same rank as x
   levels = (1 << bits) - 1
-  mn = jnp.min(jnp.where(mask, x, jnp.inf), axis=axis, keepdims=True)
-  mx = jnp.max(jnp.where(mask, x, -jnp.inf), axis=axis, keepdims=True)
-  some = jnp.any(mask, axis=axis, keepdims=True)
-  mn, mx = jnp.where(some, mn, 0.0), jnp.where(some, mx, 0.0)
+  mn, mx, _ = _masked_min_max(x, mask, axis % x.ndim)
   scale = ((mx - mn) / levels).astype(dtype)
   mn = mn.astype(dtype)
   s32, m32 = scale.astype(jnp.float32), mn.astype(jnp.float32)
   q = jnp.round((x - m32) / jnp.where(s32 > 0, s32, 1.0))
-  q = jnp.where(mask & (s32 > 0), jnp.clip(q, 0, levels), 0)
+  q = jnp.where(mask & (s32 > 0), jnp.clip(q, 0, levels), 0.0)
+  return q, scale, mn
+
+
+def minmax_quantize(x: jax.Array, mask: jax.Array, axis: int, bits: int, dtype):
+  """:func:`minmax_codes` with uint8 codes: (codes uint8 like x, scale, min)."""
+  q, scale, mn = minmax_codes(x, mask, axis, bits, dtype)
   return q.astype(jnp.uint8), scale, mn
 
 
@@ -132,7 +183,7 @@ def _per_token_quantize(x, mask, group, bits, dtype):
   """x [L, B, H, T, D] in groups of ``group`` channels -> (packed, scale, min [.., T, D/g])."""
   D = x.shape[-1]
   xg = x.reshape(x.shape[:-1] + (D // group, group))  # [L, B, H, T, D/g, g]
-  codes, scale, mn = minmax_quantize(xg, mask[..., None, None], -1, bits, dtype)
+  codes, scale, mn = minmax_codes(xg, mask[..., None, None], -1, bits, dtype)
   return pack_codes(codes.reshape(x.shape), bits), scale[..., 0], mn[..., 0]
 
 
@@ -282,7 +333,7 @@ def kivi(bits: int = 2, group: int = 32, residual: int = 128,
     kmask = jnp.pad(valid & (slot < q_k[..., None]), [(0, 0)] * 3 + [(0, Tp - T)])
     kx = kx.reshape(L, B, H, Tp // group, group, dk)
     kmask = kmask.reshape(L, B, H, Tp // group, group, 1)
-    codes, k_scale, k_min = minmax_quantize(kx, kmask, -2, bits, dtype)
+    codes, k_scale, k_min = minmax_codes(kx, kmask, -2, bits, dtype)
     k_codes = pack_codes(codes.reshape(L, B, H, Tp, dk), bits)
     # Values: per slot, groups of gv channels.
     v_codes, v_scale, v_min = _per_token_quantize(cache.v, valid & (slot < q_v[..., None]), gv,
