@@ -1,4 +1,10 @@
-"""Streaming protocol: native streaming equals one-shot; r = 1 equals one-shot for every method."""
+"""Streaming protocol: native streaming equals one-shot; r = 1 equals one-shot for every method.
+
+The protocol code runs eagerly around a few compiled pieces (the model's ``prefill`` /
+``extend``, each compressor's ``compress``, ``materialize`` and ``score``), which are shared
+by the one-shot and the streaming paths: compiling each pair of paths whole would take
+minutes on two CPU cores.
+"""
 
 import jax
 import numpy as np
@@ -13,21 +19,60 @@ B, N, V = 3, 24, 40
 LENGTHS = [24, 17, 6]
 
 
-def _one_shot(model, ev, comp):
-  prefix, req = split_request(ev.items, ev.ts, ev.length, 1)
-  cache, signals = model.prefill(prefix, 4)
-  memory, _ = comp.compress(cache, comp.init(cache), signals)
-  return model.score(memory.materialize(), req), memory
+class _JittedModel:
+  """The model with jitted ``prefill`` / ``extend`` (what ``stream_memory`` calls)."""
+
+  def __init__(self, model):
+    self.model = model
+    self.prefill = jax.jit(model.prefill, static_argnums=1)
+    self.extend = jax.jit(model.extend, static_argnums=2)
+    self.empty_cache = model.empty_cache
 
 
-def _streamed(model, ev, comp, r):
-  prefix, req = split_request(ev.items, ev.ts, ev.length, 1)
-  memory, _ = stream_memory(model, prefix, comp, r, window=4)
-  return model.score(memory.materialize(), req), memory
+_materialize = jax.jit(lambda memory: memory.materialize())  # compiles once per memory type
+_score = jax.jit(lambda model, cache, req: model.score(cache, req))  # once per capacity
 
 
-one_shot = jax.jit(_one_shot, static_argnums=2)
-streamed = jax.jit(_streamed, static_argnums=(2, 3))
+def score_memory(model, memory, req):
+  return _score(model, _materialize(memory), req)
+
+
+class Setup:
+  """A model, histories split into prefix and request, the prefilled cache and compressors."""
+
+  def __init__(self, name, seed):
+    self.model = random_model(name, V, max_len=N)
+    self.fast = _JittedModel(self.model)
+    ev = random_events(B, N, LENGTHS, V, seed=seed)
+    self.prefix, self.req = split_request(ev.items, ev.ts, ev.length, 1)
+    self.cache, self.signals = self.fast.prefill(self.prefix, 4)
+
+  def one_shot(self, comp):
+    memory, _ = comp.compress(self.cache, comp.init(self.cache), self.signals)
+    return score_memory(self.model, memory, self.req), memory
+
+  def streamed(self, comp, r):
+    memory, _ = stream_memory(self.fast, self.prefix, comp, r, window=4)
+    return score_memory(self.model, memory, self.req), memory
+
+
+def _jitted(comp):
+  return C.Compressor(comp.init, jax.jit(comp.compress))  # shared by both protocols
+
+
+@pytest.fixture(scope="module")
+def hstu():
+  s = Setup("hstu", seed=2)
+  bases = C.fit_lowrank([s.cache], 3)
+  s.comps = {k: _jitted(c) for k, c in {
+      "native": C.native(), "h2o": C.h2o(heavy=4, recent=4), "snapkv": C.snapkv(8, window=4),
+      "streaming": C.streaming(sinks=2, recent=6), "random": C.random(8, seed=3),
+      "merge_evicted": C.merge_evicted(heavy=4, recent=4),
+      "kivi": C.kivi(bits=2, group=4, residual=4), "intactkv": C.intactkv(bits=4),
+      "uniform": C.uniform(bits=4), "lowrank": C.lowrank(bases),
+      "chain": C.chain(C.snapkv(12, window=4), C.uniform(bits=8)),
+  }.items()}
+  return s
 
 
 def test_split_chunks_covers_each_history_in_order():
@@ -41,78 +86,44 @@ def test_split_chunks_covers_each_history_in_order():
     np.testing.assert_array_equal(got, np.asarray(ev.items[b, :n]))
 
 
-@pytest.mark.parametrize("name, r", [("hstu", 4), ("sasrec", 7)])
-def test_native_streaming_equals_one_shot(name, r):
-  model = random_model(name, V, max_len=N)
-  ev = random_events(B, N, LENGTHS, V, seed=1)
-  ref, ref_mem = one_shot(model, ev, C.native())
-  got, mem = streamed(model, ev, C.native(), r)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
-  assert C.bytes_per_user(mem) == C.bytes_per_user(ref_mem)  # same capacity, same bytes
-  # the native memory keeps growing: it holds every event of the prefix
-  np.testing.assert_array_equal(np.asarray(mem.materialize().fill), np.array(LENGTHS) - 1)
-  a, b = ref_mem.materialize(), mem.materialize()
-  np.testing.assert_array_equal(np.asarray(a.pos), np.asarray(b.pos))
-  np.testing.assert_allclose(np.asarray(a.k)[np.asarray(a.pos) >= 0],
-                             np.asarray(b.k)[np.asarray(b.pos) >= 0], rtol=1e-5, atol=1e-5)
-
-
-def _compressors(model, ev):
-  prefix, _ = split_request(ev.items, ev.ts, ev.length, 1)
-  cache, _ = model.prefill(prefix, 4)
-  bases = C.fit_lowrank([cache], 3)
-  return {
-      "native": C.native(), "h2o": C.h2o(heavy=4, recent=4), "snapkv": C.snapkv(8, window=4),
-      "streaming": C.streaming(sinks=2, recent=6), "random": C.random(8, seed=3),
-      "merge_evicted": C.merge_evicted(heavy=4, recent=4),
-      "kivi": C.kivi(bits=2, group=4, residual=4), "intactkv": C.intactkv(bits=4),
-      "uniform": C.uniform(bits=4), "lowrank": C.lowrank(bases),
-      "chain": C.chain(C.snapkv(12, window=4), C.uniform(bits=8)),
-  }
-
-
-class _JittedModel:
-  """The model with jitted ``prefill`` / ``extend``, so that the protocol code runs eagerly
-  around a few compiled pieces (compiling every pair of paths whole would take minutes)."""
-
-  def __init__(self, model):
-    self.model = model
-    self.prefill = jax.jit(model.prefill, static_argnums=1)
-    self.extend = jax.jit(model.extend, static_argnums=2)
-    self.empty_cache = model.empty_cache
-
-
-_materialize = jax.jit(lambda memory: memory.materialize())  # compiles once per memory type
-_score = jax.jit(lambda model, cache, req: model.score(cache, req))  # once per capacity
-score_memory = lambda model, memory, req: _score(model, _materialize(memory), req)
-
-
-def test_one_request_equals_one_shot_for_every_compressor():
-  model = random_model("hstu", V, max_len=N)
-  ev = random_events(B, N, LENGTHS, V, seed=2)
-  fast = _JittedModel(model)
-  prefix, req = split_request(ev.items, ev.ts, ev.length, 1)
-  cache, signals = fast.prefill(prefix, 4)
-  for label, comp in _compressors(fast, ev).items():
-    comp = C.Compressor(comp.init, jax.jit(comp.compress))  # shared by both protocols
-    ref_mem, _ = comp.compress(cache, comp.init(cache), signals)
-    mem, _ = stream_memory(fast, prefix, comp, 1, window=4)
-    np.testing.assert_allclose(np.asarray(score_memory(model, mem, req)),
-                               np.asarray(score_memory(model, ref_mem, req)), rtol=1e-5,
-                               atol=1e-5, err_msg=label)
+def test_one_request_equals_one_shot_for_every_compressor(hstu):
+  for label, comp in hstu.comps.items():
+    ref, ref_mem = hstu.one_shot(comp)
+    got, mem = hstu.streamed(comp, 1)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5,
+                               err_msg=label)
     assert C.bytes_per_user(mem) == C.bytes_per_user(ref_mem), label
 
 
-def test_streaming_eviction_keeps_budget_and_changes_the_memory():
+def _check_native(setup, comp, r):
+  ref, ref_mem = setup.one_shot(comp)
+  got, mem = setup.streamed(comp, r)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  assert C.bytes_per_user(mem) == C.bytes_per_user(ref_mem)  # same capacity, same bytes
+  a, b = ref_mem.materialize(), mem.materialize()
+  np.testing.assert_array_equal(np.asarray(a.pos), np.asarray(b.pos))
+  valid = np.asarray(a.pos) >= 0
+  np.testing.assert_allclose(np.asarray(a.k)[valid], np.asarray(b.k)[valid], rtol=1e-5,
+                             atol=1e-5)
+  # the native memory keeps growing: it holds every event of the prefix
+  np.testing.assert_array_equal(np.asarray(b.fill), np.array(LENGTHS) - 1)
+
+
+def test_native_streaming_equals_one_shot_hstu(hstu):
+  _check_native(hstu, hstu.comps["native"], 4)
+
+
+def test_native_streaming_equals_one_shot_sasrec():
+  _check_native(Setup("sasrec", seed=1), _jitted(C.native()), 7)
+
+
+def test_streaming_eviction_keeps_budget_and_changes_the_memory(hstu):
   """With r > 1 H2O re-compresses after every request: capacity stays at the budget and the
   kept set differs from the one-shot choice (error accumulates)."""
-  model = random_model("hstu", V, max_len=N)
-  ev = random_events(B, N, [N] * B, V, seed=4)
-  comp = C.h2o(heavy=3, recent=3)
-  _, one = one_shot(model, ev, comp)
-  _, mem = streamed(model, ev, comp, 4)
-  assert mem.materialize().capacity == 6
+  comp = hstu.comps["h2o"]
+  _, one = hstu.one_shot(comp)
+  _, mem = hstu.streamed(comp, 4)
   kept = np.asarray(mem.materialize().pos)
-  assert (kept >= 0).sum(-1).max() == 6
+  assert kept.shape[-1] == 8 and (kept >= 0).sum(-1).max() == 8
   assert not np.array_equal(np.sort(kept, -1), np.sort(np.asarray(one.materialize().pos), -1))
-  np.testing.assert_array_equal(np.asarray(mem.index.length), np.asarray(ev.length) - 1)
+  np.testing.assert_array_equal(np.asarray(mem.index.length), np.array(LENGTHS) - 1)
