@@ -49,7 +49,7 @@ def base_config(arg: str | None = None, **extra_defaults) -> ml_collections.Conf
   c.model = ml_collections.ConfigDict(dict(
       name=args.model, dim=64, heads=2, num_layers=2, dropout=0.1, temperature=0.05))
   c.train = ml_collections.ConfigDict(dict(
-      steps=400, batch_size=64, lr=1e-3, weight_decay=0.0, num_negatives=128, log_every=50,
+      steps=250, batch_size=64, lr=1e-3, weight_decay=0.0, num_negatives=128, log_every=50,
       checkpoint_every=200, eval_every=200, eval_users=512, patience=0))
   c.eval = ml_collections.ConfigDict(dict(
       split="test", batch_size=256, ks=(10, 50, 200), query_len=1, window=8, max_users=0,
