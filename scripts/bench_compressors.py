@@ -5,10 +5,11 @@ r"""Compressor throughput as a fraction of the machine's copy bandwidth, measure
 A batch of caches (history 1024, 4 layers, 4 heads, 64 dims, float32: 8 MiB of K and V per
 user) is compressed by each jitted compressor; its throughput (cache bytes per second) is
 divided by the throughput of a donated, jitted elementwise copy of the same buffers, timed in
-the same process: each round runs the copy and then the method, and a method's figure is the
-median over rounds of (copy time / method time), so both see the same machine load. Targets (issue 7): quantization (uniform, KIVI) >= 25% of the copy,
-eviction (H2O, SnapKV, StreamingLLM) >= 10%. Exits non-zero if a target is missed; the last
-line is the smallest fraction against its target.
+the same process. Every round runs the copy and then each method right after it, and a
+method's figure is the median over rounds of (copy time / method time), so both sides of a
+ratio see the same machine load. Targets (issue 7): quantization (uniform, KIVI) >= 25% of
+the copy, eviction (H2O, SnapKV, StreamingLLM) >= 10%. Exits non-zero if a target is missed;
+the last line is the smallest fraction against its target.
 """
 
 from __future__ import annotations
