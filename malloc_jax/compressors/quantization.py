@@ -80,8 +80,8 @@ def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
 
   Code j of a byte sits at bits j*bits .. (j+1)*bits - 1 (first code in the low bits); a
   ragged last byte is padded with zero codes. ``codes`` may be integers or floats holding
-  integers (as :func:`minmax_codes` returns them): float codes are shifted into place by an
-  exact multiplication by 2^(j*bits) before the one conversion to uint8.
+  integers 0 .. 2^bits - 1 (as :func:`minmax_codes` returns them): float codes are shifted
+  into place by an exact multiplication by 2^(j*bits), in the loop that computes them.
   """
   per = 8 // bits
   D = codes.shape[-1]
@@ -90,7 +90,10 @@ def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
     codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, n * per - D)])
   j = jnp.arange(n * per) % per  # [n * per] slot of each code in its byte
   if jnp.issubdtype(codes.dtype, jnp.floating):
-    c = (codes.astype(jnp.float32) * (2.0 ** (bits * j)).astype(jnp.float32)).astype(jnp.uint8)
+    # y = code * 2^(j*bits) is an integer in [0, 255]; y + 2^23 holds it in the low mantissa
+    # bits, so its low byte is y: a cheaper exact conversion than float -> uint8.
+    y = codes.astype(jnp.float32) * (2.0 ** (bits * j)).astype(jnp.float32) + 2.0 ** 23
+    c = jax.lax.bitcast_convert_type(y, jnp.uint32).astype(jnp.uint8)
   else:
     c = codes.astype(jnp.uint8) << (j * bits).astype(jnp.uint8)
   if per == 1:
@@ -116,11 +119,10 @@ def _min_max(x, axis):
 def _masked_min_max(x: jax.Array, mask: jax.Array, axis: int):
   """(min, max, some) over ``axis`` of the members of x that ``mask`` (same rank) selects.
 
-  ``some`` marks groups with at least one member; min and max are 0 in the others. Both reductions read x directly (no masked copy of x
-  is written): when every group is wholly in or out of the mask (a mask constant along
-  ``axis``, or KIVI's whole key blocks) the plain min / max are exact and empty groups are
-  fixed afterwards; otherwise the mask enters as a bound, max(x, +inf) = +inf and
-  max(x, -inf) = x, which XLA fuses into the reduction.
+  ``some`` marks groups with at least one member; min and max are 0 in the others. When
+  every group is wholly in or out of the mask (a mask constant along ``axis``, as per-token
+  groups, or KIVI's whole key blocks) the plain reductions of x are exact and read x
+  directly; only otherwise (a runtime branch) is a masked copy of x reduced.
   """
   size = mask.shape[axis]
   count = jnp.sum(mask, axis=axis, keepdims=True, dtype=jnp.int32)
@@ -130,9 +132,8 @@ def _masked_min_max(x: jax.Array, mask: jax.Array, axis: int):
     return _min_max(x, axis)
 
   def partial(x, mask):
-    lo = jnp.where(mask, -jnp.inf, jnp.inf)
-    return (jnp.min(jnp.maximum(x, lo), axis=axis, keepdims=True),
-            jnp.max(jnp.minimum(x, -lo), axis=axis, keepdims=True))
+    return (jnp.min(jnp.where(mask, x, jnp.inf), axis=axis, keepdims=True),
+            jnp.max(jnp.where(mask, x, -jnp.inf), axis=axis, keepdims=True))
 
   if size == 1:
     mn, mx = whole(x, mask)
@@ -164,7 +165,10 @@ def minmax_codes(x: jax.Array, mask: jax.Array, axis: int, bits: int, dtype):
   mn = mn.astype(dtype)
   s32, m32 = scale.astype(jnp.float32), mn.astype(jnp.float32)
   q = jnp.round((x - m32) / jnp.where(s32 > 0, s32, 1.0))
-  q = jnp.where(mask & (s32 > 0), jnp.clip(q, 0, levels), 0.0)
+  # clip(q, 0, levels) with NaN -> 0 (what the uint8 conversion of a NaN code gives), so
+  # the float codes are always exact integers in [0, levels].
+  q = jnp.where(q > 0, jnp.where(q < levels, q, levels), 0.0)
+  q = jnp.where(mask & (s32 > 0), q, 0.0)
   return q, scale, mn
 
 
