@@ -10,7 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 ARG_DEFAULTS = dict(model="hstu", steps=-1, data="synthetic", path="", runlocal=False,
-                    seed=0, max_len=-1)
+                    seed=0, max_len=-1, loader="raw", data_dir="")
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -43,9 +43,10 @@ def base_config(arg: str | None = None, **extra_defaults) -> ml_collections.Conf
   c.seed = args.seed
   c.data = ml_collections.ConfigDict(dict(
       source=args.data, path=args.path, max_len=128, min_events=3,
+      loader=args.loader, data_dir=args.data_dir,  # "raw" | "tfds"; TFDS default dir if ""
       synthetic=dict(num_users=2000, num_items=1000, min_len=96, max_len=128, lag=80,
                      p_copy=0.3, p_noise=0.1, branching=4, zipf=1.0, mean_gap=3600.0,
-                     seed=args.seed)))
+                     seed=args.seed, kind="lag", topic_size=20)))
   c.model = ml_collections.ConfigDict(dict(
       name=args.model, dim=64, heads=2, num_layers=2, dropout=0.1, temperature=0.05))
   c.train = ml_collections.ConfigDict(dict(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from malloc_jax.models import BACKBONES
 
+SYNTHETIC_KINDS = ("lag", "topics")
 SOURCES = ("synthetic", "ml-100k", "ml-1m", "recbole", "sasrec")
+LOADERS = ("raw", "tfds")
 
 
 def _fail(field: str, value, expected: str):
@@ -46,11 +48,22 @@ def validate_config(config) -> None:
     _fail("data.source", d.source, f"one of {SOURCES}")
   if d.source != "synthetic" and not d.path:
     _fail("data.path", d.path, f"the path of the {d.source} file")
+  loader = d.get("loader", "raw")
+  if loader not in LOADERS:
+    _fail("data.loader", loader, f"one of {LOADERS}")
+  if loader == "tfds" and d.source == "synthetic":
+    _fail("data.loader", loader, "'raw' for data.source='synthetic' (tfds prepares raw files)")
+  if not isinstance(d.get("data_dir", ""), str):
+    _fail("data.data_dir", d.data_dir, "a directory path string ('' for the TFDS default)")
   max_len = _int(config, "data.max_len", 2)
   _int(config, "data.min_events", 3)
   if d.source == "synthetic":
     for f in ("num_users", "num_items", "min_len", "max_len", "lag", "branching"):
       _int(config, f"data.synthetic.{f}", 1)
+    if d.synthetic.get("kind", "lag") not in SYNTHETIC_KINDS:
+      _fail("data.synthetic.kind", d.synthetic.kind, f"one of {SYNTHETIC_KINDS}")
+    if "topic_size" in d.synthetic:
+      _int(config, "data.synthetic.topic_size", 2)
     _num(config, "data.synthetic.p_copy", 0.0, 1.0)
     _num(config, "data.synthetic.p_noise", 0.0, 1.0)
   m = config.model

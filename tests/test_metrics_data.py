@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from malloc_jax.data.dataset import build_dataset
-from malloc_jax.data.synthetic import SyntheticSpec, generate_sequences
+from malloc_jax.data.synthetic import SyntheticSpec, generate_sequences, topic_structure
 from malloc_jax.metrics import popularity_ranks, retrieval_metrics, target_rank
 
 
@@ -44,9 +44,60 @@ def test_synthetic_is_seeded_and_has_distant_copies():
   assert recent < same - 0.1
 
 
+def _bayes_ranks(spec, items, keep_last=None):
+  """0-based rank of each user's last event under the Bayes-optimal predictor of the topics
+  generator (float64 NumPy, written from its definition), seeing the whole history or only
+  its last ``keep_last`` events; ties broken at random."""
+  members, succ, succ_p, _ = topic_structure(spec)
+  Z, S = members.shape
+  topic = np.full(spec.num_items + 1, -1)
+  slot = np.zeros(spec.num_items + 1, np.int64)
+  for z in range(Z):
+    topic[members[z]], slot[members[z]] = z, np.arange(S)
+  p_branch = np.diff(np.concatenate([[0.0], succ_p]))
+  hit, miss = spec.p_copy + (1 - spec.p_copy) / S, (1 - spec.p_copy) / S
+  rng = np.random.default_rng(0)
+  ranks = []
+  for seq in items:
+    hist, target = seq[:-1], seq[-1]
+    seen = hist if keep_last is None else hist[-keep_last:]
+    counts = np.zeros((Z, S))
+    np.add.at(counts, (topic[seen], slot[seen]), 1.0)
+    log_post = counts * np.log(hit / miss)  # preferred member: uniform prior x likelihood
+    post = np.exp(log_post - log_post.max(1, keepdims=True))
+    post /= post.sum(1, keepdims=True)
+    p_topic = np.full(Z, spec.p_noise / Z)
+    np.add.at(p_topic, succ[topic[hist[-1]]], (1 - spec.p_noise) * p_branch)
+    score = np.zeros(spec.num_items + 1)
+    score[members.ravel()] = (p_topic[:, None] * (post * spec.p_copy + miss)).ravel()
+    score += rng.random(score.shape) * 1e-12
+    ranks.append(int((score > score[target]).sum()))
+  return np.array(ranks)
+
+
+def test_synthetic_topics_needs_the_whole_history():
+  """With the topics generator, the Bayes-optimal predictor loses accuracy when it sees only
+  the recent eighth of the history (the configs/synthetic_long.py setting, 1,024 events)."""
+  spec = SyntheticSpec(kind="topics", num_users=300, num_items=1000, topic_size=10,
+                       min_len=900, max_len=1024, p_copy=0.5, p_noise=0.05, branching=2)
+  items, stamps = generate_sequences(spec)
+  again, _ = generate_sequences(spec)
+  assert all((x == y).all() for x, y in zip(items, again))
+  assert all((np.diff(t) > 0).all() for t in stamps)
+  assert all(1 <= s.min() and s.max() <= 1000 for s in items)
+  full = retrieval_metrics(_bayes_ranks(spec, items), ks=(10,))["NDCG@10"]
+  recent = retrieval_metrics(_bayes_ranks(spec, items, keep_last=128), ks=(10,))["NDCG@10"]
+  assert full > 0.4
+  assert recent < full - 0.1, (full, recent)
+
+
 def test_synthetic_bad_spec_names_field():
   with pytest.raises(ValueError, match=r"data\.synthetic\.lag=500"):
     generate_sequences(SyntheticSpec(min_len=100, max_len=120, lag=500))
+  with pytest.raises(ValueError, match=r"data\.synthetic\.kind='topic'"):
+    generate_sequences(SyntheticSpec(kind="topic"))
+  with pytest.raises(ValueError, match=r"data\.synthetic\.topic_size=600"):
+    generate_sequences(SyntheticSpec(kind="topics", num_items=1000, topic_size=600))
 
 
 def test_leave_one_out_dataset():

@@ -1,15 +1,37 @@
 """Seeded synthetic long histories whose next event depends on recent AND distant events.
 
-Each user's sequence mixes two mechanisms:
+Two generators (``kind``), both mixing a recent and a distant mechanism:
+
+``kind="lag"`` (a periodic routine):
 
 * recent: a global Markov chain over items (each item has ``branching`` successors with
   decreasing probabilities), so the last event predicts the next one;
-* distant: with probability ``p_copy`` the event at step t repeats the event at t - ``lag``
-  (a periodic routine), so predicting it needs the memory of an event ``lag`` steps back.
+* distant: with probability ``p_copy`` the event at step t repeats the event at t - ``lag``,
+  so predicting it needs the memory of an event ``lag`` steps back.
 
-A memory that keeps fewer than ``lag`` recent events cannot recover the copies; one that keeps
-the right old events (by attention, say) can. Remaining events (``p_noise``) are drawn from a
-Zipf popularity law. Timestamps increase by exponential gaps (mean ``mean_gap`` seconds).
+  A memory that keeps fewer than ``lag`` recent events cannot recover the copies. The catch:
+  the copy is addressed by *position*, which attention learns slowly at large lags (a model
+  trained briefly at lag 512 ignores it; see BENCHMARKS.md).
+
+``kind="topics"`` (user tastes, content-addressable):
+
+* items are split into topics of ``topic_size`` items (a hidden random partition); the
+  topic of the next event follows a global Markov chain over topics (``branching``
+  successors with decreasing probabilities, each successor rank a permutation of the topics
+  so all topics are equally frequent; with probability ``p_noise`` a uniform topic);
+* each user has one preferred item per topic, drawn once; an event in a topic is that
+  preferred item with probability ``p_copy``, otherwise a uniform item of the topic.
+
+  Predicting the next event means knowing the next topic (recent: the last event) and the
+  user's preferred item in it, which only the user's past visits to that topic reveal: with
+  many topics, the last visit is typically far back and the preference is a majority vote
+  over all of them. A memory that keeps only recent events sees few visits per topic; one
+  that keeps the repeated preferred items (what attention-based eviction tends to keep)
+  loses little. Attention finds the evidence by content (same topic), so a model learns it
+  quickly at any history length.
+
+In ``lag`` mode the remaining events (``p_noise``) follow a Zipf popularity law. Timestamps
+increase by exponential gaps (mean ``mean_gap`` seconds).
 """
 
 from __future__ import annotations
@@ -17,6 +39,9 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+
+
+KINDS = ("lag", "topics")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +59,8 @@ class SyntheticSpec:
   zipf: float = 1.0
   mean_gap: float = 3600.0
   seed: int = 0
+  kind: str = "lag"
+  topic_size: int = 20
 
 
 def _check(spec: SyntheticSpec) -> None:
@@ -57,6 +84,10 @@ def _check(spec: SyntheticSpec) -> None:
     bad("p_noise", f"p_copy + p_noise must be <= 1 (p_copy={spec.p_copy})")
   if spec.branching < 1:
     bad("branching", "expected >= 1")
+  if spec.kind not in KINDS:
+    bad("kind", f"expected one of {KINDS}")
+  if spec.kind == "topics" and not 2 <= spec.topic_size <= spec.num_items // 2:
+    bad("topic_size", f"expected 2 <= topic_size <= num_items / 2 = {spec.num_items // 2}")
 
 
 def generate_sequences(spec: SyntheticSpec) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -66,6 +97,8 @@ def generate_sequences(spec: SyntheticSpec) -> tuple[list[np.ndarray], list[np.n
     Two lists of length num_users: int32 item ids and int64 timestamps, in time order.
   """
   _check(spec)
+  if spec.kind == "topics":
+    return _topics(spec)
   rng = np.random.default_rng(spec.seed)
   V, U = spec.num_items, spec.num_users
   succ = rng.integers(1, V + 1, size=(V + 1, spec.branching))  # successors of each item
@@ -88,8 +121,50 @@ def generate_sequences(spec: SyntheticSpec) -> tuple[list[np.ndarray], list[np.n
     if t >= spec.lag:
       nxt = np.where(u >= 1.0 - spec.p_copy, x[:, t - spec.lag], nxt)
     x[:, t] = nxt
+  return _finish(spec, rng, x, lengths)
+
+
+def _finish(spec, rng, x, lengths):
+  U, T = x.shape
   gaps = rng.exponential(spec.mean_gap, size=(U, T)).astype(np.int64) + 1
   ts = 1_600_000_000 + rng.integers(0, 10**7, size=(U, 1)) + np.cumsum(gaps, axis=1)
   items = [x[i, : lengths[i]].astype(np.int32) for i in range(U)]
   stamps = [ts[i, : lengths[i]] for i in range(U)]
   return items, stamps
+
+
+def topic_structure(spec: SyntheticSpec):
+  """The hidden structure of ``kind="topics"``: (members, succ, succ_p).
+
+  ``members[z]`` are the item ids of topic z ([num_topics, topic_size]; items beyond
+  num_topics * topic_size are never drawn), ``succ[z]`` its successor topics and ``succ_p``
+  the cumulative probabilities of the successor ranks. Drawn first from ``spec.seed``, so
+  tests can compute the Bayes-optimal predictor.
+  """
+  rng = np.random.default_rng(spec.seed)
+  Z = spec.num_items // spec.topic_size
+  members = (rng.permutation(spec.num_items)[: Z * spec.topic_size] + 1).reshape(Z, -1)
+  # Each successor rank is a permutation of the topics, so the chain is doubly stochastic:
+  # every topic is visited equally often in the long run (no topic hogs the history).
+  succ = np.stack([rng.permutation(Z) for _ in range(spec.branching)], axis=1)
+  w = 0.5 ** np.arange(spec.branching)
+  return members, succ, np.cumsum(w / w.sum()), rng
+
+
+def _topics(spec: SyntheticSpec):
+  members, succ, succ_p, rng = topic_structure(spec)
+  Z, S = members.shape
+  U = spec.num_users
+  pref = rng.integers(0, S, size=(U, Z))  # each user's preferred member of each topic
+  lengths = rng.integers(spec.min_len, spec.max_len + 1, size=U)
+  T = int(lengths.max())
+  z = rng.integers(0, Z, size=U)
+  x = np.zeros((U, T), np.int64)
+  rows = np.arange(U)
+  for t in range(T):
+    if t:
+      branch = np.minimum(np.searchsorted(succ_p, rng.random(U)), spec.branching - 1)
+      z = np.where(rng.random(U) < spec.p_noise, rng.integers(0, Z, size=U), succ[z, branch])
+    member = np.where(rng.random(U) < spec.p_copy, pref[rows, z], rng.integers(0, S, size=U))
+    x[:, t] = members[z, member]
+  return _finish(spec, rng, x, lengths)
