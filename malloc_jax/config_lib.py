@@ -41,6 +41,7 @@ def base_config(arg: str | None = None, **extra_defaults) -> ml_collections.Conf
   args = parse_arg(arg, **extra_defaults)
   c = ml_collections.ConfigDict()
   c.seed = args.seed
+  c.num_devices = 0  # data-parallel over this many devices (0: all; see malloc_jax.parallel)
   c.data = ml_collections.ConfigDict(dict(
       source=args.data, path=args.path, max_len=128, min_events=3,
       loader=args.loader, data_dir=args.data_dir,  # "raw" | "tfds"; TFDS default dir if ""

@@ -43,6 +43,8 @@ def validate_config(config) -> None:
     if section not in config:
       _fail(section, None, f"a '{section}' section")
   _int(config, "seed", 0)
+  if "num_devices" in config:
+    _int(config, "num_devices", 0)
   d = config.data
   if d.source not in SOURCES:
     _fail("data.source", d.source, f"one of {SOURCES}")

@@ -4,6 +4,10 @@ For each user the history's last ``query_len`` events are the request; everythin
 prefilled into a native cache, compressed, materialized, and the request is scored against
 that memory over the full item corpus. With the native compressor this equals the full
 forward pass (tested).
+
+Users are sharded over all devices by default (``malloc_jax.parallel``): each batch's rows are
+split over a one-axis mesh and the model is replicated; ``num_devices=1`` keeps everything on
+one device.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from malloc_jax import compressors as comp_lib
+from malloc_jax import parallel
 from malloc_jax.data.dataset import EvalSet
 from malloc_jax.metrics import retrieval_metrics, target_rank
 from malloc_jax.models.base import Events
@@ -60,32 +65,36 @@ class EvalResult:
 
 def evaluate(model, data: EvalSet, compressor: comp_lib.Compressor, *, batch_size: int = 256,
              ks=(10, 50, 200), query_len: int = 1, window: int = 8,
-             max_users: int | None = None) -> EvalResult:
+             max_users: int | None = None, num_devices: int = 0) -> EvalResult:
   """Serving-protocol metrics of ``compressor`` on an evaluation split.
 
   Users are processed in fixed-size batches (the last one padded and masked), so everything
   compiles once. Bytes per user are the stored memory's per-user leaves over the batch.
+  Batches are sharded over ``num_devices`` devices (0: all; see ``parallel.data_mesh``), the
+  batch size rounded up to a multiple of the device count (the extra rows are masked).
   """
   n = len(data) if not max_users else min(max_users, len(data))
   if n == 0:
     raise ValueError("evaluate: the evaluation split has no users")
   check_eval_set(data, model.num_items)
-  bs = min(batch_size, n)
+  mesh = parallel.data_mesh(num_devices)
+  bs = parallel.padded_batch_size(min(batch_size, n), mesh)
+  model = parallel.replicate(mesh, model)
   ranks, memory, t0 = [], None, time.time()
   for start in range(0, n, bs):
     idx = np.arange(start, start + bs)
     real = idx < n
     idx = np.where(real, idx, 0)
     r, memory, finite = serve_batch(
-        model, jnp.asarray(data.items[idx]), jnp.asarray(data.ts[idx]),
-        jnp.asarray(data.length[idx]), jnp.asarray(data.target[idx]),
+        model, *parallel.shard_batch(mesh, data.items[idx], data.ts[idx], data.length[idx],
+                                     data.target[idx]),
         compressor=compressor, query_len=query_len, window=window)
-    bad = np.flatnonzero(~np.asarray(finite)[real])
+    bad = np.flatnonzero(~parallel.to_host(finite)[real])
     if bad.size:
       raise FloatingPointError(
           f"evaluate: non-finite scores (NaN or inf in the memory or the model) for "
           f"{bad.size} user(s), first user index {start + bad[0]}; refusing to report metrics")
-    ranks.append(np.asarray(r)[real])
+    ranks.append(parallel.to_host(r)[real])
   seconds = time.time() - t0
   return EvalResult(metrics=retrieval_metrics(np.concatenate(ranks), ks),
                     bytes_per_user=comp_lib.bytes_per_user(memory),
@@ -114,12 +123,18 @@ def check_eval_set(data: EvalSet, num_items: int) -> None:
 
 
 def calibration_caches(model, data: EvalSet, *, num_users: int = 512, batch_size: int = 128,
-                       seed: int = 0):
-  """Yields native caches of training histories (for low-rank calibration)."""
+                       seed: int = 0, num_devices: int = 0):
+  """Yields native caches of training histories (for low-rank calibration).
+
+  Each batch is sharded over ``num_devices`` devices (0: all) when its size divides over
+  them; a short last batch is replicated instead.
+  """
   n = min(num_users, len(data))
   idx_all = np.random.default_rng(seed).permutation(len(data))[:n]
   prefill = jax.jit(lambda m, e: m.prefill(e)[0])
+  mesh = parallel.data_mesh(num_devices)
+  model = parallel.replicate(mesh, model)
   for start in range(0, n, batch_size):
     idx = idx_all[start:start + batch_size]
-    yield prefill(model, Events(jnp.asarray(data.items[idx]), jnp.asarray(data.ts[idx]),
-                                jnp.asarray(data.length[idx])))
+    yield prefill(model, Events(*parallel.shard_batch(mesh, data.items[idx], data.ts[idx],
+                                                      data.length[idx])))

@@ -4,6 +4,11 @@
 notebooks call. A workdir holds one training run: its checkpoints, the training-relevant
 config (a rerun with a different one is refused instead of silently mixing runs), the
 results (written atomically) and saved memories.
+
+Training, evaluation and low-rank calibration run data-parallel over all devices JAX sees
+(``malloc_jax.parallel``); ``config.num_devices`` (0 or absent: all) limits them, and 1 runs
+on a single device exactly as before meshes existed. After ``jax.distributed.initialize()``
+every host runs this same function on the same config.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import ml_collections
 
 from malloc_jax import checkpoint as ckpt_lib
 from malloc_jax import compressors as comp_lib
+from malloc_jax import parallel
 from malloc_jax.config_validation import validate_config
 from malloc_jax.data.dataset import SequenceDataset, build_dataset
 from malloc_jax.data.synthetic import SyntheticSpec, generate_sequences
@@ -30,17 +36,31 @@ TRAIN_FIELDS = ("seed", "data", "model", "train")
 
 
 def load_data(config) -> SequenceDataset:
-  """Builds the dataset named by ``config.data.source``."""
+  """Builds the dataset named by ``config.data.source``.
+
+  Raw files are parsed directly (``config.data.loader="raw"``) or through ArrayRecord files
+  prepared once under ``config.data.data_dir`` (``"tfds"``); both give the same dataset.
+  """
   d = config.data
   if d.source == "synthetic":
     spec = SyntheticSpec(**d.synthetic.to_dict())
     items, ts = generate_sequences(spec)
     return build_dataset("synthetic", items, ts, spec.num_items, d.max_len)
+  name = f"{d.source}:{Path(d.path).name}"
+  if d.get("loader", "raw") == "tfds":  # ArrayRecord prepared once under data.data_dir
+    from malloc_jax.data import tfds_data
+    builder = tfds_data.prepare(d.source, d.path, data_dir=d.get("data_dir", ""),
+                                min_events=d.min_events)
+    return tfds_data.load_dataset(builder, max_len=d.max_len, name=name)
   from malloc_jax.data import parsers  # the only module that reads raw files
   inter = parsers.load(d.source, d.path, min_events=d.min_events)
   items, ts = zip(*(inter.sequence(u) for u in range(len(inter))))
-  return build_dataset(f"{d.source}:{Path(d.path).name}", list(items), list(ts),
-                       inter.num_items, d.max_len)
+  return build_dataset(name, list(items), list(ts), inter.num_items, d.max_len)
+
+
+def num_devices(config) -> int:
+  """``config.num_devices`` (0: all devices; absent in older configs: 0)."""
+  return config.get("num_devices", 0)
 
 
 def build_model(config, num_items: int):
@@ -72,16 +92,19 @@ def _check_workdir(workdir: Path, config) -> None:
 
 def train_model(config, workdir: Path, data: SequenceDataset, print_fn=print):
   """Trains (or resumes, or reloads) the backbone; returns (model, training info)."""
+  workdir = Path(workdir)
   model = build_model(config, data.num_items)
   t = config.train
   trainer = Trainer(model, make_optimizer(t.lr, t.weight_decay), t.num_negatives,
                     dropout=config.model.dropout > 0)
+  # On several devices the state is replicated, and restored onto the same devices.
+  init = parallel.replicate(parallel.data_mesh(num_devices(config)), trainer.init_state)
   store = ckpt_lib.TrainCheckpoints(workdir / "checkpoints")
-  target = {"train": trainer.init_state, "best": trainer.init_state["params"]}
+  target = {"train": init, "best": init["params"]}
   restored = store.restore(target)
   meta = {"step": 0, "best_metric": -1.0, "best_step": 0, "bad_evals": 0, "done": False,
           "train_seconds": 0.0}
-  state, best = trainer.init_state, None
+  state, best = init, None
   if restored is not None:
     step, saved, meta = restored
     state, best = saved["train"], saved["best"]
@@ -100,7 +123,8 @@ def train_model(config, workdir: Path, data: SequenceDataset, print_fn=print):
     stop = False
     if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
       res = evaluate(trainer.merge(st["params"]), data.valid, comp_lib.native(),
-                     batch_size=config.eval.batch_size, max_users=valid_users)
+                     batch_size=config.eval.batch_size, max_users=valid_users,
+                     num_devices=num_devices(config))
       ndcg = res.metrics["NDCG@10"]
       improved = ndcg > meta["best_metric"]
       if improved:
@@ -120,7 +144,7 @@ def train_model(config, workdir: Path, data: SequenceDataset, print_fn=print):
   if not meta["done"]:
     state = fit(trainer, data, steps=t.steps, batch_size=t.batch_size, seed=config.seed,
                 state=state, start_step=meta["step"], log_every=t.log_every, on_step=on_step,
-                print_fn=print_fn)
+                print_fn=print_fn, num_devices=num_devices(config))
     store.wait()
   store.close()
   params = best if (t.eval_every and best is not None) else state["params"]
@@ -143,7 +167,7 @@ def make_compressors(config, model, data: SequenceDataset) -> dict[str, comp_lib
       params.pop("reduction", None)
       params["bases"] = comp_lib.fit_lowrank(
           calibration_caches(model, data.valid, num_users=config.eval.calibration_users,
-                             seed=config.seed), rank)
+                             seed=config.seed, num_devices=num_devices(config)), rank)
     out[label] = make_compressor(name, **params)
   return out
 
@@ -166,6 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, print_fn
   t0 = time.time()
   data = load_data(config)
   print_fn(data.summary())
+  print_fn(parallel.describe(parallel.data_mesh(num_devices(config))))
   model, info = train_model(config, workdir, data, print_fn)
   split = data.eval_set(config.eval.split)
   e = config.eval
@@ -176,14 +201,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, print_fn
   for label, comp in sorted(comps.items(), key=lambda kv: kv[0] != "native"):
     print_fn(f"evaluating {label} ...")
     res = evaluate(model, split, comp, batch_size=e.batch_size, ks=ks, query_len=e.query_len,
-                   window=e.window, max_users=e.max_users or None)
+                   window=e.window, max_users=e.max_users or None,
+                   num_devices=num_devices(config))
     rows.append({"method": label, **res.row()})
   native_row = next((r for r in rows if r["method"] == "native"), None)
   ref = native_row["bytes_per_user"] if native_row else None
   for r in rows[1:]:
     r["compression_ratio"] = (ref / r["bytes_per_user"]) if ref else float("nan")
   results = {"dataset": data.summary(), "split": e.split, "train": info, "rows": rows,
-             "seconds": time.time() - t0, "devices": [str(d) for d in jax.devices()]}
+             "seconds": time.time() - t0, "devices": [str(d) for d in jax.devices()],
+             "num_devices": parallel.num_shards(parallel.data_mesh(num_devices(config)))}
   ckpt_lib.write_json_atomic(workdir / "results.json", results)
   print_fn(format_table(rows))
   print_fn(f"results: {workdir / 'results.json'}  ({results['seconds']:.0f}s)")

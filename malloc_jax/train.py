@@ -3,6 +3,10 @@
 The model is split into a graph definition and parameter pytree (``nnx.split``) so that the
 update is a pure, jitted function of (params, opt_state, batch, key) with donated buffers,
 and the whole training state is a plain pytree that Orbax saves and restores.
+
+Data parallel (``malloc_jax.parallel``): :func:`fit` replicates the state and shards every
+batch of users over all devices (or ``num_devices``); ``jit`` partitions the update (the loss
+and gradient sums become all-reduces). On one device it is the single-device loop, unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from malloc_jax import parallel
 from malloc_jax.data.dataset import SequenceDataset, TrainSet
 from malloc_jax.models.base import Events, _l2norm
 
@@ -101,26 +106,34 @@ def batch_indices(num_users: int, batch_size: int, step: int, seed: int) -> np.n
   return idx
 
 
-def get_batch(train: TrainSet, idx: np.ndarray):
-  return (jnp.asarray(train.items[idx]), jnp.asarray(train.ts[idx]),
-          jnp.asarray(train.length[idx]))
+def get_batch(train: TrainSet, idx: np.ndarray, mesh=None):
+  """The users ``idx`` as device arrays (rows sharded over ``mesh`` when given)."""
+  if mesh is None:
+    return (jnp.asarray(train.items[idx]), jnp.asarray(train.ts[idx]),
+            jnp.asarray(train.length[idx]))
+  return parallel.shard_batch(mesh, train.items[idx], train.ts[idx], train.length[idx])
 
 
 def fit(trainer: Trainer, data: SequenceDataset, *, steps: int, batch_size: int, seed: int,
         state: Any = None, start_step: int = 0, log_every: int = 50,
-        on_step: Callable[[int, Any, dict], bool] | None = None, print_fn=print):
+        on_step: Callable[[int, Any, dict], bool] | None = None, print_fn=print, num_devices: int = 0):
   """Runs the training loop from ``start_step`` to ``steps``.
 
   ``on_step(step, state, logs)`` is called after every update (checkpointing, validation);
-  returning True stops training early. Returns the final state.
+  returning True stops training early. The state is replicated and each batch sharded over
+  ``num_devices`` devices (0: all, see ``parallel.data_mesh``); ``batch_size`` must divide
+  over them. Returns the final state.
   """
+  mesh = parallel.data_mesh(num_devices)
+  parallel.check_batch_size(batch_size, mesh, "train.batch_size")
   state = trainer.init_state if state is None else state
+  state = parallel.replicate(mesh, state)
   key = jax.random.key(seed)
   t0, events, losses = time.time(), 0, []
   window_start = t0
   for step in range(start_step, steps):
     idx = batch_indices(len(data.train), batch_size, step, seed)
-    batch = get_batch(data.train, idx)
+    batch = get_batch(data.train, idx, mesh)
     state, loss, count = trainer.step(state, batch, jax.random.fold_in(key, step))
     losses.append(loss)
     events += int(np.maximum(data.train.length[idx] - 1, 0).sum())
