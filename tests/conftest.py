@@ -1,8 +1,18 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and a persistent XLA compilation cache for the test run."""
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Many tests (and the subprocesses that test crashes and resumption) compile the same
+# computations; JAX's persistent cache serves a repeated compile from disk. Set through the
+# environment before any test module imports jax, so subprocesses inherit it too. Set
+# JAX_COMPILATION_CACHE_DIR yourself to choose the directory (or "" to disable).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "malloc_jax_tests_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
