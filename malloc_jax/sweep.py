@@ -318,7 +318,7 @@ def _serve_cell(model, items, ts, length, target, candidates, *, compressor, req
   """One batch of a post-hoc / native cell: one-shot and streaming, retrieval and ranking.
 
   Returns (ranks [B], candidate logits [B, C], streaming ranks [len(requests), B], one-shot
-  memory, streaming memories).
+  memory, streaming memories, finite [B]: the user's embeddings of every protocol are finite).
   """
   prefix, req = split_request(items, ts, length, query_len)
   cache, signals = model.prefill(prefix, window)
@@ -326,14 +326,16 @@ def _serve_cell(model, items, ts, length, target, candidates, *, compressor, req
   h = model.user_embedding(memory.materialize(), req)  # [B, d]
   ranks = target_rank(model.logits(h), target)
   cand = model.logits(h, candidates)  # [B, C]
+  finite = jnp.all(jnp.isfinite(h), axis=-1)
   stream_ranks, stream_mems = [], []
   for r in requests:
     mem_r, _ = stream_memory(model, prefix, compressor, r, window)
     h_r = model.user_embedding(mem_r.materialize(), req)
     stream_ranks.append(target_rank(model.logits(h_r), target))
     stream_mems.append(mem_r)
+    finite &= jnp.all(jnp.isfinite(h_r), axis=-1)
   stream = jnp.stack(stream_ranks) if stream_ranks else jnp.zeros((0,) + ranks.shape, ranks.dtype)
-  return ranks, cand, stream, memory, tuple(stream_mems)
+  return ranks, cand, stream, memory, tuple(stream_mems), finite
 
 
 @jax.jit
@@ -405,8 +407,14 @@ def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
       r, c = _recompute_cell(model, *args)
       s, mem, smem = None, None, ()
     else:
-      r, c, s, mem, smem = _serve_cell(model, *args, compressor=comp, requests=requests,
-                                       query_len=e.query_len, window=e.window)
+      r, c, s, mem, smem, ok = _serve_cell(model, *args, compressor=comp, requests=requests,
+                                           query_len=e.query_len, window=e.window)
+      bad = np.flatnonzero(~np.asarray(ok)[real])
+      if bad.size:
+        raise FloatingPointError(
+            f"sweep cell {cell.id} ({cell.label}): non-finite user embeddings (NaN or inf in "
+            f"the memory or the model) for {bad.size} user(s), first user index "
+            f"{start + bad[0]}; refusing to record metrics")
       stream.append(np.asarray(s)[:, real])
     ranks.append(np.asarray(r)[real])
     logits.append(np.asarray(c)[real])

@@ -347,3 +347,18 @@ def test_fuzz_serving_path_against_full_forward(data):
   mem, _ = jax.jit(comp.compress)(cache, comp.init(cache), sig)
   np.testing.assert_array_equal(np.asarray(jit_score(model, mem.materialize(), req)),
                                 np.asarray(jit_score(model, cache, req)))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_sweep_cell_flags_non_finite_memories(value):
+  """The sweep's serving step reports which users' embeddings are not finite (run_cell then
+  refuses to record the cell), in the one-shot and the streaming protocol."""
+  from malloc_jax import sweep
+
+  model = random_model("hstu")
+  data = _dataset()
+  s = data.test
+  out = sweep._serve_cell(model, s.items, s.ts, s.length, s.target,
+                          np.tile(s.target[:, None], (1, 3)), compressor=_poison(C.native(), value),
+                          requests=(2,), query_len=1, window=4)
+  np.testing.assert_array_equal(np.asarray(out[-1]), np.arange(len(s)) != 2)

@@ -40,7 +40,6 @@ import dataclasses
 
 import numpy as np
 
-
 KINDS = ("lag", "topics")
 
 
