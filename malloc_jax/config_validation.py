@@ -83,7 +83,7 @@ def validate_config(config) -> None:
   _int(config, "train.batch_size", 1)
   _num(config, "train.lr", 0.0, None, open_lo=True)
   _num(config, "train.weight_decay", 0.0)
-  _int(config, "train.num_negatives", 1)
+  _int(config, "train.num_negatives", 0)  # 0: full softmax
   _int(config, "train.log_every", 1)
   _int(config, "train.checkpoint_every", 1)
   _int(config, "train.eval_every", 0, None)

@@ -34,7 +34,7 @@ def sampled_softmax_loss(model, items, ts, length, rng, num_negatives: int, drop
   Args:
     model: backbone. items, ts: [B, N + 1] windows; length [B] events in each window.
     rng: key for dropout and negatives. num_negatives: K uniform negatives shared by the batch;
-      a negative equal to the target is masked out.
+      a negative equal to the target is masked out. 0: the full softmax over all items.
 
   Returns:
     (loss, number of predictions).
@@ -47,10 +47,13 @@ def sampled_softmax_loss(model, items, ts, length, rng, num_negatives: int, drop
   tgt = items[:, 1:]  # [B, N]
   valid = jnp.arange(tgt.shape[1])[None, :] < n_in[:, None]
   pos = jnp.sum(h * table[tgt], axis=-1) / model.temperature  # [B, N]
-  neg = jax.random.randint(r2, (num_negatives,), 1, model.num_items + 1)
-  nl = jnp.einsum("bnd,kd->bnk", h, table[neg]) / model.temperature  # [B, N, K]
-  nl = jnp.where(neg[None, None, :] == tgt[..., None], -jnp.inf, nl)
-  lse = jax.nn.logsumexp(jnp.concatenate([pos[..., None], nl], axis=-1), axis=-1)
+  if num_negatives == 0:  # full softmax over items 1..V (the target included once)
+    lse = jax.nn.logsumexp(jnp.einsum("bnd,vd->bnv", h, table[1:]) / model.temperature, -1)
+  else:
+    neg = jax.random.randint(r2, (num_negatives,), 1, model.num_items + 1)
+    nl = jnp.einsum("bnd,kd->bnk", h, table[neg]) / model.temperature  # [B, N, K]
+    nl = jnp.where(neg[None, None, :] == tgt[..., None], -jnp.inf, nl)
+    lse = jax.nn.logsumexp(jnp.concatenate([pos[..., None], nl], axis=-1), axis=-1)
   count = jnp.sum(valid)
   loss = jnp.sum(jnp.where(valid, lse - pos, 0.0)) / jnp.maximum(count, 1)
   return loss, count

@@ -112,3 +112,30 @@ def test_leave_one_out_dataset():
   np.testing.assert_array_equal(d.popularity, [0, 1, 1, 0, 0, 1, 0, 0])
   with pytest.raises(ValueError, match="at least 3"):
     build_dataset("toy", [np.array([1, 2])], [np.array([1, 2])], 2, 4)
+
+
+def test_full_softmax_loss_matches_numpy():
+  """train.num_negatives=0: the mean cross-entropy over all items 1..V, in float64 NumPy."""
+  import jax
+
+  from malloc_jax.models import Events
+  from malloc_jax.train import sampled_softmax_loss
+  from tests.helpers import random_events, random_model
+
+  model = random_model("sasrec", num_items=30)
+  ev = random_events(3, 9, [9, 5, 2], num_items=30)
+  loss, count = sampled_softmax_loss(model, ev.items, ev.ts, ev.length, jax.random.key(0), 0,
+                                     dropout=False)
+  prefix = Events(ev.items[:, :-1], ev.ts[:, :-1], jnp.maximum(ev.length - 1, 0))
+  h = np.asarray(model(prefix), np.float64)
+  h = h / np.sqrt((h ** 2).sum(-1, keepdims=True) + 1e-6)
+  table = np.asarray(model.item_embeddings(), np.float64)
+  total, n = 0.0, 0
+  for b, k in enumerate(np.asarray(ev.length)):
+    for t in range(k - 1):
+      z = table[1:] @ h[b, t] / model.temperature
+      tgt = int(ev.items[b, t + 1])
+      total += np.log(np.exp(z - z.max()).sum()) + z.max() - z[tgt - 1]
+      n += 1
+  assert int(count) == n
+  np.testing.assert_allclose(float(loss), total / n, rtol=1e-4)
