@@ -28,6 +28,18 @@ from malloc_jax.metrics import retrieval_metrics, target_rank
 from malloc_jax.models.base import Events
 
 
+def padded_batches(n: int, batch_size: int):
+  """Yields (start, idx [batch_size], real [batch_size]) covering rows 0..n-1 in order.
+
+  Every batch has the same static size (one compile): rows past ``n`` in the last batch
+  repeat row 0 and are marked False in ``real``, for the caller to drop.
+  """
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size)
+    real = idx < n
+    yield start, np.where(real, idx, 0), real
+
+
 def split_request(items, ts, length, query_len: int):
   """Splits padded histories [B, N] into (prefix Events, request Events [B, query_len])."""
   q = jnp.minimum(length, query_len)  # users shorter than the request keep what they have
@@ -81,10 +93,7 @@ def evaluate(model, data: EvalSet, compressor: comp_lib.Compressor, *, batch_siz
   bs = parallel.padded_batch_size(min(batch_size, n), mesh)
   model = parallel.replicate(mesh, model)
   ranks, memory, t0 = [], None, time.time()
-  for start in range(0, n, bs):
-    idx = np.arange(start, start + bs)
-    real = idx < n
-    idx = np.where(real, idx, 0)
+  for start, idx, real in padded_batches(n, bs):
     r, memory, finite = serve_batch(
         model, *parallel.shard_batch(mesh, data.items[idx], data.ts[idx], data.length[idx],
                                      data.target[idx]),

@@ -28,7 +28,7 @@ import numpy as np
 
 from malloc_jax import compressors as comp_lib
 from malloc_jax.data.dataset import EvalSet
-from malloc_jax.evaluate import split_request
+from malloc_jax.evaluate import padded_batches, split_request
 from malloc_jax.metrics import ranking_metrics
 
 
@@ -106,10 +106,7 @@ def evaluate_ranking(model, data: EvalSet, compressor: comp_lib.Compressor, *,
     candidates = sample_candidates(data.target[:n], model.num_items, num_negatives, seed)
   bs = min(batch_size, n)
   out = []
-  for start in range(0, n, bs):
-    idx = np.arange(start, start + bs)
-    real = idx < n
-    idx = np.where(real, idx, 0)
+  for _start, idx, real in padded_batches(n, bs):
     logits, _ = serve_candidates(model, jnp.asarray(data.items[idx]), jnp.asarray(data.ts[idx]),
                                  jnp.asarray(data.length[idx]), jnp.asarray(candidates[idx]),
                                  compressor=compressor, query_len=query_len, window=window)
@@ -171,10 +168,7 @@ def evaluate_ctr(model, samples, compressor: comp_lib.Compressor, *, max_len: in
   cand = samples.item[:, None].astype(np.int32)
   bs = min(batch_size, n)
   out = []
-  for start in range(0, n, bs):
-    idx = np.arange(start, start + bs)
-    real = idx < n
-    idx = np.where(real, idx, 0)
+  for _start, idx, real in padded_batches(n, bs):
     logits, _ = serve_candidates(model, jnp.asarray(items[idx]), jnp.asarray(ts[idx]),
                                  jnp.asarray(length[idx]), jnp.asarray(cand[idx]),
                                  compressor=compressor, query_len=query_len, window=window)

@@ -38,7 +38,7 @@ import numpy as np
 from malloc_jax import compressors as comp_lib
 from malloc_jax.cache import Cache, Signals, pad_capacity
 from malloc_jax.data.dataset import EvalSet
-from malloc_jax.evaluate import split_request
+from malloc_jax.evaluate import padded_batches, split_request
 from malloc_jax.metrics import retrieval_metrics, target_rank
 from malloc_jax.models.base import Events
 
@@ -165,10 +165,7 @@ def evaluate_streaming(model, data: EvalSet, compressor: comp_lib.Compressor, *,
     raise ValueError("evaluate_streaming: the evaluation split has no users")
   bs = min(batch_size, n)
   ranks, memory = [], None
-  for start in range(0, n, bs):
-    idx = np.arange(start, start + bs)
-    real = idx < n
-    idx = np.where(real, idx, 0)
+  for _start, idx, real in padded_batches(n, bs):
     r, memory = stream_batch(model, jnp.asarray(data.items[idx]), jnp.asarray(data.ts[idx]),
                              jnp.asarray(data.length[idx]), jnp.asarray(data.target[idx]),
                              compressor=compressor, requests=requests, query_len=query_len,

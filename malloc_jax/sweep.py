@@ -50,7 +50,7 @@ from malloc_jax import costs as costs_lib
 from malloc_jax.compressors.budget import cache_spec, memory_bytes, params_for_ratio, ratio_table
 from malloc_jax.compressors.registry import FACTORIES, make_compressor
 from malloc_jax.config_validation import validate_config
-from malloc_jax.evaluate import calibration_caches, split_request
+from malloc_jax.evaluate import calibration_caches, padded_batches, split_request
 from malloc_jax.experiment import TRAIN_FIELDS, _check_workdir, build_model, load_data, train_model
 from malloc_jax.metrics import ranking_metrics, retrieval_metrics, target_rank
 from malloc_jax.models.base import Events
@@ -396,10 +396,7 @@ def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
   comp = None if cell.family == "recompute" else backbone.compressor(cell.steps)
   ranks, logits, stream = [], [], []
   first = None
-  for start in range(0, n, bs):
-    idx = np.arange(start, start + bs)
-    real = idx < n
-    idx = np.where(real, idx, 0)
+  for start, idx, real in padded_batches(n, bs):
     args = (jnp.asarray(split.items[idx]), jnp.asarray(split.ts[idx]),
             jnp.asarray(split.length[idx]), jnp.asarray(split.target[idx]),
             jnp.asarray(cands[idx]))

@@ -26,7 +26,13 @@ from malloc_jax.checkpoint import write_json_atomic
 from malloc_jax.compressors.budget import cache_spec, memory_bytes, ratio_table
 from malloc_jax.compressors.registry import make_compressor
 from malloc_jax.config_validation import validate_config
-from malloc_jax.evaluate import calibration_caches, check_eval_set, evaluate, split_request
+from malloc_jax.evaluate import (
+  calibration_caches,
+  check_eval_set,
+  evaluate,
+  padded_batches,
+  split_request,
+)
 from malloc_jax.experiment import _check_workdir, load_data, train_model
 from malloc_jax.metrics import retrieval_metrics, target_rank
 
@@ -66,10 +72,7 @@ class Prefilled:
     check_eval_set(split, model.num_items)
     bs = min(batch_size, n)
     self.model, self.n, self.batches = model, n, []
-    for start in range(0, n, bs):
-      idx = np.arange(start, start + bs)
-      real = idx < n
-      idx = np.where(real, idx, 0)
+    for _start, idx, real in padded_batches(n, bs):
       cache, signals, req = _prefill(model, split.items[idx], split.ts[idx], split.length[idx],
                                      window=window)
       self.batches.append((cache, signals, req, jnp.asarray(split.target[idx]), real))
