@@ -79,11 +79,14 @@ class Prefilled:
 
   def evaluate(self, comp, ks=(10, 50, 200)):
     ranks, memory, t0 = [], None, time.time()
-    for cache, signals, req, target, real in self.batches:
+    for b, (cache, signals, req, target, real) in enumerate(self.batches):
       r, memory, finite = _compress_score(self.model, cache, signals, req, target,
                                           compressor=comp)
-      if not np.asarray(finite)[real].all():
-        raise FloatingPointError("non-finite scores; refusing to report metrics")
+      bad = np.flatnonzero(~np.asarray(finite)[real])
+      if bad.size:
+        raise FloatingPointError(
+            f"non-finite scores for {bad.size} user(s), first user index "
+            f"{b * len(real) + bad[0]}; refusing to report metrics")
       ranks.append(np.asarray(r)[real])
     return {**retrieval_metrics(np.concatenate(ranks), ks),
             "bytes_per_user": C.bytes_per_user(memory), "shared_bytes": C.shared_nbytes(memory),
