@@ -312,30 +312,39 @@ def expand_cells(config, print_fn=print) -> list[Cell]:
 # Running one cell.
 
 
-@functools.partial(jax.jit, static_argnames=("compressor", "requests", "query_len", "window"))
-def _serve_cell(model, items, ts, length, target, candidates, *, compressor, requests,
-                query_len, window):
-  """One batch of a post-hoc / native cell: one-shot and streaming, retrieval and ranking.
-
-  Returns (ranks [B], candidate logits [B, C], streaming ranks [len(requests), B], one-shot
-  memory, streaming memories, finite [B]: the user's embeddings of every protocol are finite).
-  """
+@functools.partial(jax.jit, static_argnames=("query_len", "window"))
+def _prefill_batch(model, items, ts, length, *, query_len, window):
+  """Stage 1 of a served cell: the native cache and signals of each user's prefix."""
   prefix, req = split_request(items, ts, length, query_len)
   cache, signals = model.prefill(prefix, window)
+  return cache, signals, prefix, req
+
+
+@functools.partial(jax.jit, static_argnames=("compressor",))
+def _compress_batch(cache, signals, *, compressor):
+  """Stage 2: the one-shot compressed memory."""
   memory, _ = compressor.compress(cache, compressor.init(cache), signals)
+  return memory
+
+
+@jax.jit
+def _score_batch(model, memory, req, target, candidates):
+  """Stage 3: read the memory; (ranks [B], candidate logits [B, C], finite [B])."""
   h = model.user_embedding(memory.materialize(), req)  # [B, d]
   ranks = target_rank(model.logits(h), target)
-  cand = model.logits(h, candidates)  # [B, C]
-  finite = jnp.all(jnp.isfinite(h), axis=-1)
-  stream_ranks, stream_mems = [], []
-  for r in requests:
-    mem_r, _ = stream_memory(model, prefix, compressor, r, window)
-    h_r = model.user_embedding(mem_r.materialize(), req)
-    stream_ranks.append(target_rank(model.logits(h_r), target))
-    stream_mems.append(mem_r)
-    finite &= jnp.all(jnp.isfinite(h_r), axis=-1)
-  stream = jnp.stack(stream_ranks) if stream_ranks else jnp.zeros((0,) + ranks.shape, ranks.dtype)
-  return ranks, cand, stream, memory, tuple(stream_mems), finite
+  return ranks, model.logits(h, candidates), jnp.all(jnp.isfinite(h), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("compressor", "requests", "window"))
+def _stream_batch(model, prefix, req, target, *, compressor, requests, window):
+  """The streaming protocol with r = ``requests``: (ranks [B], memory, finite [B])."""
+  memory, _ = stream_memory(model, prefix, compressor, requests, window)
+  h = model.user_embedding(memory.materialize(), req)
+  return target_rank(model.logits(h), target), memory, jnp.all(jnp.isfinite(h), axis=-1)
+
+
+def _ready(tree):
+  return jax.block_until_ready(tree)
 
 
 @jax.jit
@@ -348,9 +357,39 @@ def _recompute_cell(model, items, ts, length, target, candidates):
 class _Backbone:
   """A trained backbone with its data, lazily fitted low-rank bases and reference bytes."""
 
-  def __init__(self, key, model, data, run, info):
+  def __init__(self, key, model, data, run, info, prefill_cache_bytes: float = 4e9):
     self.key, self.model, self.data, self.run, self.info = key, model, data, run, info
     self._bases = {}
+    self._prefilled: dict[tuple, list] = {}
+    self.prefill_cache_bytes = prefill_cache_bytes
+
+  def prefilled(self, split, n: int, bs: int, e):
+    """The prefix caches of the eval users in batches of ``bs``, prefilled once per backbone.
+
+    Every served cell of the backbone compresses the same native caches, so they are kept
+    (in device memory) when they fit in ``prefill_cache_bytes``; otherwise each cell
+    prefills again. Yields (start, idx, real, cache, signals, prefix, req, seconds), where
+    seconds is the time spent prefilling that batch now (0 when reused).
+    """
+    key = (e.split, n, bs, e.query_len, e.window)
+    if key in self._prefilled:
+      for batch in self._prefilled[key]:
+        yield (*batch[:-1], 0.0)
+      return
+    m = self.run.model
+    estimate = -(-n // bs) * bs * split.items.shape[1] * 2 * m.num_layers * m.dim * 4 * 1.5
+    keep = [] if estimate <= self.prefill_cache_bytes else None  # K, V f32 + signals
+    for start, idx, real in padded_batches(n, bs):
+      t = time.time()
+      out = _ready(_prefill_batch(self.model, jnp.asarray(split.items[idx]),
+                                  jnp.asarray(split.ts[idx]), jnp.asarray(split.length[idx]),
+                                  query_len=e.query_len, window=e.window))
+      batch = (start, idx, real, *out, time.time() - t)
+      if keep is not None:
+        keep.append(batch)
+      yield batch
+    if keep is not None:
+      self._prefilled[key] = keep
 
   def bases(self, rank: int):
     if rank not in self._bases:
@@ -396,27 +435,53 @@ def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
   comp = None if cell.family == "recompute" else backbone.compressor(cell.steps)
   ranks, logits, stream = [], [], []
   first = None
-  for start, idx, real in padded_batches(n, bs):
-    args = (jnp.asarray(split.items[idx]), jnp.asarray(split.ts[idx]),
-            jnp.asarray(split.length[idx]), jnp.asarray(split.target[idx]),
-            jnp.asarray(cands[idx]))
-    if comp is None:
-      r, c = _recompute_cell(model, *args)
-      s, mem, smem = None, None, ()
-    else:
-      r, c, s, mem, smem, ok = _serve_cell(model, *args, compressor=comp, requests=requests,
-                                           query_len=e.query_len, window=e.window)
+  stages = dict.fromkeys(("prefill", "compress", "score", "stream"), 0.0)
+  if comp is None:
+    for start, idx, real in padded_batches(n, bs):
+      args = (jnp.asarray(split.items[idx]), jnp.asarray(split.ts[idx]),
+              jnp.asarray(split.length[idx]), jnp.asarray(split.target[idx]),
+              jnp.asarray(cands[idx]))
+      t = time.time()
+      r, c = _ready(_recompute_cell(model, *args))
+      stages["score"] += time.time() - t
+      ranks.append(np.asarray(r)[real])
+      logits.append(np.asarray(c)[real])
+      if first is None:
+        first = (args, None, ())
+  else:
+    for start, idx, real, cache, signals, prefix, req, prefill_s in backbone.prefilled(
+        split, n, bs, e):
+      stages["prefill"] += prefill_s
+      target, cand = jnp.asarray(split.target[idx]), jnp.asarray(cands[idx])
+      t = time.time()
+      mem = _ready(_compress_batch(cache, signals, compressor=comp))
+      t1 = time.time()
+      r, c, ok = _ready(_score_batch(model, mem, req, target, cand))
+      t2 = time.time()
+      s_ranks, smem = [], []
+      for q in requests:
+        s_r, m_r, ok_r = _ready(_stream_batch(model, prefix, req, target, compressor=comp,
+                                              requests=q, window=e.window))
+        s_ranks.append(s_r)
+        smem.append(m_r)
+        ok = ok & ok_r
+      stages["compress"] += t1 - t
+      stages["score"] += t2 - t1
+      stages["stream"] += time.time() - t2
       bad = np.flatnonzero(~np.asarray(ok)[real])
       if bad.size:
         raise FloatingPointError(
             f"sweep cell {cell.id} ({cell.label}): non-finite user embeddings (NaN or inf in "
             f"the memory or the model) for {bad.size} user(s), first user index "
             f"{start + bad[0]}; refusing to record metrics")
-      stream.append(np.asarray(s)[:, real])
-    ranks.append(np.asarray(r)[real])
-    logits.append(np.asarray(c)[real])
-    if first is None:
-      first = (args, mem, smem)
+      stream.append(np.stack([np.asarray(x) for x in s_ranks])[:, real] if s_ranks
+                    else np.zeros((0, int(real.sum())), np.int64))
+      ranks.append(np.asarray(r)[real])
+      logits.append(np.asarray(c)[real])
+      if first is None:
+        args = (jnp.asarray(split.items[idx]), jnp.asarray(split.ts[idx]),
+                jnp.asarray(split.length[idx]))
+        first = (args, mem, tuple(smem))
   eval_seconds = time.time() - t0
   ks = tuple(e.ks)
   row = {"cell": cell.id, "dataset": cell.dataset, "dataset_name": backbone.data.summary(),
@@ -435,6 +500,7 @@ def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
   args, mem, smem = first
   req_events = split_request(args[0], args[1], args[2], e.query_len)[1]
   c = config.costs
+  t_costs = time.time()
   if comp is None:
     full = Events(args[0], args[1], args[2])
     row["bytes_per_user"] = costs_lib.events_bytes_per_user(full)
@@ -443,13 +509,15 @@ def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
   else:
     row["bytes_per_user"] = comp_lib.bytes_per_user(mem)
     row["shared_bytes"] = comp_lib.shared_nbytes(mem)
-    row.update(costs_lib.serving_costs(model, mem, req_events, closed_form=not cell.steps,
+    row.update(costs_lib.serving_costs(model, mem, req_events, closed_form=True,
                                        warmup=c.warmup, iters=c.iters).row())
     stream = np.concatenate(stream, axis=1)
     for j, r in enumerate(requests):
       for k, v in retrieval_metrics(stream[j], ks).items():
         row[f"stream{r}/{k}"] = v
       row[f"stream{r}/bytes_per_user"] = comp_lib.bytes_per_user(smem[j])
+  stages["costs"] = time.time() - t_costs
+  row.update({f"{k}_seconds": v for k, v in stages.items()})
   row["reference_bytes_per_user"] = ref
   row["stores_memory"] = comp is not None  # recompute keeps only the raw events
   row["compression_ratio"] = ref / row["bytes_per_user"] if comp is not None else None
@@ -529,7 +597,8 @@ def _run_locked(config, workdir: Path, print_fn) -> list[dict]:
       _check_workdir(model_dir, cell.run)
       print_fn(f"backbone {cell.train_key} ({cell.dataset}/{cell.model}/s{cell.seed})")
       model, info = train_model(cell.run, model_dir, data, print_fn)
-      backbone = _Backbone(cell.train_key, model, data, cell.run, info)
+      backbone = _Backbone(cell.train_key, model, data, cell.run, info,
+                           float(config.get("prefill_cache_bytes", 4e9)))
     row = run_cell(cell, backbone, config)
     append_result(path, row)
     done[cell.id] = row
@@ -546,7 +615,26 @@ def _run_locked(config, workdir: Path, print_fn) -> list[dict]:
              f"[{row['cell_seconds']:.0f}s; elapsed {_fmt_seconds(elapsed)}, "
              f"ETA {_fmt_seconds(eta)}]")
   print_fn(f"sweep finished: {total} cells in {path}")
-  return [done[i] for i in ids]
+  results = [done[i] for i in ids]
+  print_fn(stage_summary(results))
+  return results
+
+
+def stage_summary(rows: list[dict]) -> str:
+  """Where the sweep's time went: training (once per backbone) and each cell stage."""
+  trained = {}
+  for r in rows:
+    trained.setdefault(r.get("train_key"), r.get("train_seconds") or 0.0)
+  parts = {"training": sum(trained.values())}
+  for k in ("prefill", "compress", "score", "stream", "costs"):
+    parts[k] = sum(r.get(f"{k}_seconds") or 0.0 for r in rows)
+  cells = sum(r.get("cell_seconds") or 0.0 for r in rows)
+  parts["other"] = max(0.0, cells - sum(v for k, v in parts.items() if k != "training"))
+  total = sum(parts.values())
+  return (f"time by stage ({len(rows)} cells, {len(trained)} backbones, "
+          f"{_fmt_seconds(total)} in all): "
+          + ", ".join(f"{k} {_fmt_seconds(v)} ({v / max(total, 1e-9):.0%})"
+                      for k, v in parts.items()))
 
 
 def main(argv):
