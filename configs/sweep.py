@@ -17,7 +17,8 @@ Arguments (comma-separated ``key=value``; list values are joined with ``+``):
   ``hstu_gqa`` the model section comes from its own ``configs/<name>.py`` (``sasrec_gqa``
   from ``configs/hstu_gqa.py`` with ``model=sasrec``), else it is the dataset's model section
   with the name replaced. Variants run the methods in ``config.model_methods[name]``
-  (default ``native+recompute``; post-hoc methods can be added for cache variants).
+  (argument ``variant_methods``, default ``native+recompute``; post-hoc methods can be added
+  for cache variants).
 * ``methods`` (default ``all``): labels of ``METHODS`` below.
 * ``ratios`` (default ``2+4+8``): memory reductions for the methods marked ``ratios``,
   resolved per model with ``compressors.budget.ratio_table`` (a ratio a method cannot reach
@@ -25,6 +26,9 @@ Arguments (comma-separated ``key=value``; list values are joined with ``+``):
 * ``seeds`` (default ``0``): training / initialization seeds (data stay the same).
 * ``requests`` (default ``4+16``): r values of the streaming protocol.
 * ``steps``, ``max_len``: override every dataset's training steps / history window.
+* ``buckets``: ``train.length_buckets`` of every dataset (0: off): batches of users of
+  similar lengths, trimmed to one of that many window widths (faster training on data with
+  many short histories, such as MovieLens; see ``malloc_jax.train.fit``).
 * ``ml100k_path``, ``beauty_path``: data files (relative paths are read from the current
   directory).
 * ``runlocal``: a minutes-long smoke sweep: tiny shapes, 20 training steps and, unless given,
@@ -42,7 +46,8 @@ import ml_collections
 from malloc_jax import config_lib as common
 
 ARGS = dict(datasets="synthetic+ml100k", models="hstu+sasrec", methods="all", ratios="2+4+8",
-            seeds="0", requests="4+16", ml100k_path="../shared/data/ml-100k/u.data",
+            seeds="0", requests="4+16", buckets=0, variant_methods="native+recompute",
+            ml100k_path="../shared/data/ml-100k/u.data",
             beauty_path="../shared/data/amazon-beauty/Beauty.txt")
 
 _KIVI = {"group": "auto", "residual": "auto"}  # auto: largest divisor of Dv up to 32
@@ -68,7 +73,6 @@ METHODS = {
 }
 RUNLOCAL_METHODS = ("native", "recompute", "lowrank", "h2o", "snapkv", "kivi2",
                     "snapkv+kivi4")
-VARIANT_METHODS = "native+recompute"
 
 
 def _dataset(label: str, args) -> ml_collections.ConfigDict:
@@ -130,6 +134,7 @@ def get_config(arg: str | None = None):
   for label in split(args.datasets):
     run = _dataset(label, args)
     run.compressors = ml_collections.ConfigDict({"native": {"name": "native"}})
+    run.train.length_buckets = args.buckets
     c.datasets[label] = run
     data_args[label] = (f"runlocal={args.runlocal},steps={args.steps},max_len={args.max_len},"
                         f"data={run.data.source},path={run.data.path}")
@@ -143,7 +148,7 @@ def get_config(arg: str | None = None):
       else:
         c.models[name][label] = _variant_section(name, data_args[label], run)
     if name not in ("hstu", "sasrec"):
-      c.model_methods[name] = VARIANT_METHODS
+      c.model_methods[name] = args.variant_methods
   wanted = split(args.methods)
   if wanted == ["all"]:
     wanted = list(RUNLOCAL_METHODS if args.runlocal else METHODS)

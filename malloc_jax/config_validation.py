@@ -84,6 +84,8 @@ def validate_config(config) -> None:
   _num(config, "train.lr", 0.0, None, open_lo=True)
   _num(config, "train.weight_decay", 0.0)
   _int(config, "train.num_negatives", 0)  # 0: full softmax
+  if "length_buckets" in config.train:
+    _int(config, "train.length_buckets", 0)
   _int(config, "train.log_every", 1)
   _int(config, "train.checkpoint_every", 1)
   _int(config, "train.eval_every", 0, None)

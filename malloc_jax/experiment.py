@@ -144,7 +144,8 @@ def train_model(config, workdir: Path, data: SequenceDataset, print_fn=print):
   if not meta["done"]:
     state = fit(trainer, data, steps=t.steps, batch_size=t.batch_size, seed=config.seed,
                 state=state, start_step=meta["step"], log_every=t.log_every, on_step=on_step,
-                print_fn=print_fn, num_devices=num_devices(config))
+                print_fn=print_fn, num_devices=num_devices(config),
+                length_buckets=int(t.get("length_buckets", 0)))
     store.wait()
   store.close()
   params = best if (t.eval_every and best is not None) else state["params"]

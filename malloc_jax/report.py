@@ -13,7 +13,8 @@ killed is ignored) and writes to ``--out`` (default: the workdir):
 * ``pareto.png``: the metric against bytes per user (log x), one marker per method family,
   the Pareto frontier drawn (matplotlib, the ``plot`` extra, imported only here).
 
-It prints the best configuration under ``--budget_bytes`` per dataset and a projection line:
+It prints the best configuration under ``--budget_bytes`` per dataset, where the sweep's time
+went (training and each cell stage, also at the end of ``results.md``) and a projection line:
 the bytes a memory bank needs for 10^9 users, per method. The recompute reference stores no
 memory (only the raw events), so it is listed but kept out of the frontier and the budget
 answer.
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from malloc_jax.costs import projection
-from malloc_jax.sweep import RESULTS, load_results
+from malloc_jax.sweep import RESULTS, load_results, stage_summary
 
 GRANULARITY_ORDER = ("none", "token", "precision", "low rank", "head", "sequence",
                      "architecture", "chain", "other")
@@ -247,10 +248,11 @@ def write_report(workdir: str | os.PathLike, out: str | os.PathLike | None = Non
   rows = load_results(workdir / RESULTS, repair=False)
   if not rows:
     raise ValueError(f"{workdir / RESULTS}: no results (run the sweep first)")
+  stages = stage_summary(rows)
   rows = aggregate(rows)
   paths = {"csv": out / "results.csv", "markdown": out / "results.md"}
   write_csv(rows, paths["csv"])
-  paths["markdown"].write_text(markdown(rows, metric))
+  paths["markdown"].write_text(markdown(rows, metric) + f"\n{stages}\n")
   if plot:
     paths["plot"] = out / "pareto.png"
     pareto_plot(rows, paths["plot"], metric)
@@ -267,6 +269,7 @@ def write_report(workdir: str | os.PathLike, out: str | os.PathLike | None = Non
                  f"bytes/user {_params(r.get('params'))}")
   for line in projection_lines(rows):
     print_fn(line)
+  print_fn(stages)
   return paths
 
 

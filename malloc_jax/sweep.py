@@ -437,7 +437,7 @@ def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
   first = None
   stages = dict.fromkeys(("prefill", "compress", "score", "stream"), 0.0)
   if comp is None:
-    for start, idx, real in padded_batches(n, bs):
+    for _start, idx, real in padded_batches(n, bs):
       args = (jnp.asarray(split.items[idx]), jnp.asarray(split.ts[idx]),
               jnp.asarray(split.length[idx]), jnp.asarray(split.target[idx]),
               jnp.asarray(cands[idx]))

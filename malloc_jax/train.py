@@ -98,34 +98,67 @@ def make_optimizer(lr: float, weight_decay: float, clip: float = 1.0):
                      optax.adamw(lr, b1=0.9, b2=0.98, weight_decay=weight_decay))
 
 
-def batch_indices(num_users: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-  """Users of training step ``step``: epoch-wise shuffles, a pure function of (step, seed)."""
+def batch_indices(num_users: int, batch_size: int, step: int, seed: int,
+                  lengths: np.ndarray | None = None, pool: int = 16) -> np.ndarray:
+  """Users of training step ``step``: epoch-wise shuffles, a pure function of (step, seed).
+
+  With ``lengths`` (length bucketing), each epoch's shuffled users are taken in pools of
+  ``pool`` batches, sorted by length within a pool and cut into batches, and the epoch's
+  batches are then shuffled: every user is still seen once an epoch, but a batch holds users
+  of similar lengths, so it can be trimmed to a shorter window (see :func:`bucket_width`).
+  """
   per_epoch = max(num_users // batch_size, 1)
   epoch, i = divmod(step, per_epoch)
   perm = np.random.default_rng([seed, epoch]).permutation(num_users)
+  if lengths is not None and num_users >= batch_size:
+    span = batch_size * pool
+    perm = np.concatenate([c[np.argsort(lengths[c], kind="stable")]
+                           for c in np.split(perm, range(span, num_users, span))])
+    order = np.random.default_rng([seed, epoch, 2]).permutation(per_epoch)
+    i = int(order[i])
   idx = perm[i * batch_size:(i + 1) * batch_size]
   if len(idx) < batch_size:  # fewer users than a batch: sample with replacement
     idx = np.random.default_rng([seed, epoch, 1]).choice(num_users, batch_size)
   return idx
 
 
-def get_batch(train: TrainSet, idx: np.ndarray, mesh=None):
-  """The users ``idx`` as device arrays (rows sharded over ``mesh`` when given)."""
+def bucket_width(max_length: int, full: int, buckets: int) -> int:
+  """The window a batch whose longest user has ``max_length`` events is trimmed to.
+
+  One of ``buckets`` static widths, the multiples of ceil(full / buckets) capped at the full
+  window ``full`` (so at most ``buckets`` shapes are compiled); ``full`` when buckets <= 1.
+  Windows are left-aligned (padding on the right), so trimming drops only padding and the
+  loss is unchanged.
+  """
+  if buckets <= 1:
+    return full
+  unit = -(-full // buckets)
+  return min(full, max(1, -(-int(max_length) // unit)) * unit)
+
+
+def get_batch(train: TrainSet, idx: np.ndarray, mesh=None, width: int | None = None):
+  """The users ``idx`` as device arrays (rows sharded over ``mesh`` when given), their
+  windows trimmed to ``width`` columns when given."""
+  cols = slice(None) if width is None else slice(0, width)
+  items, ts = train.items[idx, cols], train.ts[idx, cols]
   if mesh is None:
-    return (jnp.asarray(train.items[idx]), jnp.asarray(train.ts[idx]),
-            jnp.asarray(train.length[idx]))
-  return parallel.shard_batch(mesh, train.items[idx], train.ts[idx], train.length[idx])
+    return jnp.asarray(items), jnp.asarray(ts), jnp.asarray(train.length[idx])
+  return parallel.shard_batch(mesh, items, ts, train.length[idx])
 
 
 def fit(trainer: Trainer, data: SequenceDataset, *, steps: int, batch_size: int, seed: int,
         state: Any = None, start_step: int = 0, log_every: int = 50,
-        on_step: Callable[[int, Any, dict], bool] | None = None, print_fn=print, num_devices: int = 0):
+        on_step: Callable[[int, Any, dict], bool] | None = None, print_fn=print, num_devices: int = 0,
+        length_buckets: int = 0):
   """Runs the training loop from ``start_step`` to ``steps``.
 
   ``on_step(step, state, logs)`` is called after every update (checkpointing, validation);
   returning True stops training early. The state is replicated and each batch sharded over
   ``num_devices`` devices (0: all, see ``parallel.data_mesh``); ``batch_size`` must divide
-  over them. Returns the final state.
+  over them. ``length_buckets`` > 1 batches users of similar lengths together and trims each
+  batch's windows to one of that many static widths (:func:`batch_indices`,
+  :func:`bucket_width`); 0 keeps uniformly shuffled batches of full windows. Returns the
+  final state.
   """
   mesh = parallel.data_mesh(num_devices)
   parallel.check_batch_size(batch_size, mesh, "train.batch_size")
@@ -135,8 +168,11 @@ def fit(trainer: Trainer, data: SequenceDataset, *, steps: int, batch_size: int,
   t0, events, losses = time.time(), 0, []
   window_start = t0
   for step in range(start_step, steps):
-    idx = batch_indices(len(data.train), batch_size, step, seed)
-    batch = get_batch(data.train, idx, mesh)
+    lengths = data.train.length if length_buckets > 1 else None
+    idx = batch_indices(len(data.train), batch_size, step, seed, lengths)
+    width = bucket_width(data.train.length[idx].max(), data.train.items.shape[1],
+                         length_buckets)
+    batch = get_batch(data.train, idx, mesh, width)
     state, loss, count = trainer.step(state, batch, jax.random.fold_in(key, step))
     losses.append(loss)
     events += int(np.maximum(data.train.length[idx] - 1, 0).sum())

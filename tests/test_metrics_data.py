@@ -139,3 +139,27 @@ def test_full_softmax_loss_matches_numpy():
       n += 1
   assert int(count) == n
   np.testing.assert_allclose(float(loss), total / n, rtol=1e-4)
+
+
+def test_length_buckets_cover_every_user_once_an_epoch_and_trim_only_padding():
+  from malloc_jax.train import batch_indices, bucket_width
+
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(3, 201, size=1000)
+  per_epoch = 1000 // 64
+  for epoch in range(2):
+    batches = [batch_indices(1000, 64, epoch * per_epoch + i, seed=1, lengths=lengths)
+               for i in range(per_epoch)]
+    seen = np.concatenate(batches)
+    assert len(set(seen.tolist())) == len(seen) == per_epoch * 64  # no user twice an epoch
+    # pools of 16 batches sorted by length: batches are much tighter than random ones
+    spread = np.mean([np.ptp(lengths[b]) for b in batches])
+    assert spread < 0.5 * np.ptp(lengths), spread
+    widths = {bucket_width(lengths[b].max(), 201, 4) for b in batches}
+    assert widths <= {51, 102, 153, 201} and len(widths) > 1
+    assert all(bucket_width(lengths[b].max(), 201, 4) >= lengths[b].max() for b in batches)
+  # same (step, seed) -> same users (resumable); no bucketing -> the old shuffles
+  again = batch_indices(1000, 64, 3, seed=1, lengths=lengths)
+  assert (again == batch_indices(1000, 64, 3, seed=1, lengths=lengths)).all()
+  assert bucket_width(77, 201, 0) == 201 and bucket_width(77, 201, 1) == 201
+  assert bucket_width(1, 201, 4) == 51 and bucket_width(200, 201, 4) == 201

@@ -123,3 +123,42 @@ def test_sigkill_mid_cell_then_rerun_finishes_each_cell_once(tmp_path):
   done = _sweep(tmp_path)  # nothing left: the file is unchanged
   assert done.returncode == 0 and "0 to run" in done.stdout
   assert _lines(results) == lines
+
+
+def test_cells_match_evaluate_and_streaming_and_reuse_the_prefill(tmp_path):
+  """A served cell's one-shot and streaming metrics equal the library's evaluate() and
+  evaluate_streaming() on the same trained backbone, and the second served cell of a
+  backbone reuses the first one's prefill."""
+  from malloc_jax.evaluate import evaluate
+  from malloc_jax.experiment import load_data, train_model
+  from malloc_jax.streaming import evaluate_streaming
+  from malloc_jax.sweep import _Backbone, run_sweep
+
+  config = sweep_config("runlocal=True,methods=native+recompute+h2o+kivi2,steps=3,requests=2")
+  config.datasets.synthetic.train.eval_every = 0
+  quiet = lambda *a, **k: None
+  rows = run_sweep(config, tmp_path, print_fn=quiet)
+  cells = {c.method: c for c in expand_cells(config, print_fn=quiet)}
+  run = cells["native"].run
+  data = load_data(run)
+  model, _ = train_model(run, tmp_path / "models" / cells["native"].train_key, data, quiet)
+  backbone = _Backbone(cells["native"].train_key, model, data, run, {})
+  e = run.eval
+  served = [r for r in rows if r["method"] != "recompute"]
+  assert [r["method"] for r in served] == ["native", "h2o@2x", "kivi2"]
+  for row in served:
+    comp = backbone.compressor(cells[row["method"]].steps)
+    kw = dict(batch_size=e.batch_size, ks=tuple(e.ks), query_len=e.query_len,
+              window=e.window, max_users=e.max_users or None)
+    ref = evaluate(model, data.eval_set(e.split), comp, **kw).metrics
+    for k in ("NDCG@10", "HR@10", "MRR"):
+      assert row[k] == pytest.approx(ref[k], abs=1e-9), (row["method"], k)
+    stream = evaluate_streaming(model, data.eval_set(e.split), comp, requests=2, **kw)
+    assert row["stream2/NDCG@10"] == pytest.approx(stream["NDCG@10"], abs=1e-9), row["method"]
+    assert row["stream2/bytes_per_user"] == pytest.approx(stream["bytes_per_user"])
+    assert row["flops_xla_over_closed_form"] is not None
+  assert served[0]["prefill_seconds"] > 0
+  assert served[1]["prefill_seconds"] == 0 and served[2]["prefill_seconds"] == 0
+  for row in rows:
+    assert all(row[f"{k}_seconds"] >= 0 for k in ("prefill", "compress", "score", "stream",
+                                                  "costs"))

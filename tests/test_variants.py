@@ -338,3 +338,18 @@ def test_config_validates_builds_and_differentiates(stem):
 
   grads = jax.eval_shape(jax.grad(loss), params, items, items, length, jax.random.key(0))
   assert jax.tree.structure(grads) == jax.tree.structure(params)
+
+
+@pytest.mark.parametrize("name", ["hstu", "sasrec", *VARIANTS])
+def test_trimmed_training_window_gives_the_full_window_loss(name):
+  """Length bucketing trims a batch's windows to a shorter static width; the loss (dropout
+  off, full softmax) must equal the one over the full window, for every backbone."""
+  model = variant(name)
+  ev = random_events(5, MAX_LEN + 1, [9, 12, 3, 1, 12], NUM_ITEMS, seed=3)
+  loss_fn = jax.jit(sampled_softmax_loss, static_argnums=(5, 6))
+  full, n_full = loss_fn(model, ev.items, ev.ts, ev.length, jax.random.key(0), 0, False)
+  for width in (13, 21):
+    loss, n = loss_fn(model, ev.items[:, :width], ev.ts[:, :width], ev.length,
+                      jax.random.key(0), 0, False)
+    assert int(n) == int(n_full)
+    np.testing.assert_allclose(float(loss), float(full), rtol=2e-5, err_msg=f"width {width}")
