@@ -5,6 +5,7 @@ r"""The benchmark sweep: methods x datasets x budgets x seeds, on one or more ba
   python -m malloc_jax.sweep --config configs/sweep.py:datasets=syn1024 --workdir runs/sweep_syn1024
   python -m malloc_jax.sweep --config configs/sweep.py:models=hstu+hstu_gqa+hstu_rwkv --workdir ...
   python -m malloc_jax.report --workdir runs/sweep_ml100k --budget_bytes 40000
+  python scripts/bench_sweep.py --workdir /tmp/bench_sweep   # the 2-core CPU recipe, timed
 
 Arguments (comma-separated ``key=value``; list values are joined with ``+``):
 
