@@ -358,7 +358,13 @@ def test_sweep_cell_flags_non_finite_memories(value):
   model = random_model("hstu")
   data = _dataset()
   s = data.test
-  out = sweep._serve_cell(model, s.items, s.ts, s.length, s.target,
-                          np.tile(s.target[:, None], (1, 3)), compressor=_poison(C.native(), value),
-                          requests=(2,), query_len=1, window=4)
-  np.testing.assert_array_equal(np.asarray(out[-1]), np.arange(len(s)) != 2)
+  comp = _poison(C.native(), value)
+  cache, signals, prefix, req = sweep._prefill_batch(model, s.items, s.ts, s.length,
+                                                     query_len=1, window=4)
+  memory = sweep._compress_batch(cache, signals, compressor=comp)
+  *_, finite = sweep._score_batch(model, memory, req, s.target,
+                                  np.tile(s.target[:, None], (1, 3)))
+  np.testing.assert_array_equal(np.asarray(finite), np.arange(len(s)) != 2)
+  *_, finite = sweep._stream_batch(model, prefix, req, s.target, compressor=comp, requests=2,
+                                   window=4)
+  np.testing.assert_array_equal(np.asarray(finite), np.arange(len(s)) != 2)
