@@ -164,6 +164,9 @@ def get_config(arg: str | None = None):
   c.seeds = tuple(int(s) for s in split(args.seeds))
   c.stream_requests = tuple(int(r) for r in split(args.requests))
   c.ranking = ml_collections.ConfigDict(dict(num_negatives=20 if args.runlocal else 99, seed=0))
+  # Each backbone's native caches of the eval users are kept for all its cells up to this
+  # many bytes (else every cell prefills again; see sweep._Backbone.prefilled).
+  c.prefill_cache_bytes = 4e9
   c.costs = ml_collections.ConfigDict(dict(warmup=1 if args.runlocal else 2,
                                            iters=3 if args.runlocal else 20))
   return c

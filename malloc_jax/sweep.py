@@ -343,10 +343,6 @@ def _stream_batch(model, prefix, req, target, *, compressor, requests, window):
   return target_rank(model.logits(h), target), memory, jnp.all(jnp.isfinite(h), axis=-1)
 
 
-def _ready(tree):
-  return jax.block_until_ready(tree)
-
-
 @jax.jit
 def _recompute_cell(model, items, ts, length, target, candidates):
   """The recompute reference: the whole history + request re-encoded, no memory."""
@@ -381,9 +377,9 @@ class _Backbone:
     keep = [] if estimate <= self.prefill_cache_bytes else None  # K, V f32 + signals
     for start, idx, real in padded_batches(n, bs):
       t = time.time()
-      out = _ready(_prefill_batch(self.model, jnp.asarray(split.items[idx]),
-                                  jnp.asarray(split.ts[idx]), jnp.asarray(split.length[idx]),
-                                  query_len=e.query_len, window=e.window))
+      out = jax.block_until_ready(_prefill_batch(
+          self.model, jnp.asarray(split.items[idx]), jnp.asarray(split.ts[idx]),
+          jnp.asarray(split.length[idx]), query_len=e.query_len, window=e.window))
       batch = (start, idx, real, *out, time.time() - t)
       if keep is not None:
         keep.append(batch)
@@ -442,7 +438,7 @@ def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
               jnp.asarray(split.length[idx]), jnp.asarray(split.target[idx]),
               jnp.asarray(cands[idx]))
       t = time.time()
-      r, c = _ready(_recompute_cell(model, *args))
+      r, c = jax.block_until_ready(_recompute_cell(model, *args))
       stages["score"] += time.time() - t
       ranks.append(np.asarray(r)[real])
       logits.append(np.asarray(c)[real])
@@ -454,14 +450,14 @@ def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
       stages["prefill"] += prefill_s
       target, cand = jnp.asarray(split.target[idx]), jnp.asarray(cands[idx])
       t = time.time()
-      mem = _ready(_compress_batch(cache, signals, compressor=comp))
+      mem = jax.block_until_ready(_compress_batch(cache, signals, compressor=comp))
       t1 = time.time()
-      r, c, ok = _ready(_score_batch(model, mem, req, target, cand))
+      r, c, ok = jax.block_until_ready(_score_batch(model, mem, req, target, cand))
       t2 = time.time()
       s_ranks, smem = [], []
       for q in requests:
-        s_r, m_r, ok_r = _ready(_stream_batch(model, prefix, req, target, compressor=comp,
-                                              requests=q, window=e.window))
+        s_r, m_r, ok_r = jax.block_until_ready(_stream_batch(
+            model, prefix, req, target, compressor=comp, requests=q, window=e.window))
         s_ranks.append(s_r)
         smem.append(m_r)
         ok = ok & ok_r

@@ -167,8 +167,8 @@ def fit(trainer: Trainer, data: SequenceDataset, *, steps: int, batch_size: int,
   key = jax.random.key(seed)
   t0, events, losses = time.time(), 0, []
   window_start = t0
+  lengths = data.train.length if length_buckets > 1 else None
   for step in range(start_step, steps):
-    lengths = data.train.length if length_buckets > 1 else None
     idx = batch_indices(len(data.train), batch_size, step, seed, lengths)
     width = bucket_width(data.train.length[idx].max(), data.train.items.shape[1],
                          length_buckets)

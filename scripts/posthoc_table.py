@@ -31,10 +31,10 @@ from malloc_jax.evaluate import (
   check_eval_set,
   evaluate,
   padded_batches,
-  split_request,
 )
 from malloc_jax.experiment import _check_workdir, load_data, train_model
 from malloc_jax.metrics import retrieval_metrics, target_rank
+from malloc_jax.sweep import _prefill_batch
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (reused).")
@@ -48,13 +48,6 @@ _REUSE = flags.DEFINE_bool(
     "reuse_prefill", True, "Prefill each user batch once and compress it for every cell "
     "(the same computation as evaluate(), split at the prefill; needs the batches' native "
     "caches in host memory). --noreuse_prefill calls evaluate() per cell.")
-
-
-@functools.partial(jax.jit, static_argnames=("window",))
-def _prefill(model, items, ts, length, *, window):
-  prefix, req = split_request(items, ts, length, 1)
-  cache, signals = model.prefill(prefix, window)
-  return cache, signals, req
 
 
 @functools.partial(jax.jit, static_argnames=("compressor",))
@@ -73,8 +66,8 @@ class Prefilled:
     bs = min(batch_size, n)
     self.model, self.n, self.batches = model, n, []
     for _start, idx, real in padded_batches(n, bs):
-      cache, signals, req = _prefill(model, split.items[idx], split.ts[idx], split.length[idx],
-                                     window=window)
+      cache, signals, _, req = _prefill_batch(model, split.items[idx], split.ts[idx],
+                                              split.length[idx], query_len=1, window=window)
       self.batches.append((cache, signals, req, jnp.asarray(split.target[idx]), real))
 
   def evaluate(self, comp, ks=(10, 50, 200)):
