@@ -471,6 +471,25 @@ def closed_form_flops(model, *, batch: int, cached: int, request: int) -> dict |
                        num_items=model.num_items)
 
 
+def flops_cross_check(model, prefix: Events, request: Events):
+  """XLA's FLOPs of a serving request against the closed form, without running anything.
+
+  The native memory of ``prefix`` (``model.prefill`` then the native compressor, as the
+  sweep serves it) is traced with ``jax.eval_shape``, never computed: FLOPs depend on shapes
+  only. ``costs.serve_request`` on ``request`` [B, m] is then compiled.
+
+  Returns:
+    (XLA's numbers of the batch as :func:`xla_cost` gives them, the compiled executable,
+    :func:`closed_form_flops` of the batch or None for a model without one).
+  """
+  memory = jax.eval_shape(
+      lambda mdl, e: comp_lib.native().compress(mdl.prefill(e)[0], None)[0], model, prefix)
+  numbers, compiled = xla_cost(serve_request, model, memory, request)
+  cached = jax.eval_shape(lambda mem: mem.materialize(), memory).capacity
+  B, m = request.items.shape
+  return numbers, compiled, closed_form_flops(model, batch=B, cached=cached, request=m)
+
+
 def serve_request(model, memory, request: Events):
   """One serving request batch: logits [B, V + 1] of the request read against the memory."""
   return model.score(memory.materialize(), request)

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from malloc_jax import compressors as comp_lib
 from malloc_jax import costs
 from malloc_jax.evaluate import split_request
 from malloc_jax.experiment import build_model, load_data
@@ -36,12 +35,7 @@ def check(model, *, window: int, query_len: int, batch: int) -> dict:
   ts = 1_600_000_000 + 60 * n.astype(jnp.int64 if jax.config.x64_enabled else jnp.int32)
   length = jnp.full((batch,), window, jnp.int32)
   prefix, req = split_request(items, ts, length, query_len)
-  memory = jax.eval_shape(
-      lambda mdl, e: comp_lib.native().compress(mdl.prefill(e, window)[0], None)[0],
-      model, prefix)
-  numbers, _ = costs.xla_cost(costs.serve_request, model, memory, req)
-  cached = jax.eval_shape(lambda mem: mem.materialize(), memory).capacity
-  closed = costs.closed_form_flops(model, batch=batch, cached=cached, request=query_len)
+  numbers, _, closed = costs.flops_cross_check(model, prefix, req)
   xla = numbers["flops"] / batch
   out = {"xla": xla, "closed": None, "ratio": None}
   if closed is not None:

@@ -8,6 +8,22 @@ import numpy as np
 
 from malloc_jax.models import Events, make_model
 
+# Every trained variant with small, valid options (dim 16 or more, max_len 32 or more):
+# shared by the variant and cost tests so that a new variant joins both.
+VARIANT_OPTIONS = {
+    "hstu_mqa": {},
+    "hstu_gqa": dict(heads=4, kv_heads=2),
+    "hstu_mla": dict(kv_rank=6, rope_dim=4),
+    "hstu_linformer": dict(k_proj=5),
+    "hstu_lsh": dict(num_buckets=4, num_hashes=2),
+    "hstu_longformer": dict(window=4, num_global=2),
+    "hstu_beacon": dict(chunk=4, beacons=2),
+    "hstu_rwkv": {},
+    "hstu_linear": {},
+    "sasrec_mqa": {},
+    "sasrec_gqa": dict(heads=4, kv_heads=2),
+}
+
 
 def random_model(name: str, num_items: int = 40, *, dim: int = 16, heads: int = 2,
                  num_layers: int = 2, max_len: int = 32, seed: int = 0):

@@ -21,23 +21,11 @@ from malloc_jax.models.variants.common import rope
 from malloc_jax.models.variants.recurrent import ssd_block, wkv_scan
 from malloc_jax.models.variants.sequence import linformer_block
 from malloc_jax.train import sampled_softmax_loss
-from tests.helpers import random_events, take
+from tests.helpers import VARIANT_OPTIONS, random_events, take
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_ITEMS, DIM, HEADS, LAYERS, MAX_LEN = 40, 16, 2, 2, 32
-VARIANTS = {
-    "hstu_mqa": {},
-    "hstu_gqa": dict(heads=4, kv_heads=2),
-    "hstu_mla": dict(kv_rank=6, rope_dim=4),
-    "hstu_linformer": dict(k_proj=5),
-    "hstu_lsh": dict(num_buckets=4, num_hashes=2),
-    "hstu_longformer": dict(window=4, num_global=2),
-    "hstu_beacon": dict(chunk=4, beacons=2),
-    "hstu_rwkv": {},
-    "hstu_linear": {},
-    "sasrec_mqa": {},
-    "sasrec_gqa": dict(heads=4, kv_heads=2),
-}
+VARIANTS = VARIANT_OPTIONS
 FIXED = ["hstu_linformer", "hstu_longformer", "hstu_rwkv", "hstu_linear"]
 LENGTHS = [20, 11, 3, 1, 17]
 BIASES = ("rab_pos", "rab_time", "row_bias", "global_in_bias", "global_out_bias")
