@@ -276,6 +276,9 @@ def write_report(workdir: str | os.PathLike, out: str | os.PathLike | None = Non
 def main(argv):
   from absl import flags
 
+  from malloc_jax import logging_setup
+
+  logging_setup.setup()  # quiet by default; --verbosity=0 for INFO
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS

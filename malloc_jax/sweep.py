@@ -117,12 +117,12 @@ def load_results(path: str | os.PathLike, repair: bool = True) -> list[dict]:
     offset = end
     if not raw.strip():
       continue
-    row = None
-    if has_newline:
-      try:
-        row = json.loads(raw)
-      except (json.JSONDecodeError, UnicodeDecodeError):
-        row = None
+    try:  # a last row without its newline is kept when it parses (only "\n" was lost)
+      row = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      row = None
+    if isinstance(row, dict) and not has_newline and repair:
+      _end_with_newline(path)
     if not isinstance(row, dict):
       if i == last:  # a write that did not complete (killed, or lost in a crash)
         logging.warning("%s: line %d is incomplete (an interrupted write); ignoring it",
@@ -135,6 +135,16 @@ def load_results(path: str | os.PathLike, repair: bool = True) -> list[dict]:
     rows.append(row)
     good_end = end
   return rows
+
+
+def _end_with_newline(path: Path) -> None:
+  """Appends the newline a complete last row lacks, so the next append starts a new line."""
+  fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+  try:
+    os.write(fd, b"\n")
+    os.fsync(fd)
+  finally:
+    os.close(fd)
 
 
 def append_result(path: str | os.PathLike, row: dict) -> None:
@@ -306,6 +316,45 @@ def expand_cells(config, print_fn=print) -> list[Cell]:
                               family=m["name"], seed=int(seed), steps=steps, ratio=ratio,
                               run=run, train_key=key))
   return cells
+
+
+def validate_cells(cells: list[Cell], config) -> None:
+  """Checks every cell's settings before any training (bad ones would fail after it).
+
+  Builds each cell's compressors with ``make_compressor`` (cheap: no data, no model), checks
+  budgets against the history window and the streaming / ranking settings.
+
+  Raises:
+    ValueError: naming the config field (``config.methods.<label>``, ``config.stream_requests``).
+  """
+  for r in config.stream_requests:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+      raise ValueError(f"config.stream_requests={tuple(config.stream_requests)!r}: expected "
+                       "integers >= 1 (requests of the streaming protocol)")
+  for r in config.get("ratios", ()):
+    if isinstance(r, bool) or not isinstance(r, int | float) or not 1 <= r < float("inf"):
+      raise ValueError(f"config.ratios={tuple(config.ratios)!r}: expected finite numbers >= 1")
+  neg = config.ranking.num_negatives
+  if isinstance(neg, bool) or not isinstance(neg, int) or neg < 1:
+    raise ValueError(f"config.ranking.num_negatives={neg!r}: expected an integer >= 1")
+  for cell in cells:
+    field = f"config.methods.{cell.method.split('@')[0]}"
+    max_len = cell.run.data.max_len
+    for name, params in cell.steps:
+      params = dict(params)
+      for key in ("budget", "heavy", "recent", "sinks", "window"):
+        if isinstance(params.get(key), int) and params[key] > max_len:
+          raise ValueError(f"{field}.{key}={params[key]}: expected at most data.max_len="
+                           f"{max_len} (cell {cell.label})")
+      if name == "lowrank":
+        rank = params.get("rank")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+          raise ValueError(f"{field}.rank={rank!r}: expected an integer >= 1 (cell {cell.label})")
+        continue
+      try:
+        make_compressor(name, **params)
+      except (TypeError, ValueError) as err:
+        raise ValueError(f"{field} ({name}, cell {cell.label}): {err}") from None
 
 
 # ------------------------------------------------------------------------------------------
@@ -567,6 +616,7 @@ def run_sweep(config, workdir: str | os.PathLike, print_fn=print) -> list[dict]:
 def _run_locked(config, workdir: Path, print_fn) -> list[dict]:
   path = workdir / RESULTS
   cells = expand_cells(config, print_fn)
+  validate_cells(cells, config)
   ids = [c.id for c in cells]
   if len(set(ids)) != len(ids):
     dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -635,11 +685,12 @@ def stage_summary(rows: list[dict]) -> str:
 
 def main(argv):
   from absl import flags
-  from absl import logging as absl_logging
 
+  from malloc_jax import logging_setup
+
+  logging_setup.setup()  # quiet by default; --verbosity=0 for INFO
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
-  absl_logging.set_verbosity(absl_logging.WARNING)
   run_sweep(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

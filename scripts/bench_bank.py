@@ -32,6 +32,7 @@ import numpy as np
 from absl import app, flags
 
 from malloc_jax import compressors as C
+from malloc_jax import logging_setup
 from malloc_jax.bank import MemoryBank, default_user_axes
 from malloc_jax.cache import Cache
 
@@ -139,6 +140,7 @@ def _take(memory, n: int, axes: dict):
 
 def main(argv):
   del argv
+  logging_setup.setup()  # quiet by default; --verbosity=0 for INFO
   users, batch = _USERS.value, _BATCH.value
   r = run(users, batch, _SHARDS.value, _DIR.value, _FSYNC.value)
   mb = users * r["per_user"] / 1e6

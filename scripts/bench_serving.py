@@ -48,7 +48,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from malloc_jax import costs
+from malloc_jax import costs, logging_setup
 from malloc_jax.models import HSTU, Events
 
 _BATCH = flags.DEFINE_integer("batch", 64, "Users per batch.")
@@ -111,6 +111,7 @@ def _xla_flops(compiled) -> float:
 
 def main(argv):
   del argv
+  logging_setup.setup()  # quiet by default; --verbosity=0 for INFO
   B, T, m = _BATCH.value, _HISTORY.value, _NEW.value
   L, H, d = _LAYERS.value, _HEADS.value, _DIM.value
   device = jax.devices()[0]

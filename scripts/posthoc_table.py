@@ -10,6 +10,7 @@ each compressed memory and prints a Markdown table (also written to --out as JSO
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -22,7 +23,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from malloc_jax import compressors as C
-from malloc_jax.checkpoint import write_json_atomic
+from malloc_jax import logging_setup
+from malloc_jax.checkpoint import workdir_lock, write_json_atomic
 from malloc_jax.compressors.budget import cache_spec, memory_bytes, ratio_table
 from malloc_jax.compressors.registry import make_compressor
 from malloc_jax.config_validation import validate_config
@@ -37,6 +39,7 @@ from malloc_jax.metrics import retrieval_metrics, target_rank
 from malloc_jax.sweep import _prefill_batch
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.")
+_LOCKS = contextlib.ExitStack()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (reused).")
 _OUT = flags.DEFINE_string("out", None, "JSON output path (default workdir/posthoc.json).")
 _METHODS = flags.DEFINE_list(
@@ -88,9 +91,11 @@ class Prefilled:
 
 def main(argv):
   del argv
+  logging_setup.setup()  # quiet by default; --verbosity=0 for INFO
   config = _CONFIG.value
   validate_config(config)
   workdir = Path(_WORKDIR.value)
+  _LOCKS.enter_context(workdir_lock(workdir, "posthoc_table"))  # held until exit
   _check_workdir(workdir, config)
   data = load_data(config)
   print(data.summary(), flush=True)
