@@ -66,7 +66,7 @@ def _moments(cache: Cache):
   w = cache.valid.astype(jnp.float32)  # [L,B,H,T]
   out = []
   for x in (cache.k, cache.v):
-    x = x.astype(jnp.float32)
+    x = jnp.where(w[..., None] > 0, x.astype(jnp.float32), 0.0)  # padding may hold NaN / inf
     out.append((jnp.einsum("lbht->lh", w), jnp.einsum("lbht,lbhtd->lhd", w, x),
                 jnp.einsum("lbht,lbhtd,lbhte->lhde", w, x, x)))
   return out
