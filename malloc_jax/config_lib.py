@@ -68,8 +68,9 @@ def split_list(arg: str, value: str, kind: type = str, minimum=None) -> tuple:
     try:
       v = kind(x)
     except ValueError:
-      raise ValueError(f"config argument {arg}={value!r}: {x!r} is not a {kind.__name__}; "
-                       f"expected {kind.__name__}s joined with '+'") from None
+      what = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+      raise ValueError(f"config argument {arg}={value!r}: {x!r} is not {what}; expected "
+                       "values joined with '+'") from None
     if kind is float and not math.isfinite(v):
       raise ValueError(f"config argument {arg}={value!r}: {x!r} is not finite")
     if minimum is not None and v < minimum:

@@ -10,8 +10,11 @@ progress goes to stdout with ``print``. absl's own ``--verbosity`` flag (``-v``)
 
 from __future__ import annotations
 
+import logging
+
 from absl import flags
 from absl import logging as absl_logging
+from absl.logging import converter
 
 __all__ = ["QUIET", "setup"]
 
@@ -32,5 +35,7 @@ def setup(verbosity: int | None = None) -> int:
     given = "verbosity" in flags.FLAGS and flags.FLAGS.is_parsed() and \
         flags.FLAGS["verbosity"].present
     verbosity = flags.FLAGS.verbosity if given else QUIET
-  absl_logging.set_verbosity(verbosity)  # also sets Python's root logger
+  absl_logging.set_verbosity(verbosity)
+  # absl sets the root logger itself only when its handler is installed (under app.run).
+  logging.getLogger().setLevel(converter.absl_to_standard(verbosity))
   return verbosity
