@@ -162,6 +162,13 @@ def test_sasrec_field_of_5000_digits_names_the_line(tmp_path):
     (lambda c: c.model.update(temperature=float("inf")), "model.temperature", "finite"),
     (lambda c: c.model.update(dropout=float("nan")), "model.dropout", "finite"),
     (lambda c: c.data.synthetic.update(p_copy=float("nan")), "data.synthetic.p_copy", "finite"),
+    # Found by the adversarial pass (not in the issue):
+    (lambda c: c.data.synthetic.update(zipf=float("nan")), "data.synthetic.zipf", "finite"),
+    (lambda c: c.data.synthetic.update(mean_gap=float("nan")), "data.synthetic.mean_gap",
+     "finite"),
+    (lambda c: c.data.synthetic.update(mean_gap=1e300), "data.synthetic.mean_gap", "int32"),
+    (lambda c: c.data.synthetic.update(min_len=40), "data.synthetic.min_len", "at most"),
+    (lambda c: c.train.update(eval_users=-1), "train.eval_users", ">= 0"),
 ])
 def test_bad_values_rejected_at_start(mutate, field, needle):
   c = config_lib.base_config("runlocal=True")
