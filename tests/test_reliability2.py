@@ -74,7 +74,7 @@ def test_changed_item_count_is_reported_as_a_changed_dataset(tmp_path):
   _write_u_data(data)
   config = _file_config(data)
   train_and_evaluate(config, str(tmp_path / "w"), **QUIET)
-  (tmp_path / "w" / "data_files.json").unlink()
+  (tmp_path / "w" / "data_files.json").unlink(missing_ok=True)
   with data.open("a") as f:
     f.write("1\t41\t3\t878000999\n")
   with pytest.raises(ValueError, match=r"dataset .* differs .*num_items 40 -> 41"):
