@@ -20,6 +20,7 @@ from malloc_jax.compressors.base import (
     bytes_per_user,
     cache_from,
     chain,
+    events_stored_bytes,
     identity,
     index_of,
     index_stored_bytes,
@@ -35,6 +36,8 @@ from malloc_jax.compressors.base import (
 from malloc_jax.compressors.budget import (
     budget_bytes,
     cache_spec,
+    cell_bytes,
+    cell_bytes_row,
     full_user,
     memory_bytes,
     native_stored_bytes,
@@ -71,7 +74,7 @@ __all__ = [
     "chain", "fit_lowrank", "identity", "index_of", "lowrank", "native", "nbytes",
     "shared_nbytes",
     # bytes per user
-    "buffer_bytes", "full_user", "index_stored_bytes", "native_stored_bytes", "packed_bytes",
+    "buffer_bytes", "cell_bytes", "cell_bytes_row", "events_stored_bytes", "full_user", "index_stored_bytes", "native_stored_bytes", "packed_bytes",
     "row_counts", "state_shape", "stored_bytes", "user_bytes", "user_fingerprint",
     # post-hoc library
     "FACTORIES", "H2OState", "IntactKVMemory", "KiviMemory", "QuantSpec", "RandomState",

@@ -309,6 +309,13 @@ def user_bytes(memory, compressor: Compressor | None = None) -> np.ndarray:
                    buffer_bytes(memory, state)])
 
 
+def events_stored_bytes(items, ts, length) -> np.ndarray:
+  """[B] int64: stored bytes of raw histories (what the recompute reference keeps): one item
+  id and one time stamp per real event plus the length, ``n * (s_item + s_ts) + s_len``."""
+  n = np.asarray(length).astype(np.int64)
+  return n * (items.dtype.itemsize + ts.dtype.itemsize) + length.dtype.itemsize
+
+
 # ----------------------------------------------------------------------------------------
 # Composition.
 

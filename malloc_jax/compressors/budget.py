@@ -20,7 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from malloc_jax.cache import Cache, Signals
-from malloc_jax.compressors.base import DenseIndex, DenseMemory, buffer_bytes, stored_bytes
+from malloc_jax.compressors.base import (
+  DenseIndex,
+  DenseMemory,
+  buffer_bytes,
+  stored_bytes,
+  user_bytes,
+)
 from malloc_jax.compressors.lowrank import LowRankBases, lowrank
 from malloc_jax.compressors.registry import FACTORIES, make_compressor
 
@@ -125,6 +131,24 @@ def native_stored_bytes(cache: Cache, lengths) -> np.ndarray:
   memory = DenseMemory(index=index, k=z((L, B, H, T, dk), cache.k.dtype),
                        v=z((L, B, H, T, dv), cache.v.dtype))
   return stored_bytes(memory)
+
+
+def cell_bytes(memory, compressor, reference: Cache) -> np.ndarray:
+  """[3, B] float64 per user of a served batch: stored bytes (with the compressor's per-user
+  state), buffer bytes, and the stored bytes of the native memory shaped like ``reference``
+  (:func:`cache_spec`) for the same users (``memory.index.length`` events each)."""
+  figures = user_bytes(memory, compressor)
+  native = native_stored_bytes(reference, np.asarray(memory.index.length))
+  return np.concatenate([figures, native[None].astype(np.float64)])
+
+
+def cell_bytes_row(figures: np.ndarray) -> dict[str, float]:
+  """Result-row fields from :func:`cell_bytes` of every user of a cell ([3, N]): the means of
+  ``stored_bytes``, ``buffer_bytes`` and ``reference_stored_bytes``; a compression ratio is
+  reference_stored_bytes / stored_bytes (a ratio of totals over the same users)."""
+  stored, buffer, native = np.asarray(figures, np.float64).mean(axis=1)
+  return {"stored_bytes": float(stored), "buffer_bytes": float(buffer),
+          "reference_stored_bytes": float(native)}
 
 
 def _candidates(method: str, cache: Cache, fixed: dict) -> list[dict]:
