@@ -508,7 +508,7 @@ def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
   if comp is None:
     full = Events(args[0], args[1], args[2])
     row["bytes_per_user"] = costs_lib.events_bytes_per_user(full)
-    row["stored_bytes"] = float(np.mean(comp_lib.events_stored_bytes(*args)))
+    row["stored_bytes"] = float(np.mean(comp_lib.events_stored_bytes(*args[:3])))
     row["shared_bytes"] = 0
     row.update(costs_lib.recompute_costs(model, full, warmup=c.warmup, iters=c.iters).row())
   else:
