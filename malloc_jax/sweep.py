@@ -465,6 +465,12 @@ def reference_bytes(run) -> float:
   return memory_bytes("native", cache_spec(m.num_layers, 1, run.data.max_len, d, d))
 
 
+def reference_spec(run):
+  """Abstract cache of the native HSTU / SASRec memory of :func:`reference_bytes`."""
+  m = run.model
+  return cache_spec(m.num_layers, 1, run.data.max_len, m.dim, m.dim)
+
+
 def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
   """Runs one cell; returns its result row (metrics, bytes, costs, timings)."""
   t0 = time.time()
@@ -481,6 +487,7 @@ def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
   ranks, logits, stream = [], [], []
   first = None
   stages = dict.fromkeys(("prefill", "compress", "score", "stream"), 0.0)
+  ub = []  # per user: stored, buffer, native stored bytes (compressors.cell_bytes)
   if comp is None:
     for _start, idx, real in padded_batches(n, bs):
       args = (jnp.asarray(split.items[idx]), jnp.asarray(split.ts[idx]),
@@ -501,6 +508,7 @@ def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
       t = time.time()
       mem = jax.block_until_ready(_compress_batch(cache, signals, compressor=comp))
       t1 = time.time()
+      ub.append(comp_lib.cell_bytes(mem, comp, reference_spec(run))[:, real])
       r, c, ok = jax.block_until_ready(_score_batch(model, mem, req, target, cand))
       t2 = time.time()
       s_ranks, smem = [], []
@@ -549,10 +557,12 @@ def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
   if comp is None:
     full = Events(args[0], args[1], args[2])
     row["bytes_per_user"] = costs_lib.events_bytes_per_user(full)
+    row["stored_bytes"] = float(np.mean(comp_lib.events_stored_bytes(*args[:3])))
     row["shared_bytes"] = 0
     row.update(costs_lib.recompute_costs(model, full, warmup=c.warmup, iters=c.iters).row())
   else:
     row["bytes_per_user"] = comp_lib.bytes_per_user(mem)
+    row.update(comp_lib.cell_bytes_row(np.concatenate(ub, axis=1)))
     row["shared_bytes"] = comp_lib.shared_nbytes(mem)
     row.update(costs_lib.serving_costs(model, mem, req_events, closed_form=True,
                                        warmup=c.warmup, iters=c.iters).row())
@@ -561,11 +571,14 @@ def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
       for k, v in retrieval_metrics(stream[j], ks).items():
         row[f"stream{r}/{k}"] = v
       row[f"stream{r}/bytes_per_user"] = comp_lib.bytes_per_user(smem[j])
+      row[f"stream{r}/stored_bytes"] = float(np.mean(comp_lib.stored_bytes(
+          smem[j], comp_lib.state_shape(comp, smem[j]))))
   stages["costs"] = time.time() - t_costs
   row.update({f"{k}_seconds": v for k, v in stages.items()})
   row["reference_bytes_per_user"] = ref
   row["stores_memory"] = comp is not None  # recompute keeps only the raw events
-  row["compression_ratio"] = ref / row["bytes_per_user"] if comp is not None else None
+  row["compression_ratio"] = (row["reference_stored_bytes"] / row["stored_bytes"]
+                              if comp is not None else None)  # stored bytes, same users
   row["train_seconds"] = backbone.info.get("train_seconds")
   row["best_valid_ndcg10"] = backbone.info.get("best_valid_ndcg10")
   row["eval_seconds"] = eval_seconds
