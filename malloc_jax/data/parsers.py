@@ -69,11 +69,13 @@ __all__ = [
   "CTRSamples",
   "FORMATS",
   "fingerprint",
+  "Genres",
   "Interactions",
   "Split",
   "leave_one_out",
   "load",
   "parse_fuxictr_csv",
+  "parse_movielens_genres",
   "parse_movielens_100k",
   "parse_movielens_1m",
   "parse_recbole_inter",
@@ -1169,3 +1171,82 @@ def parse_fuxictr_csv(path: PathLike, *, label_field: str | None = None,
       source=f"fuxictr:{f}")
   return CTRData(splits=splits, user_ids=user_ids, item_ids=vocab, num_items=num_items,
                  label_field=fields[0], history_field=fields[1], source=str(p))
+
+
+# --------------------------------------------------------------------------------------------
+# Item metadata
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Genres:
+  """Genres of MovieLens movies (``movies.dat``).
+
+  Attributes:
+    movie_ids: [M] original movie ids, in file order.
+    names: the G genre names, sorted.
+    multi_hot: [M, G] bool, ``multi_hot[m, g]`` when movie ``movie_ids[m]`` has genre g.
+    source: the file.
+  """
+
+  movie_ids: np.ndarray
+  names: tuple[str, ...]
+  multi_hot: np.ndarray
+  source: str
+
+  def for_items(self, item_ids: np.ndarray) -> np.ndarray:
+    """[V + 1, G] genres of dense item ids (``Interactions.item_ids``); row 0 (padding) is
+    all False. Raises ValueError naming the first item with no line in the file."""
+    row = {int(m): i for i, m in enumerate(self.movie_ids)}
+    out = np.zeros((len(item_ids), len(self.names)), bool)
+    for d in range(1, len(item_ids)):
+      i = row.get(int(item_ids[d]))
+      if i is None:
+        raise ValueError(f"{self.source}: movie id {item_ids[d]} (dense item {d}) has no "
+                         "line in the genre file")
+      out[d] = self.multi_hot[i]
+    return out
+
+
+def parse_movielens_genres(path: PathLike) -> Genres:
+  """Parses MovieLens 1M ``movies.dat``: ``movie_id::title::genre|genre|...`` (latin-1).
+
+  Args:
+    path: the ``movies.dat`` file, or the ``ml-1m`` directory holding it.
+
+  Returns:
+    The :class:`Genres` (every genre named in the file; a movie may have several).
+
+  Raises:
+    ValueError: a line without three ``::`` fields, a bad or repeated movie id, or an empty
+      genre list, naming the file and line.
+  """
+  p = _resolve(path, "movies.dat")
+  layout = "movie_id::title::genre|genre|..."
+  text = p.read_bytes().decode("latin-1").replace("\r\n", "\n").rstrip("\n")
+  if not text.strip():
+    raise ValueError(f"{p}: empty file, expected lines '{layout}'")
+  ids, lists, seen = [], [], {}
+  for n, line in enumerate(text.split("\n"), 1):
+    parts = line.split("::")
+    if len(parts) != 3:
+      raise ValueError(f"{p}: line {n}: {len(parts)} '::'-separated fields, expected 3 "
+                       f"('{layout}'): {_show(line)}")
+    err = _check_id(parts[0].strip(), "movie id")
+    if err is not None:
+      raise ValueError(f"{p}: line {n}: {err} (expected '{layout}'): {_show(line)}")
+    mid = int(parts[0])
+    if mid in seen:
+      raise ValueError(f"{p}: line {n}: movie id {mid} already appeared on line {seen[mid]}")
+    seen[mid] = n
+    genres = [g.strip() for g in parts[2].split("|")]
+    if not all(genres):
+      raise ValueError(f"{p}: line {n}: empty genre in {parts[2]!r} (expected '{layout}')")
+    ids.append(mid)
+    lists.append(genres)
+  names = tuple(sorted({g for gs in lists for g in gs}))
+  col = {g: j for j, g in enumerate(names)}
+  hot = np.zeros((len(ids), len(names)), bool)
+  for i, gs in enumerate(lists):
+    hot[i, [col[g] for g in gs]] = True
+  return Genres(movie_ids=np.asarray(ids, np.int64), names=names, multi_hot=hot, source=str(p))
