@@ -37,8 +37,8 @@ NUM_USERS = 6040
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, capacity=200, epochs=200, patience=10, eval_epochs=1,
-                          test_users=0)
+  args = common.parse_arg(arg, data="sasrec", capacity=200, epochs=200, patience=10,
+                          eval_epochs=1, test_users=0)
   path = args.path or DEFAULT_PATH
   base = (f"data=sasrec,path={path},model={args.model},seed={args.seed},"
           f"runlocal={args.runlocal}")

@@ -7,8 +7,12 @@
 #   TINY=1 OUT=/tmp/out DATA=../shared/data bash scripts/device_ml1m.sh   # CPU smoke test
 # Each step logs to $OUT/log.txt with its wall time and writes $OUT/<name>.json; a failing
 # or timed-out step does not stop the others (a table keeps the cells done so far, marked
-# "partial"). LIMIT (seconds; default 170, TINY 900) caps each step.
+# "partial"). LIMIT (seconds; default 170, TINY 900) caps each step. PARALLEL=1 runs the five
+# steps at once on the one accelerator (each process allocates GPU memory on demand), so the
+# whole script takes about one LIMIT instead of five.
 set -u
+PARALLEL=${PARALLEL:-0}
+[ "$PARALLEL" = 1 ] && export XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/out}; DATA=${DATA:-../shared/data}; TINY=${TINY:-0}
 LIMIT=${LIMIT:-$([ "$TINY" = 1 ] && echo 900 || echo 170)}
 RUNS=${RUNS:-/tmp/ml1m_runs}
@@ -38,11 +42,13 @@ step() {  # step NAME CONFIG_ARGS TABLE_FLAGS...
 }
 
 T0=$(date +%s)
-step hstu_c200 "$ML" $FULL
-step sasrec_c200 "$ML,model=sasrec" $SHORT
-step hstu_c1024 "$ML,capacity=1024" $SHORT
-step hstu_c200_seed1 "$ML,seed=1" --train_only
-step hstu_c200_seed2 "$ML,seed=2" --train_only
+run() { if [ "$PARALLEL" = 1 ]; then step "$@" & else step "$@"; fi; }
+run hstu_c200 "$ML" $FULL
+run sasrec_c200 "$ML,model=sasrec" $SHORT
+run hstu_c1024 "$ML,capacity=1024" $SHORT
+run hstu_c200_seed1 "$ML,seed=1" --train_only
+run hstu_c200_seed2 "$ML,seed=2" --train_only
+wait
 python3 - "$OUT" <<'EOF'
 import json, sys, pathlib
 from malloc_jax import stats
