@@ -216,7 +216,9 @@ def main(argv):
            **retrieval_metrics(r, (10, 50, 200)), "bytes_per_user": b,
            "compression_ratio": native_bytes / b, "seconds": time.time() - t}
     rows.append(row)
-    write_json_atomic(out, {**result, "rows": rows, "partial": True})  # survives a timeout
+    write_json_atomic(out, {**result, "rows": rows, "partial": True,  # survives a timeout
+                            "ranks": {m: x.tolist() for m, x in ranks.items()},
+                            "lengths": lengths.tolist()})
     print(f"[{i + 1}/{len(cells)}] {label}: NDCG@10 {row['NDCG@10']:.4f} HR@10 "
           f"{row['HR@10']:.4f} {row['compression_ratio']:.1f}x ({row['seconds']:.1f}s)",
           flush=True)
