@@ -87,12 +87,15 @@ _CHUNK_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}},
                  {"name": "zstd", "configuration": {"level": 1}}, {"name": "crc32c"}]
 _SHARED_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
 _SNAPSHOT_ATTEMPTS = 100
+# B+tree nodes of at most 64 KiB (default 8 MiB): a random read decodes a small node (measured
+# on 10,000-20,000 users: reads about 2x faster, writes unchanged within noise).
+_OCDBT_CONFIG = {"max_decoded_node_bytes": 65536}
 _DTYPES = frozenset(["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
                      "uint64", "float16", "bfloat16", "float32", "float64"])
 _DATA_CACHE = "cache_pool#malloc_jax_bank_data"  # chunks are never cached: readers stay fresh
 # One root context for every bank of the process: a "memory://" bank can be reopened, and
 # OCDBT's B+tree nodes (immutable once written) are cached across reads.
-_ROOT_CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 64 << 20},
+_ROOT_CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 256 << 20},
                             _DATA_CACHE: {"total_bytes_limit": 0}})
 
 UserAxes = Mapping[str, int | None] | Callable[[str, Any], int | None] | None
@@ -398,7 +401,7 @@ def _storage_spec(where: Storage) -> tuple[dict | str, Path | None]:
   if "://" in where:
     return where, (Path(where[len("file://"):]) if where.startswith("file://") else None)
   local = Path(where).absolute()
-  return {"driver": "ocdbt", "base": f"file://{local}/"}, local
+  return {"driver": "ocdbt", "base": f"file://{local}/", "config": dict(_OCDBT_CONFIG)}, local
 
 
 def _describe(spec) -> str:
@@ -713,7 +716,8 @@ class MemoryBank:
     if n:
       for _ in range(_SNAPSHOT_ATTEMPTS):
         before = self._version()
-        futures = [self._arrays[s.array][ids].read() for s in self._user_leaves]
+        with ts.Batch() as batch:  # one batch: OCDBT coalesces the leaves' lookups and reads
+          futures = [self._arrays[s.array][ids].read(batch=batch) for s in self._user_leaves]
         rows = {s.path: self._run(f.result, s.path) for s, f in zip(self._user_leaves, futures)}
         if self._version() == before:
           break
