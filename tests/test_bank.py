@@ -373,7 +373,7 @@ def test_flipped_byte_in_any_key_raises_naming_it(tmp_path):
     bank.write(ids, like)
     kv = raw_kv(bank)
   keys = kv.list().result()
-  assert len(keys) == 1 + 10 + 10 * 4  # bank.json; 10 arrays' zarr.json; 4 users x 10 leaves
+  assert len(keys) == 1 + 1 + 4  # bank.json; the records' zarr.json; 4 users (10 leaves each)
   for key in keys:
     data = kv.read(key).result().value
     for pos in sorted({0, len(data) // 2, len(data) - 1}):
@@ -509,23 +509,25 @@ def _versions(bank) -> np.ndarray:
 
 
 def test_failed_write_commits_nothing(bank_of, monkeypatch):
-  """A write that fails after some leaves are staged leaves every user old."""
+  """A write that fails after its records are staged (before the commit) leaves every user
+  old."""
   like = make_memory("kivi2", 12, 0)
   bank = bank_of("kivi2", example=like, num_users=12)
   bank.write(np.arange(12), _filled(like, 1))
   real = bank_lib.MemoryBank._run
   calls = []
 
-  def fail_on_third_leaf(self, fn, path):
+  def fail_at_commit(self, fn, path):
     calls.append(path)
-    if len(calls) == 3:
+    if path == "<commit>":
       raise RuntimeError("disk full")
     return real(self, fn, path)
 
-  monkeypatch.setattr(bank_lib.MemoryBank, "_run", fail_on_third_leaf)
+  monkeypatch.setattr(bank_lib.MemoryBank, "_run", fail_at_commit)
   with pytest.raises(RuntimeError, match="disk full"):
     bank.write(np.arange(12)[::-1], _filled(like, 2))
   monkeypatch.undo()
+  assert calls == [bank_lib.RECORDS, "<commit>"]  # staged, then failed
   np.testing.assert_array_equal(_versions(MemoryBank.open(where(bank))), 1)
 
 
