@@ -30,17 +30,28 @@ Layout (keys of the key-value store)::
                      structure (registered type names, static fields), the leaf table (path,
                      array, per-user shape, dtype, user axis), the SHA-256 of every array's
                      zarr.json; and the SHA-256 of all that. Written last at creation.
-  u000/ u001/ ...    one zarr3 array per per-user leaf, users on the first axis
-                     ([num_users, per-user shape]), one user per chunk; each chunk encoded
-                     bytes -> zstd -> crc32c.
+  users/             one zarr3 array of the users' records, uint8 [num_users, record bytes],
+                     one user per chunk (``users/c/<id>/0``); each chunk encoded bytes ->
+                     blosc-lz4 -> crc32c.
   s000/ ...          one zarr3 array per shared leaf, one chunk, bytes -> crc32c.
 
-Variable lengths: empty slots of a memory (past a user's length, evicted slots) hold zeros
-when the compressor zeroes them, and zstd stores a run of zeros in a few bytes, so a user
-with 40 kept events of 1,024 slots pays about for 40 (see ``scripts/bench_bank.py`` for disk
-bytes per user against ``stored_bytes``).
+A user's record is its per-user leaves' bytes (user axis removed, C order, little-endian) one
+after another in leaf order, each at a multiple of 8 bytes (:func:`record_layout`, derived
+from the leaf table: the metadata holds no offsets). One record per user makes one key per
+user in the store: a batch of 256 users is 256 B+tree entries per commit and per read, where
+an array per leaf made one per leaf (HSTU low-rank memories: 4 keys per user; an A/B of the
+two layouts on 10,000 users cut the CPU time per user from 148 to 53 us writing and from 103
+to 33 us reading; ``scripts/bench_bank.py`` and BENCHMARKS.md have the full run). The per-leaf dtypes and shapes live in
+``bank.json``; reads slice each leaf out of the records with NumPy views (one TensorStore
+read per call, no per-user Python loop).
 
-Atomicity: all leaves of one :meth:`MemoryBank.write` are committed in one atomic TensorStore
+Variable lengths: empty slots of a memory (past a user's length, evicted slots) hold zeros
+when the compressor zeroes them, and blosc-lz4 stores a run of zeros in a few bytes, so a
+user with 40 kept events of 1,024 slots pays about for 40 (tested; ``scripts/bench_bank.py``
+prints disk bytes per user against ``stored_bytes``). blosc-lz4 rather than zstd: on float
+data that barely compresses it costs about as much CPU as no codec, zstd(1) 1.5-2x more.
+
+Atomicity: all records of one :meth:`MemoryBank.write` are committed in one atomic TensorStore
 transaction (an OCDBT commit, or one update of a ``memory://`` store): after a crash at any
 point each user of the call is entirely old or entirely new.
 
@@ -95,9 +106,9 @@ _RECORD_CODECS = [{"name": "bytes"},
                                                       "shuffle": "noshuffle", "blocksize": 0}},
                   {"name": "crc32c"}]
 _SHARED_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
-_SNAPSHOT_ATTEMPTS = 100
 # B+tree nodes of at most 64 KiB (default 8 MiB): a random read decodes a small node (measured
-# on 10,000-20,000 users: reads about 2x faster, writes unchanged within noise).
+# on 10,000-20,000 users: reads about 2x faster, writes unchanged within noise; 16 KiB nodes
+# cost 1.6x the write CPU time of 64 KiB, 256 KiB the same).
 _OCDBT_CONFIG = {"max_decoded_node_bytes": 65536}
 _DTYPES = frozenset(["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
                      "uint64", "float16", "bfloat16", "float32", "float64"])
@@ -474,9 +485,6 @@ class MemoryBank:
                                          s.path)
     self._user_leaves = [s for s in self.specs if s.axis is not None]
     self._offsets, self.record_bytes = record_layout(self._user_leaves)
-    self._manifest = None  # OCDBT: the base store, whose manifest changes at each commit
-    if isinstance(spec, dict) and spec.get("driver") == "ocdbt":
-      self._manifest = ts.KvStore.open(spec["base"], context=context).result()
 
   # -- creation and opening --------------------------------------------------------------
 
@@ -728,22 +736,14 @@ class MemoryBank:
         raise KeyError(f"user {user} was never written to the bank {self._where}") from e
       raise BankCorruptedError(f"bank {self._where}: leaf '{path}': {message}") from e
 
-  def _version(self) -> bytes | None:
-    """The generation of the OCDBT manifest (None for other stores)."""
-    if self._manifest is None:
-      return None
-    got = self._run(lambda: self._manifest.read("manifest.ocdbt").result(), "<manifest>")
-    return got.stamp.generation
-
   def read(self, user_ids) -> Any:
     """Reads the memories of ``user_ids`` (any order, repeats allowed).
 
     Args:
       user_ids: int ids [n].
 
-    On OCDBT the leaves are read from one committed version: the manifest's generation is
-    read before and after, and the read is retried when a commit came in between (a seqlock;
-    each read sees the manifest as of its start), so each user is entirely old or new.
+    Each user is one key of the store, read as of one commit, so each user is entirely old
+    or new while other processes write (users of one call may come from different commits).
 
     Returns:
       A memory pytree of the bank's structure holding n users (NumPy leaves, user axes as
@@ -760,14 +760,7 @@ class MemoryBank:
                      f"0..{self.num_users - 1})")
     n = len(ids)
     if n:
-      for _ in range(_SNAPSHOT_ATTEMPTS):
-        before = self._version()
-        records = self._run(self._arrays[RECORDS][ids].read().result, RECORDS)  # [n, bytes]
-        if self._version() == before:
-          break
-      else:
-        raise RuntimeError(f"bank {self._where}: commits kept changing the bank during "
-                           f"{_SNAPSHOT_ATTEMPTS} attempts to read {n} users")
+      records = self._run(self._arrays[RECORDS][ids].read().result, RECORDS)  # [n, bytes]
     else:
       records = np.zeros((0, self.record_bytes), np.uint8)
     leaves, offsets = [], iter(self._offsets)

@@ -22,7 +22,8 @@ it. Reads come from the OS page cache (the bank was just written).
 The old bank (``malloc_jax/bank.py`` at ``--old_commit``, a hand-written shard format) is
 loaded from git into a temporary module for this run only and runs first, on the same
 memories (same seeds), then the TensorStore bank; the load average is printed before each.
-Prints users/s written and read of both, their ratios (new / old), and disk bytes per user
+Prints users/s written and read of both, their ratios (new / old), the CPU time per user (all
+threads of the process: steadier than wall time on a shared machine), and disk bytes per user
 against stored bytes per user.
 """
 
@@ -150,30 +151,32 @@ def run(kind: str, users: int, batch: int, directory: str | None, fsync: bool) -
       bank = Bank.create(root / "bank", example, num_users=users, fsync=fsync)
     digests = np.zeros(users, np.uint64)
     stored = np.zeros(users, np.int64)
-    write_s = 0.0
+    write_s = write_cpu = 0.0
     order = rng.permutation(users)
     for start in range(0, users, batch):
       ids = order[start:start + batch]
       memory = make()
       if len(ids) < batch:
         memory = _take(memory, len(ids), axes)
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       bank.write(ids, memory)
       write_s += time.perf_counter() - t0
+      write_cpu += time.process_time() - c0
       digests[ids] = user_digests(memory, axes, weights)
       stored[ids] = local_stored_bytes(memory)
     bank.close()
 
     bank = Bank.open(root / "bank")
-    read_s, bad = 0.0, 0
+    read_s, read_cpu, bad = 0.0, 0.0, 0
     order = rng.permutation(users)
     for start in range(0, users, batch):
       ids = order[start:start + batch]
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       memory = bank.read(ids)
       read_s += time.perf_counter() - t0
+      read_cpu += time.process_time() - c0
       bad += int((user_digests(memory, axes, weights) != digests[ids]).sum())
-    result = dict(write_s=write_s, read_s=read_s, mismatches=bad, disk=bank.bytes_on_disk(),
+    result = dict(write_s=write_s, read_s=read_s, write_cpu=write_cpu, read_cpu=read_cpu, mismatches=bad, disk=bank.bytes_on_disk(),
                   per_user=bank.bytes_per_user, stored=int(stored.sum()),
                   reference=C.bytes_per_user(example), shared=C.shared_nbytes(example),
                   load=load)
@@ -192,7 +195,9 @@ def main(argv):
     results[kind] = r = run(kind, users, batch, _DIR.value, _FSYNC.value)
     print(f"[{kind}] load average at start {r['load']:.2f}; write "
           f"{users / r['write_s']:,.0f} users/s ({r['write_s']:.2f} s); read "
-          f"{users / r['read_s']:,.0f} users/s ({r['read_s']:.2f} s); bit-exact "
+          f"{users / r['read_s']:,.0f} users/s ({r['read_s']:.2f} s); CPU time per user "
+          f"(all threads) write {r['write_cpu'] / users * 1e6:.0f} us, read "
+          f"{r['read_cpu'] / users * 1e6:.0f} us; bit-exact "
           f"{users - r['mismatches']}/{users}; disk {r['disk'] / users:,.1f} B/user", flush=True)
   r = results["new"]
   print(f"memory: lowrank rank {RANK} float32 of HSTU (L={L}, H={H}, T={T}, head dim {DK}); "
@@ -209,7 +214,8 @@ def main(argv):
   if "old" in results:
     o = results["old"]
     print(f"write new/old: {o['write_s'] / r['write_s']:.2f}x; read new/old: "
-          f"{o['read_s'] / r['read_s']:.2f}x")
+          f"{o['read_s'] / r['read_s']:.2f}x (throughput); CPU time per user new/old: write "
+          f"{r['write_cpu'] / o['write_cpu']:.2f}x, read {r['read_cpu'] / o['read_cpu']:.2f}x")
   bad = {k: v["mismatches"] for k, v in results.items() if v["mismatches"]}
   if bad:
     raise SystemExit(f"users read back differently: {bad}")
