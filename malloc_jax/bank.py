@@ -108,7 +108,11 @@ _RECORD_CODECS = [{"name": "bytes"},
 _SHARED_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
 # B+tree nodes of at most 64 KiB (default 8 MiB): a random read decodes a small node (measured
 # on 10,000-20,000 users: reads about 2x faster, writes unchanged within noise; 16 KiB nodes
-# cost 1.6x the write CPU time of 64 KiB, 256 KiB the same).
+# cost 1.6x the write CPU time of 64 KiB, 256 KiB the same). At 100,000 users written in
+# random order (CPU time per user): 64 KiB write 158 us / read 36 us, 8 KiB 151 / 39, 2 KiB
+# 126 / 45; uncompressed 64 KiB nodes 137 / 38 with 6% more disk. A commit re-encodes every
+# B+tree leaf it touches (zstd, and the leaf's table of referenced data files, one file per
+# earlier commit), so with random ids the cost of a commit grows with the bank.
 _OCDBT_CONFIG = {"max_decoded_node_bytes": 65536}
 _DTYPES = frozenset(["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
                      "uint64", "float16", "bfloat16", "float32", "float64"])
