@@ -93,7 +93,7 @@ import numpy as np
 import tensorstore as ts
 
 FORMAT = "malloc_jax.bank"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 1: hand-written shard files; 2: a zarr3 array per leaf; 3: records
 METADATA_KEY = "bank.json"
 _LITTLE_ENDIAN = sys.byteorder == "little"
 RECORDS = "users"  # key prefix of the array of users' records
@@ -391,15 +391,16 @@ def record_layout(specs: list[LeafSpec]) -> tuple[list[int], int]:
   """Where each per-user leaf lies in a user's record: (byte offsets, record bytes).
 
   The record is the per-user leaves' bytes (C order, little-endian, user axis removed) in
-  leaf order, each starting at a multiple of 8 bytes (zero padding); derived from the leaf
-  table, so the metadata holds no offsets that could disagree with it.
+  leaf order, each starting at a multiple of 8 bytes (zero padding; the record's length is a
+  multiple of 8 too, so every leaf of every row is aligned); derived from the leaf table, so
+  the metadata holds no offsets that could disagree with it.
   """
   offsets, end = [], 0
   for s in specs:
     end += -end % _ALIGN
     offsets.append(end)
     end += s.nbytes
-  return offsets, max(1, end)
+  return offsets, max(_ALIGN, end + -end % _ALIGN)
 
 
 def _resolve_axes(memory, user_axes: UserAxes) -> list[tuple[str, np.ndarray, int | None]]:
@@ -838,17 +839,13 @@ class MemoryBank:
       raise ValueError(f"user {uniq[counts > 1][0]} appears more than once in one write")
     if not len(ids):
       return
-    order = np.argsort(ids)  # ascending keys: each B+tree node is visited once per commit
     records = np.zeros((len(ids), self.record_bytes), np.uint8)  # [B, bytes]
     for x, s, start in zip(rows, self._user_leaves, self._offsets):
-      x = np.ascontiguousarray(x[order])  # [B, *shape]
-      if not _LITTLE_ENDIAN:
-        x = x.byteswap()
-      records[:, start:start + s.nbytes] = x.reshape(len(ids), -1).view(np.uint8)
+      dest = records[:, start:start + s.nbytes].view(s.dtype).reshape((len(ids),) + s.shape)
+      np.copyto(dest, x if _LITTLE_ENDIAN else x.byteswap())  # one copy per leaf, [B, *shape]
     txn = ts.Transaction(atomic=True)
     try:
-      self._run(self._arrays[RECORDS].with_transaction(txn)[ids[order]].write(records).result,
-                RECORDS)
+      self._run(self._arrays[RECORDS].with_transaction(txn)[ids].write(records).result, RECORDS)
       self._run(lambda: txn.commit_async().result(), "<commit>")
     except BaseException:
       if not txn.commit_started:

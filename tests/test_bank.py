@@ -475,9 +475,9 @@ def test_format_version_is_checked(bank_of):
   bank = bank_of("native")
   kv = raw_kv(bank)
   doc = json.loads(kv.read(bank_lib.METADATA_KEY).result().value)
-  assert doc["format_version"] == 2
+  assert doc["format_version"] == 3
   kv.write(bank_lib.METADATA_KEY, json.dumps(doc | {"format_version": 99}).encode()).result()
-  with pytest.raises(ValueError, match="format version 99, this code reads version 2"):
+  with pytest.raises(ValueError, match="format version 99, this code reads version 3"):
     MemoryBank.open(where(bank))
 
 
