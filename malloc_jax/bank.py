@@ -42,9 +42,10 @@ user in the store: a batch of 256 users is 256 B+tree entries per commit and per
 an array per leaf made one per leaf (HSTU low-rank memories: 4 keys per user; on 10,000
 users this layout with blosc-lz4 cut the CPU time per user of the per-leaf layout with zstd
 from 148 to 53 us writing and from 103 to 33 us reading; ``scripts/bench_bank.py`` and
-BENCHMARKS.md have the 100,000-user run against the hand-written bank this one replaced). The per-leaf dtypes and shapes live in
-``bank.json``; reads slice each leaf out of the records with NumPy views (one TensorStore
-read per call, no per-user Python loop).
+BENCHMARKS.md have the 100,000-user run against the hand-written bank this one replaced).
+The per-leaf dtypes and shapes live in ``bank.json``; a read is one TensorStore read of the
+records, then one NumPy copy per leaf out of them (no per-user Python loop); a write copies
+each leaf once into the records and writes them in one transaction.
 
 Variable lengths: empty slots of a memory (past a user's length, evicted slots) hold zeros
 when the compressor zeroes them, and blosc-lz4 stores a run of zeros in a few bytes, so a

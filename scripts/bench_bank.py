@@ -176,7 +176,8 @@ def run(kind: str, users: int, batch: int, directory: str | None, fsync: bool) -
       read_s += time.perf_counter() - t0
       read_cpu += time.process_time() - c0
       bad += int((user_digests(memory, axes, weights) != digests[ids]).sum())
-    result = dict(write_s=write_s, read_s=read_s, write_cpu=write_cpu, read_cpu=read_cpu, mismatches=bad, disk=bank.bytes_on_disk(),
+    result = dict(write_s=write_s, read_s=read_s, write_cpu=write_cpu, read_cpu=read_cpu,
+                  mismatches=bad, disk=bank.bytes_on_disk(),
                   per_user=bank.bytes_per_user, stored=int(stored.sum()),
                   reference=C.bytes_per_user(example), shared=C.shared_nbytes(example),
                   load=load)
