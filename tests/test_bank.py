@@ -214,6 +214,27 @@ def test_overwrite_keeps_other_users(bank_of):
   assert len(bank) == 7
 
 
+def test_a_users_record_is_its_leaves_bytes_little_endian_8_byte_aligned(tmp_path, storage):
+  """The stored record of a user, read as raw bytes, equals its leaves' little-endian bytes
+  in leaf order, each padded with zeros to a multiple of 8 (reference built by hand)."""
+  rng = np.random.default_rng(3)
+  mem = {"a": rng.integers(-9, 9, size=(4, 3)).astype(np.int8),  # users on axis 0: 3 bytes
+         "b": rng.normal(size=(2, 4, 3)).astype(np.float32),  # users on axis 1: 2x3x4 bytes
+         "c": rng.random(4) < 0.5, "w": np.ones(2, np.float16)}  # bool users; w shared
+  axes = {"a": 0, "b": 1, "c": 0, "w": None}
+  with MemoryBank.create(location(tmp_path, storage, "rec"), mem, num_users=6,
+                         user_axes=axes) as bank:
+    bank.write([5, 0, 3, 1], mem)
+    assert bank.record_bytes == 8 + 24 + 8  # 3 -> 8, 24, 1 -> 8
+    stored = bank._arrays[bank_lib.RECORDS][[5, 0, 3, 1]].read().result()  # uint8 [4, 40]
+  for u in range(4):
+    want = bytearray(40)
+    want[0:3] = mem["a"][u].tobytes()
+    want[8:32] = mem["b"][:, u].astype("<f4").tobytes()
+    want[32:33] = mem["c"][u:u + 1].tobytes()
+    assert stored[u].tobytes() == bytes(want), u
+
+
 def test_explicit_user_axes(tmp_path, storage):
   # A plain dict memory: users on axis 2 of "x" (bfloat16), axis 0 of "n"; "w" shared.
   rng = np.random.default_rng(0)
