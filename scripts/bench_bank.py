@@ -68,18 +68,6 @@ def random_cache(rng: np.random.Generator, batch: int) -> Cache:
                length=n.astype(np.int32))
 
 
-def local_stored_bytes(memory) -> np.ndarray:
-  """LOCAL STAND-IN for ``compressors.stored_bytes`` (not merged yet): int64 [B], the bytes a
-  low-rank memory with a DenseIndex needs for each user's real events: per kept event its ck
-  and cv rows (L x H x r each) and its time stamp, plus the length; no empty slots."""
-  n = np.asarray(memory.index.length).astype(np.int64)  # [B]
-  ck, cv = np.asarray(memory.ck), np.asarray(memory.cv)  # [L, B, H, T, r]
-  per_event = (ck.shape[0] * ck.shape[2] * ck.shape[4] * ck.itemsize +
-               cv.shape[0] * cv.shape[2] * cv.shape[4] * cv.itemsize +
-               np.asarray(memory.index.ts).itemsize)
-  return n * per_event + np.asarray(memory.index.length).itemsize
-
-
 def user_digests(memory, axes: dict, weights: np.ndarray) -> np.ndarray:
   """uint64 [B]: a linear hash of each user's per-user leaves (users moved first).
 
@@ -164,7 +152,7 @@ def run(kind: str, users: int, batch: int, directory: str | None, fsync: bool) -
       write_s += time.perf_counter() - t0
       write_cpu += time.process_time() - c0
       digests[ids] = user_digests(memory, axes, weights)
-      stored[ids] = local_stored_bytes(memory)
+      stored[ids] = C.stored_bytes(memory)
     bank.close()
 
     bank = Bank.open(root / "bank")
@@ -208,7 +196,7 @@ def main(argv):
         f"{r['reference']:.0f}), shared bases {r['shared']} B once")
   print(f"users {users}, batches of {batch}, fsync={_FSYNC.value}; load average now "
         f"{os.getloadavg()[0]:.2f} (machine shared with other jobs)")
-  print(f"stored bytes per user (local stand-in for compressors.stored_bytes): "
+  print(f"stored bytes per user (compressors.stored_bytes): "
         f"{r['stored'] / users:,.1f}")
   for kind in kinds:
     k = results[kind]
