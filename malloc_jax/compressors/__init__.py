@@ -46,7 +46,25 @@ from malloc_jax.compressors.quantization import (
     uniform,
     unpack_codes,
 )
-from malloc_jax.compressors.registry import FACTORIES, make_compressor, method_parameters
+from malloc_jax.compressors.registry import (
+    build_compressor,
+    check_params,
+    get_spec,
+    make_compressor,
+    method_parameters,
+    specs,
+)
+from malloc_jax.compressors.spec import CacheShape, MethodSpec
+
+
+def __getattr__(name: str):
+  """``FACTORIES`` and the factory of every registered method (e.g. ``compressors.knorm``)."""
+  from malloc_jax.compressors import registry
+  if name == "FACTORIES":
+    return registry.FACTORIES
+  if name in registry.specs():
+    return registry.specs()[name].factory
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "ChainState", "Compressor", "DenseIndex", "DenseMemory", "EmptyState", "LowRankBases",
@@ -54,7 +72,8 @@ __all__ = [
     "chain", "fit_lowrank", "identity", "index_of", "lowrank", "native", "nbytes",
     "shared_nbytes",
     # post-hoc library
-    "FACTORIES", "H2OState", "IntactKVMemory", "KiviMemory", "QuantSpec", "RandomState",
+    "CacheShape", "FACTORIES", "H2OState", "MethodSpec", "build_compressor", "check_params",
+    "get_spec", "specs", "IntactKVMemory", "KiviMemory", "QuantSpec", "RandomState",
     "UniformMemory", "budget_bytes", "cache_spec", "h2o", "intactkv", "kivi", "make_compressor",
     "memory_bytes", "merge_evicted", "method_parameters", "pack_codes", "params_for_ratio",
     "random", "ratio_table", "snapkv", "streaming", "uniform", "unpack_codes",

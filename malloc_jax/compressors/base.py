@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from malloc_jax.cache import Cache, Signals
+from malloc_jax.compressors.spec import MethodSpec
 
 
 class Memory(Protocol):
@@ -215,3 +216,11 @@ def chain(*compressors: Compressor) -> Compressor:
     return memory, ChainState(tuple(new_states))
 
   return Compressor(init, compress)
+
+
+# ----------------------------------------------------------------------------------------
+# Registration (see malloc_jax.compressors.spec).
+
+SPECS = (MethodSpec(
+    name="native", factory=identity, granularity="none",
+    reference="the uncompressed KV cache of M-FALCON serving (Zhai et al., ICML 2024)"),)

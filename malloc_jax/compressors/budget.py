@@ -18,17 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from malloc_jax.cache import Cache, Signals
+from malloc_jax.compressors import registry
 from malloc_jax.compressors.base import nbytes
-from malloc_jax.compressors.lowrank import LowRankBases, lowrank
-from malloc_jax.compressors.registry import FACTORIES, make_compressor
+from malloc_jax.compressors.spec import CacheShape
 
-# Which parameter each method's byte budget moves.
-TUNED = {
-    "native": None, "lowrank": "rank", "h2o": "budget", "merge_evicted": "budget",
-    "snapkv": "budget", "streaming": "budget", "random": "budget", "kivi": "bits",
-    "intactkv": "bits", "uniform": "bits",
-}
-_BITS = {"kivi": (2, 4), "intactkv": (2, 4, 8), "uniform": (4, 8)}
+
+def __getattr__(name: str):
+  if name == "TUNED":  # {method: the parameter its byte budget moves}, from the specs
+    return {n: s.tuned for n, s in registry.specs().items()}
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cache_spec(num_layers: int, heads: int, capacity: int, dk: int, dv: int | None = None,
@@ -46,13 +44,19 @@ def _abstract(cache: Cache) -> Cache:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), cache)
 
 
+def _is_arrays(tree) -> bool:
+  leaves = jax.tree.leaves(tree)
+  return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct | jax.Array) for x in leaves)
+
+
 def memory_bytes(method: str, cache: Cache, **params) -> float:
   """Bytes per user of the memory ``make_compressor(method, **params)`` stores for ``cache``.
 
   Args:
     method: a registry name. cache: a Cache or an abstract one (see :func:`cache_spec`).
-    **params: the method's parameters; for "lowrank" give ``rank=`` (abstract bases of that
-      rank are used) or ``bases=``.
+    **params: the method's config parameters (a calibrated method such as "lowrank" takes
+      ``rank=``, and abstract fitted arguments of that rank are used) or its factory's
+      (``bases=``).
 
   Returns:
     ``nbytes(memory) / batch`` of the memory built with ``jax.eval_shape``; shared leaves
@@ -65,78 +69,38 @@ def memory_bytes(method: str, cache: Cache, **params) -> float:
   signals = Signals(acc_attn=jax.ShapeDtypeStruct((L, B, H, T), jnp.float32),
                     window_attn=jax.ShapeDtypeStruct((L, B, H, W, T), jnp.float32),
                     window_valid=jax.ShapeDtypeStruct((B, W), jnp.bool_))
-  bases = None
-  if method == "lowrank":
-    params = dict(params)
-    bases = params.pop("bases", None)
-    rank = params.pop("rank", None)
-    if bases is None:
-      if rank is None:
-        raise ValueError("memory_bytes: lowrank needs rank= or bases=")
-      f = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-      bases = LowRankBases(f(L, H, dk), f(L, H, dk, rank), f(L, H, dv), f(L, H, dv, rank))
-    bases = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), bases)
-    make = lambda b: lowrank(b, **params)
-  else:
-    comp = make_compressor(method, **params)
-    make = lambda b: comp
+  # A calibrated method (low rank) gets abstract fitted arguments of the right shapes.
+  kwargs = registry.factory_params(method, params, CacheShape.of(cache), caches=None)
+  fitted = {k: v for k, v in kwargs.items() if _is_arrays(v)}
+  static = {k: v for k, v in kwargs.items() if k not in fitted}
 
-  def build(cache, signals, bases):
-    comp = make(bases)
+  def build(cache, signals, fitted):
+    comp = registry.make_compressor(method, **static, **fitted)
     memory, _ = comp.compress(cache, comp.init(cache), signals)
     return memory
 
-  shapes = jax.eval_shape(build, cache, signals, bases)
+  shapes = jax.eval_shape(build, cache, signals, fitted)
   # Zero-stride NumPy views report the nbytes of their shape without allocating it.
   views = jax.tree.map(lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape), shapes)
   return nbytes(views) / B
 
 
 def _candidates(method: str, cache: Cache, fixed: dict) -> list[dict]:
-  """Parameter sets for ``method`` in increasing order of stored bytes."""
-  T = cache.k.shape[3]
-  if method in ("h2o", "merge_evicted"):
-    out = []
-    for b in range(1, T + 1):
-      if "recent" in fixed:
-        recent = fixed["recent"]
-      elif "heavy" in fixed:
-        recent = b - fixed["heavy"]
-      else:
-        recent = b // 2
-      if 0 <= recent <= b:
-        out.append({**fixed, "heavy": b - recent, "recent": recent})
-    return out
-  if method == "snapkv":
-    if "window" in fixed:
-      return [{**fixed, "budget": b} for b in range(fixed["window"], T + 1)]
-    return [{**fixed, "budget": b, "window": min(8, b)} for b in range(1, T + 1)]
-  if method == "streaming":
-    out = []
-    for b in range(1, T + 1):
-      sinks = fixed.get("sinks", min(4, b))
-      if sinks <= b:
-        out.append({**fixed, "sinks": sinks, "recent": b - sinks})
-    return out
-  if method == "random":
-    return [{**fixed, "budget": b} for b in range(1, T + 1)]
-  if method in _BITS:
-    return [{**fixed, "bits": b} for b in _BITS[method]]
-  if method == "lowrank":
-    if "bases" in fixed:
-      raise ValueError("budget_bytes: lowrank chooses the rank; do not pass bases=")
-    d = min(cache.k.shape[-1], cache.v.shape[-1])
-    return [{**fixed, "rank": r} for r in range(1, d + 1)]
-  if method == "native":
+  """Parameter sets for ``method`` in increasing order of stored bytes (the spec's list)."""
+  spec = registry.get_spec(method)
+  if spec.calibrate is not None and set(fixed) - {"dtype", "rank", "reduction"}:
+    raise ValueError(f"budget_bytes: {method} is fitted on data and chooses its "
+                     f"{spec.tuned}; fix only rank, reduction or dtype, not "
+                     f"{sorted(set(fixed) - {'dtype', 'rank', 'reduction'})}")
+  if spec.candidates is None:
     return [dict(fixed)]
-  raise ValueError(f"budget_bytes: method {method!r} is unknown; valid methods: "
-                   f"{', '.join(sorted(FACTORIES))}")
+  return spec.candidates(CacheShape.of(cache), dict(fixed))
 
 
 def budget_bytes(method: str, cache: Cache, target_bytes: float, **fixed) -> dict[str, Any]:
   """The largest setting of ``method`` whose memory fits ``target_bytes`` per user.
 
-  The tuned parameter (``TUNED[method]``): the total kept events for eviction and merging
+  The tuned parameter (the spec's ``tuned``): the total kept events for eviction and merging
   (h2o / merge_evicted split it heavy = budget - recent with recent = budget // 2 unless
   ``recent`` or ``heavy`` is fixed; streaming keeps ``sinks`` = min(4, budget) unless fixed;
   snapkv keeps ``window`` (default 8) fixed), the code width for kivi / intactkv / uniform,

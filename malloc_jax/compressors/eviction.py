@@ -35,6 +35,7 @@ import numpy as np
 
 from malloc_jax.cache import Cache, Signals, pad_capacity
 from malloc_jax.compressors.base import Compressor, DenseMemory, EmptyState, SparseIndex
+from malloc_jax.compressors.spec import CacheShape, MethodSpec, budget_range
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
 
@@ -466,3 +467,58 @@ def random(budget: int, seed: int = 0) -> Compressor:
     return kept_memory(cache, sel, picked), RandomState(key)
 
   return Compressor(init, compress)
+
+
+# ----------------------------------------------------------------------------------------
+# Registration (see malloc_jax.compressors.spec).
+
+
+def heavy_recent_candidates(shape: CacheShape, fixed: dict) -> list[dict]:
+  """Budgets 1..T split heavy = budget - recent, recent = budget // 2 unless one is fixed."""
+  out = []
+  for b in range(1, shape.capacity + 1):
+    if "recent" in fixed:
+      recent = fixed["recent"]
+    elif "heavy" in fixed:
+      recent = b - fixed["heavy"]
+    else:
+      recent = b // 2
+    if 0 <= recent <= b:
+      out.append({**fixed, "heavy": b - recent, "recent": recent})
+  return out
+
+
+def _snapkv_candidates(shape: CacheShape, fixed: dict) -> list[dict]:
+  if "window" in fixed:
+    return budget_range(shape, fixed, lo=fixed["window"])
+  return [{**c, "window": min(8, c["budget"])} for c in budget_range(shape, fixed)]
+
+
+def _streaming_candidates(shape: CacheShape, fixed: dict) -> list[dict]:
+  out = []
+  for b in range(1, shape.capacity + 1):
+    sinks = fixed.get("sinks", min(4, b))
+    if sinks <= b:
+      out.append({**fixed, "sinks": sinks, "recent": b - sinks})
+  return out
+
+
+SPECS = (
+    MethodSpec(name="h2o", factory=h2o, granularity="token", tuned="budget",
+               candidates=heavy_recent_candidates, needs_signals=True,
+               limits={"heavy": "capacity", "recent": "capacity"},
+               reference="Zhang et al., H2O: Heavy-Hitter Oracle, NeurIPS 2023"),
+    MethodSpec(name="snapkv", factory=snapkv, granularity="token", tuned="budget",
+               candidates=_snapkv_candidates, needs_signals=True,
+               limits={"budget": "capacity", "window": "capacity"},
+               reference="Li et al., SnapKV: LLM Knows What You are Looking for Before "
+               "Generation, NeurIPS 2024"),
+    MethodSpec(name="streaming", factory=streaming, granularity="token", tuned="budget",
+               candidates=_streaming_candidates,
+               limits={"sinks": "capacity", "recent": "capacity"},
+               reference="Xiao et al., Efficient Streaming Language Models with Attention "
+               "Sinks, ICLR 2024"),
+    MethodSpec(name="random", factory=random, granularity="token", tuned="budget",
+               candidates=budget_range, limits={"budget": "capacity"},
+               reference="the random-eviction baseline of Zhang et al., H2O (NeurIPS 2023)"),
+)

@@ -26,6 +26,7 @@ from flax import struct
 
 from malloc_jax.cache import Cache
 from malloc_jax.compressors.base import Compressor, EmptyState, cache_from, index_of
+from malloc_jax.compressors.spec import CacheShape, MethodSpec
 from malloc_jax.compressors.eviction import (
   check_choice,
   check_int,
@@ -549,3 +550,31 @@ def uniform(bits: int = 8) -> Compressor:
     return memory, state
 
   return Compressor(init, compress)
+
+
+# ----------------------------------------------------------------------------------------
+# Registration (see malloc_jax.compressors.spec).
+
+
+def _bits(choices):
+  return lambda shape, fixed: [{**fixed, "bits": b} for b in choices]
+
+
+def divisor_group(shape: CacheShape) -> int:
+  """"auto" KIVI group / residual: the largest divisor of Dv up to 32."""
+  return max(g for g in range(1, min(32, shape.dv) + 1) if shape.dv % g == 0)
+
+
+SPECS = (
+    MethodSpec(name="kivi", factory=kivi, granularity="precision", tuned="bits",
+               candidates=_bits((2, 4)), auto={"group": divisor_group, "residual": divisor_group},
+               reference="Liu et al., KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV "
+               "Cache, ICML 2024"),
+    MethodSpec(name="intactkv", factory=intactkv, granularity="precision", tuned="bits",
+               candidates=_bits((2, 4, 8)), needs_signals=True, limits={"group": "head_dim"},
+               reference="Liu et al., IntactKV: Improving Large Language Model Quantization by "
+               "Keeping Pivot Tokens Intact, Findings of ACL 2024"),
+    MethodSpec(name="uniform", factory=uniform, granularity="precision", tuned="bits",
+               candidates=_bits((4, 8)),
+               reference="symmetric absmax round-to-nearest per token and head"),
+)
