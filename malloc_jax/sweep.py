@@ -47,11 +47,17 @@ import numpy as np
 
 from malloc_jax import compressors as comp_lib
 from malloc_jax import costs as costs_lib
-from malloc_jax.compressors.budget import cache_spec, memory_bytes, params_for_ratio, ratio_table
-from malloc_jax.compressors.registry import FACTORIES, make_compressor
+from malloc_jax.compressors import registry
+from malloc_jax.compressors.budget import cache_spec, memory_bytes, ratio_table, resolve_params
 from malloc_jax.config_validation import validate_config
 from malloc_jax.evaluate import calibration_caches, padded_batches, split_request
-from malloc_jax.experiment import TRAIN_FIELDS, _check_workdir, build_model, load_data, train_model
+from malloc_jax.experiment import (
+  TRAIN_FIELDS,
+  check_workdir,
+  load_data,
+  model_cache_spec,
+  train_model,
+)
 from malloc_jax.metrics import ranking_metrics, retrieval_metrics, target_rank
 from malloc_jax.models.base import Events
 from malloc_jax.ranking import candidate_labels, sample_candidates
@@ -61,16 +67,12 @@ RESULTS = "results.jsonl"
 BASE_MODELS = ("hstu", "sasrec")
 EXTRA_METHODS = ("native", "recompute", "chain")
 
-# Granularity of each method family and trained variant (DESIGN.md's method catalogue).
-GRANULARITY = {
-    "native": "none", "recompute": "none",
-    "h2o": "token", "snapkv": "token", "streaming": "token", "random": "token",
-    "merge_evicted": "token", "longformer": "token", "beacon": "token",
-    "kivi": "precision", "intactkv": "precision", "uniform": "precision",
-    "lowrank": "low rank",
-    "mqa": "head", "gqa": "head", "mla": "head",
-    "linformer": "sequence", "lsh": "sequence",
-    "rwkv": "architecture", "linear": "architecture",
+# Granularity of each trained variant (DESIGN.md's method catalogue); post-hoc methods
+# declare theirs in their MethodSpec.
+VARIANT_GRANULARITY = {
+    "longformer": "token", "beacon": "token", "mqa": "head", "gqa": "head", "mla": "head",
+    "linformer": "sequence", "lsh": "sequence", "rwkv": "architecture",
+    "linear": "architecture",
 }
 
 
@@ -82,8 +84,10 @@ def granularity(family: str, model_name: str) -> str:
   if family == "chain" or (variant and family != "native"):
     return "chain"
   if variant:
-    return GRANULARITY.get(variant, "architecture")
-  return GRANULARITY.get(family, "other")
+    return VARIANT_GRANULARITY.get(variant, "architecture")
+  if family in registry.specs():
+    return registry.get_spec(family).granularity
+  return "other"
 
 
 # ------------------------------------------------------------------------------------------
@@ -198,53 +202,32 @@ def train_key(run: ml_collections.ConfigDict) -> str:
   return f"{name}-{_hash({k: full[k] for k in TRAIN_FIELDS})}"
 
 
-def _auto(value, dv: int):
-  """"auto" for a KIVI group or residual: the largest divisor of Dv up to 32."""
-  if value != "auto":
-    return value
-  return max(g for g in range(1, min(32, dv) + 1) if dv % g == 0)
-
-
-def _resolve(name: str, params: dict, spec, dv: int) -> dict:
+def _resolve(name: str, params: dict, spec) -> dict:
   """Concrete parameters of one compressor step (``ratio`` and ``"auto"`` resolved)."""
-  params = {k: _auto(v, dv) for k, v in params.items() if k not in ("name", "ratios")}
-  ratio = params.pop("ratio", None)
-  if ratio is not None:
-    params = params_for_ratio(name, spec, float(ratio), **params)
-  return params
-
-
-def _model_info(run) -> tuple[Any, bool]:
-  """(cache spec of the model's native memory or None, whether post-hoc methods apply)."""
-  from flax import nnx
-  model = nnx.eval_shape(lambda: build_model(run, 2))
-  if hasattr(model, "empty_memory"):  # own memory layout: only native / recompute apply
-    return None, False
-  heads, dk, dv = model.head_dims()
-  return cache_spec(len(model.layers), heads, run.data.max_len, dk, dv), True
+  params = {k: v for k, v in params.items() if k not in ("name", "ratios")}
+  return resolve_params(name, params, spec)
 
 
 def _settings(label: str, m: dict, spec, ratios, where: str, print_fn) -> list[tuple]:
   """The cells of one method entry: [(cell method label, steps, target ratio or None)]."""
   name = m.get("name")
-  dv = spec.v.shape[-1] if spec is not None else 0
   if name in ("native", "recompute"):
     return [(label, (), None)]
   if name == "chain":
     steps = []
     for i, s in enumerate(m.get("steps", ())):
       s = dict(s)
-      if s.get("name") not in FACTORIES:
+      if s.get("name") not in registry.specs():
         raise ValueError(f"config.methods.{label}.steps[{i}].name={s.get('name')!r}: expected "
-                         f"one of {sorted(FACTORIES)}")
-      steps.append((s["name"], _resolve(s["name"], s, spec, dv)))
+                         f"one of {sorted(registry.specs())}")
+      steps.append((s["name"], _resolve(s["name"], s, spec)))
     if not steps:
       raise ValueError(f"config.methods.{label}.steps: a chain needs at least one step")
     return [(label, tuple(steps), None)]
   if not m.get("ratios"):
-    return [(label, ((name, _resolve(name, m, spec, dv)),), None)]
+    return [(label, ((name, _resolve(name, m, spec)),), None)]
   out = []
-  fixed = _resolve(name, m, spec, dv)
+  fixed = _resolve(name, m, spec)
   for ratio, params in ratio_table(name, spec, tuple(ratios), **fixed).items():
     if params is None:
       print_fn(f"note: {label} cannot reach {ratio:g}x for {where}; skipped")
@@ -269,9 +252,9 @@ def expand_cells(config, print_fn=print) -> list[Cell]:
   methods = sorted(config.methods.items(),  # the references first, then the config's order
                    key=lambda kv: {"native": 0, "recompute": 1}.get(kv[1].get("name"), 2))
   for label, m in methods:
-    if m.get("name") not in FACTORIES and m.get("name") not in EXTRA_METHODS:
+    if m.get("name") not in registry.specs() and m.get("name") not in EXTRA_METHODS:
       raise ValueError(f"config.methods.{label}.name={m.get('name')!r}: expected one of "
-                       f"{sorted(set(FACTORIES) | set(EXTRA_METHODS))}")
+                       f"{sorted(set(registry.specs()) | set(EXTRA_METHODS))}")
   for ds_label, base in config.datasets.items():
     for model_label, sections in config.models.items():
       if ds_label not in sections:
@@ -285,7 +268,8 @@ def expand_cells(config, print_fn=print) -> list[Cell]:
         run.seed = int(seed)
         validate_config(run)
         key = train_key(run)
-        spec, posthoc = _model_info(run)
+        spec = model_cache_spec(run)
+        posthoc = spec is not None
         evaluation = {"eval": run.eval.to_dict(), "ranking": config.ranking.to_dict(),
                       "requests": list(config.stream_requests)}
         train = json.loads(run.to_json_best_effort(sort_keys=True))
@@ -351,11 +335,11 @@ def _recompute_cell(model, items, ts, length, target, candidates):
 
 
 class _Backbone:
-  """A trained backbone with its data, lazily fitted low-rank bases and reference bytes."""
+  """A trained backbone with its data and the lazily fitted arguments of calibrated methods."""
 
   def __init__(self, key, model, data, run, info, prefill_cache_bytes: float = 4e9):
     self.key, self.model, self.data, self.run, self.info = key, model, data, run, info
-    self._bases = {}
+    self._fitted: dict[tuple, dict] = {}
     self._prefilled: dict[tuple, list] = {}
     self.prefill_cache_bytes = prefill_cache_bytes
 
@@ -387,20 +371,21 @@ class _Backbone:
     if keep is not None:
       self._prefilled[key] = keep
 
-  def bases(self, rank: int):
-    if rank not in self._bases:
+  def factory_params(self, name: str, params: dict) -> dict:
+    """The factory arguments of a step; calibrated methods are fitted once per setting."""
+    key = (name, json.dumps(params, sort_keys=True, default=str))
+    if key not in self._fitted:
+      heads, dk, dv = self.model.head_dims()
+      shape = registry.CacheShape(len(self.model.layers), heads, self.run.data.max_len, dk, dv)
       e = self.run.eval
-      self._bases[rank] = comp_lib.fit_lowrank(calibration_caches(
-          self.model, self.data.valid, num_users=e.calibration_users, seed=self.run.seed), rank)
-    return self._bases[rank]
+      caches = lambda: calibration_caches(self.model, self.data.valid,
+                                          num_users=e.calibration_users, seed=self.run.seed)
+      self._fitted[key] = registry.factory_params(name, params, shape, caches)
+    return self._fitted[key]
 
   def compressor(self, steps) -> comp_lib.Compressor:
-    built = []
-    for name, params in steps:
-      params = dict(params)
-      if name == "lowrank":
-        params["bases"] = self.bases(int(params.pop("rank")))
-      built.append(make_compressor(name, **params))
+    built = [registry.make_compressor(name, **self.factory_params(name, dict(params)))
+             for name, params in steps]
     if not built:
       return comp_lib.native()
     return built[0] if len(built) == 1 else comp_lib.chain(*built)
@@ -590,7 +575,7 @@ def _run_locked(config, workdir: Path, print_fn) -> list[dict]:
         print_fn(data_cache[data_key].summary())
       data = data_cache[data_key]
       model_dir = workdir / "models" / cell.train_key
-      _check_workdir(model_dir, cell.run)
+      check_workdir(model_dir, cell.run)
       print_fn(f"backbone {cell.train_key} ({cell.dataset}/{cell.model}/s{cell.seed})")
       model, info = train_model(cell.run, model_dir, data, print_fn)
       backbone = _Backbone(cell.train_key, model, data, cell.run, info,

@@ -32,7 +32,7 @@ from malloc_jax.evaluate import (
   evaluate,
   padded_batches,
 )
-from malloc_jax.experiment import _check_workdir, load_data, train_model
+from malloc_jax.experiment import check_workdir, load_data, train_model
 from malloc_jax.metrics import retrieval_metrics, target_rank
 from malloc_jax.sweep import _prefill_batch
 
@@ -91,7 +91,7 @@ def main(argv):
   config = _CONFIG.value
   validate_config(config)
   workdir = Path(_WORKDIR.value)
-  _check_workdir(workdir, config)
+  check_workdir(workdir, config)
   data = load_data(config)
   print(data.summary(), flush=True)
   model, info = train_model(config, workdir, data)

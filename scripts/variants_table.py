@@ -27,7 +27,7 @@ from malloc_jax import config_lib
 from malloc_jax.checkpoint import write_json_atomic
 from malloc_jax.config_validation import validate_config
 from malloc_jax.evaluate import evaluate, split_request
-from malloc_jax.experiment import _check_workdir, load_data, train_model
+from malloc_jax.experiment import check_workdir, load_data, train_model
 
 _DATA = flags.DEFINE_string("data", "synthetic", "synthetic | ml-100k | ... (config data=)")
 _PATH = flags.DEFINE_string("path", "", "Data file for real datasets.")
@@ -94,7 +94,7 @@ def main(argv):
     config = config_for(name)
     validate_config(config)
     workdir = out_dir / name
-    _check_workdir(workdir, config)
+    check_workdir(workdir, config)
     data = data or load_data(config)
     t0 = time.time()
     model, info = train_model(config, workdir, data, print_fn=lambda s: print(f"[{name}] {s}"))

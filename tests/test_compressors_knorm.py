@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 from malloc_jax import compressors as C
 from malloc_jax.cache import Cache
 from tests.test_compressors_eviction import (
-  B,
-  D,
   SEEDS,
   SETTINGS,
+  B,
+  D,
   H,
   L,
   T,

@@ -31,6 +31,7 @@ from malloc_jax.compressors.budget import (
     memory_bytes,
     params_for_ratio,
     ratio_table,
+    resolve_params,
 )
 from malloc_jax.compressors.eviction import H2OState, RandomState, h2o, random, snapkv, streaming
 from malloc_jax.compressors.lowrank import LowRankBases, LowRankMemory, fit_lowrank, lowrank
@@ -76,5 +77,5 @@ __all__ = [
     "get_spec", "specs", "IntactKVMemory", "KiviMemory", "QuantSpec", "RandomState",
     "UniformMemory", "budget_bytes", "cache_spec", "h2o", "intactkv", "kivi", "make_compressor",
     "memory_bytes", "merge_evicted", "method_parameters", "pack_codes", "params_for_ratio",
-    "random", "ratio_table", "snapkv", "streaming", "uniform", "unpack_codes",
+    "random", "ratio_table", "resolve_params", "snapkv", "streaming", "uniform", "unpack_codes",
 ]

@@ -64,7 +64,6 @@ def memory_bytes(method: str, cache: Cache, **params) -> float:
   """
   cache = _abstract(cache)
   L, B, H, T, dk = cache.k.shape
-  dv = cache.v.shape[-1]
   W = max(T, int(params.get("window", 0)), 64)  # abstract: any W >= the window will do
   signals = Signals(acc_attn=jax.ShapeDtypeStruct((L, B, H, T), jnp.float32),
                     window_attn=jax.ShapeDtypeStruct((L, B, H, W, T), jnp.float32),
@@ -161,3 +160,24 @@ def ratio_table(method: str, cache: Cache, ratios=(2, 4, 8),
         raise
       table[r] = None
   return table
+
+
+def resolve_params(method: str, params: dict, cache: Cache) -> dict[str, Any]:
+  """Config parameters of ``method`` made concrete for a model's (abstract) ``cache``.
+
+  ``"auto"`` values take the spec's choice for the cache shape (e.g. KIVI's group); a
+  ``ratio`` entry is replaced by :func:`params_for_ratio` of that ratio, the other entries held
+  fixed. What a config file, the sweep and ``train_and_evaluate`` all call.
+
+  Raises:
+    ValueError: an invalid ratio, an unreachable one (the message gives the smallest
+      memory's bytes), or an unsupported ``"auto"``.
+  """
+  cache = _abstract(cache)
+  params = registry.resolve_auto(method, dict(params), CacheShape.of(cache))
+  ratio = params.pop("ratio", None)
+  if ratio is None:
+    return params
+  if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not ratio >= 1:
+    raise ValueError(f"{method}: ratio={ratio!r} must be a number >= 1")
+  return params_for_ratio(method, cache, float(ratio), **params)

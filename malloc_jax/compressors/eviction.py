@@ -507,18 +507,22 @@ SPECS = (
     MethodSpec(name="h2o", factory=h2o, granularity="token", tuned="budget",
                candidates=heavy_recent_candidates, needs_signals=True,
                limits={"heavy": "capacity", "recent": "capacity"},
+               example={"heavy": 2, "recent": 2},
                reference="Zhang et al., H2O: Heavy-Hitter Oracle, NeurIPS 2023"),
     MethodSpec(name="snapkv", factory=snapkv, granularity="token", tuned="budget",
                candidates=_snapkv_candidates, needs_signals=True,
                limits={"budget": "capacity", "window": "capacity"},
+               example={"budget": 5, "window": 2},
                reference="Li et al., SnapKV: LLM Knows What You are Looking for Before "
                "Generation, NeurIPS 2024"),
     MethodSpec(name="streaming", factory=streaming, granularity="token", tuned="budget",
                candidates=_streaming_candidates,
                limits={"sinks": "capacity", "recent": "capacity"},
+               example={"sinks": 1, "recent": 3},
                reference="Xiao et al., Efficient Streaming Language Models with Attention "
                "Sinks, ICLR 2024"),
     MethodSpec(name="random", factory=random, granularity="token", tuned="budget",
                candidates=budget_range, limits={"budget": "capacity"},
+               example={"budget": 4, "seed": 1},
                reference="the random-eviction baseline of Zhang et al., H2O (NeurIPS 2023)"),
 )

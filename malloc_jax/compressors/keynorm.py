@@ -68,5 +68,6 @@ def _candidates(shape: CacheShape, fixed: dict) -> list[dict]:
 SPECS = (MethodSpec(
     name="knorm", factory=knorm, granularity="token", tuned="budget", candidates=_candidates,
     limits={"budget": "capacity", "recent": "capacity"},
+    example={"budget": 5, "recent": 2},
     reference="Devoto et al., A Simple and Effective L2 Norm-Based Strategy for KV Cache "
     "Compression, EMNLP 2024"),)

@@ -181,4 +181,5 @@ SPECS = (MethodSpec(
     candidates=lambda shape, fixed: [{**fixed, "rank": r}
                                      for r in range(1, shape.head_dim + 1)],
     calibrate=_calibrate, limits={"rank": "head_dim"},
+    example={"rank": 3},
     reference="Chang et al., Palu (2024); PCA of KV caches as in MALLOC (arXiv 2601.20234)"),)

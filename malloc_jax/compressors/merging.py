@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from malloc_jax.compressors.base import Compressor
-from malloc_jax.compressors.spec import MethodSpec
 from malloc_jax.compressors.eviction import (
   H2OState,
   check_int,
@@ -23,6 +22,7 @@ from malloc_jax.compressors.eviction import (
   mark_slots,
   take_slots,
 )
+from malloc_jax.compressors.spec import MethodSpec
 
 
 def merge_evicted(heavy: int, recent: int, accumulate: bool = True,
@@ -109,4 +109,5 @@ SPECS = (MethodSpec(
     name="merge_evicted", factory=merge_evicted, granularity="token", tuned="budget",
     candidates=heavy_recent_candidates, needs_signals=True,
     limits={"heavy": "capacity", "recent": "capacity"},
+    example={"heavy": 2, "recent": 2},
     reference="Wan et al., D2O (2024); Zhang et al., CaM (ICML 2024)"),)

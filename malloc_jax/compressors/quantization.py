@@ -26,7 +26,6 @@ from flax import struct
 
 from malloc_jax.cache import Cache
 from malloc_jax.compressors.base import Compressor, EmptyState, cache_from, index_of
-from malloc_jax.compressors.spec import CacheShape, MethodSpec
 from malloc_jax.compressors.eviction import (
   check_choice,
   check_int,
@@ -36,6 +35,7 @@ from malloc_jax.compressors.eviction import (
   take_slots,
   top_slots,
 )
+from malloc_jax.compressors.spec import CacheShape, MethodSpec
 
 # ----------------------------------------------------------------------------------------
 # Static layout and packing.
@@ -568,13 +568,16 @@ def divisor_group(shape: CacheShape) -> int:
 SPECS = (
     MethodSpec(name="kivi", factory=kivi, granularity="precision", tuned="bits",
                candidates=_bits((2, 4)), auto={"group": divisor_group, "residual": divisor_group},
+               example={"bits": 4, "group": 4, "residual": 4},
                reference="Liu et al., KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV "
                "Cache, ICML 2024"),
     MethodSpec(name="intactkv", factory=intactkv, granularity="precision", tuned="bits",
                candidates=_bits((2, 4, 8)), needs_signals=True, limits={"group": "head_dim"},
+               example={"bits": 8, "pivots": 2},
                reference="Liu et al., IntactKV: Improving Large Language Model Quantization by "
                "Keeping Pivot Tokens Intact, Findings of ACL 2024"),
     MethodSpec(name="uniform", factory=uniform, granularity="precision", tuned="bits",
                candidates=_bits((4, 8)),
+               example={"bits": 8},
                reference="symmetric absmax round-to-nearest per token and head"),
 )

@@ -138,11 +138,11 @@ def check_params(name: str, params: dict, shape: CacheShape) -> None:
       history window or the head dimension).
   """
   spec = get_spec(name)
-  bound = {"capacity": (shape.capacity, "the history window (data.max_len)"),
-           "head_dim": (shape.head_dim, "the head dimension")}
+  bound = {"capacity": f"at most data.max_len={shape.capacity} (the cache capacity)",
+           "head_dim": f"at most the head dimension {shape.head_dim}"}
   for key, kind in spec.limits.items():
     value = params.get(key)
-    if isinstance(value, int) and not isinstance(value, bool) and value > bound[kind][0]:
-      raise ValueError(f"{name}: {key}={value} must be at most {bound[kind][1]} "
-                       f"{bound[kind][0]}")
+    limit = shape.capacity if kind == "capacity" else shape.head_dim
+    if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+      raise ValueError(f"{name}: {key}={value} must be {bound[kind]}")
   build_compressor(name, params, shape, caches=None)

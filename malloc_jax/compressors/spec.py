@@ -73,6 +73,8 @@ class MethodSpec:
     limits: ``{parameter: "capacity" | "head_dim"}``, upper bounds checked against the
       model before training (e.g. a budget larger than the history window is refused).
     auto: ``{parameter: shape -> value}`` for parameters a config may give as ``"auto"``.
+    example: small valid config parameters for a cache of 8 or more slots and head dimension
+      4 or more: what the registry tests build every method with.
   """
 
   name: str
@@ -85,6 +87,7 @@ class MethodSpec:
   calibrate: Calibrate | None = None
   limits: Mapping[str, str] = dataclasses.field(default_factory=dict)
   auto: Mapping[str, Callable[[CacheShape], Any]] = dataclasses.field(default_factory=dict)
+  example: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.granularity not in GRANULARITIES:
