@@ -63,6 +63,27 @@ def memory_bytes(method: str, cache: Cache, **params) -> float:
     (low-rank bases) are excluded, as in ``nbytes``.
   """
   cache = _abstract(cache)
+  try:  # bytes depend on shapes and parameters only: memoize hashable requests
+    key = (method, tuple(jax.tree.leaves(cache)), cache.contiguous,
+           tuple(sorted(params.items())))
+    hash(key)
+  except TypeError:
+    return _memory_bytes(method, cache, params)
+  return _memory_bytes_cached(key, method, cache, params)
+
+
+_MEMO: dict = {}
+
+
+def _memory_bytes_cached(key, method, cache, params) -> float:
+  if key not in _MEMO:
+    if len(_MEMO) > 100_000:
+      _MEMO.clear()
+    _MEMO[key] = _memory_bytes(method, cache, params)
+  return _MEMO[key]
+
+
+def _memory_bytes(method: str, cache: Cache, params: dict) -> float:
   L, B, H, T, dk = cache.k.shape
   W = max(T, int(params.get("window", 0)), 64)  # abstract: any W >= the window will do
   signals = Signals(acc_attn=jax.ShapeDtypeStruct((L, B, H, T), jnp.float32),
