@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import functools
 import hashlib
 import json
 import logging
@@ -41,27 +40,26 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from malloc_jax import compressors as comp_lib
 from malloc_jax import costs as costs_lib
+from malloc_jax import serving
 from malloc_jax.compressors import registry
 from malloc_jax.compressors.budget import cache_spec, memory_bytes, ratio_table, resolve_params
 from malloc_jax.config_validation import validate_config
-from malloc_jax.evaluate import calibration_caches, padded_batches, split_request
+from malloc_jax.evaluate import calibration_caches
 from malloc_jax.experiment import (
   TRAIN_FIELDS,
   check_workdir,
   load_data,
   model_cache_spec,
+  num_devices,
   train_model,
 )
-from malloc_jax.metrics import ranking_metrics, retrieval_metrics, target_rank
-from malloc_jax.models.base import Events
+from malloc_jax.metrics import ranking_metrics, retrieval_metrics
 from malloc_jax.ranking import candidate_labels, sample_candidates
-from malloc_jax.streaming import stream_memory
 
 RESULTS = "results.jsonl"
 BASE_MODELS = ("hstu", "sasrec")
@@ -296,80 +294,37 @@ def expand_cells(config, print_fn=print) -> list[Cell]:
 # Running one cell.
 
 
-@functools.partial(jax.jit, static_argnames=("query_len", "window"))
-def _prefill_batch(model, items, ts, length, *, query_len, window):
-  """Stage 1 of a served cell: the native cache and signals of each user's prefix."""
-  prefix, req = split_request(items, ts, length, query_len)
-  cache, signals = model.prefill(prefix, window)
-  return cache, signals, prefix, req
-
-
-@functools.partial(jax.jit, static_argnames=("compressor",))
-def _compress_batch(cache, signals, *, compressor):
-  """Stage 2: the one-shot compressed memory."""
-  memory, _ = compressor.compress(cache, compressor.init(cache), signals)
-  return memory
-
-
-@jax.jit
-def _score_batch(model, memory, req, target, candidates):
-  """Stage 3: read the memory; (ranks [B], candidate logits [B, C], finite [B])."""
-  h = model.user_embedding(memory.materialize(), req)  # [B, d]
-  ranks = target_rank(model.logits(h), target)
-  return ranks, model.logits(h, candidates), jnp.all(jnp.isfinite(h), axis=-1)
-
-
-@functools.partial(jax.jit, static_argnames=("compressor", "requests", "window"))
-def _stream_batch(model, prefix, req, target, *, compressor, requests, window):
-  """The streaming protocol with r = ``requests``: (ranks [B], memory, finite [B])."""
-  memory, _ = stream_memory(model, prefix, compressor, requests, window)
-  h = model.user_embedding(memory.materialize(), req)
-  return target_rank(model.logits(h), target), memory, jnp.all(jnp.isfinite(h), axis=-1)
-
-
-@jax.jit
-def _recompute_cell(model, items, ts, length, target, candidates):
-  """The recompute reference: the whole history + request re-encoded, no memory."""
-  h = model.user_embedding(model.empty_cache(items.shape[0]), Events(items, ts, length))
-  return target_rank(model.logits(h), target), model.logits(h, candidates)
-
-
 class _Backbone:
   """A trained backbone with its data and the lazily fitted arguments of calibrated methods."""
 
   def __init__(self, key, model, data, run, info, prefill_cache_bytes: float = 4e9):
     self.key, self.model, self.data, self.run, self.info = key, model, data, run, info
     self._fitted: dict[tuple, dict] = {}
-    self._prefilled: dict[tuple, list] = {}
+    self._prefilled: dict[tuple, list] = {}  # prefilled serving.Batch lists
     self.prefill_cache_bytes = prefill_cache_bytes
 
-  def prefilled(self, split, n: int, bs: int, e):
-    """The prefix caches of the eval users in batches of ``bs``, prefilled once per backbone.
+  def user_batches(self, split, n: int, e, prefill: bool = True):
+    """The eval users' batches (``serving.batches``), prefilled once per backbone.
 
-    Every served cell of the backbone compresses the same native caches, so they are kept
-    (in device memory) when they fit in ``prefill_cache_bytes``; otherwise each cell
-    prefills again. Yields (start, idx, real, cache, signals, prefix, req, seconds), where
-    seconds is the time spent prefilling that batch now (0 when reused).
+    Every served cell of the backbone compresses the same native caches, so the prefilled
+    batches are kept (in device memory) when they fit in ``prefill_cache_bytes``; a reused
+    batch reports 0 prefill seconds. Otherwise each cell prefills again.
     """
-    key = (e.split, n, bs, e.query_len, e.window)
+    make = lambda: serving.batches(
+        self.model, split, batch_size=e.batch_size, max_users=n, query_len=e.query_len,
+        window=e.window, num_devices=num_devices(self.run), prefill=prefill)
+    key = (e.split, n, e.batch_size, e.query_len, e.window)
+    if not prefill:
+      return make()
     if key in self._prefilled:
-      for batch in self._prefilled[key]:
-        yield (*batch[:-1], 0.0)
-      return
+      return [dataclasses.replace(b, prefill_seconds=0.0) for b in self._prefilled[key]]
     m = self.run.model
-    estimate = -(-n // bs) * bs * split.items.shape[1] * 2 * m.num_layers * m.dim * 4 * 1.5
-    keep = [] if estimate <= self.prefill_cache_bytes else None  # K, V f32 + signals
-    for start, idx, real in padded_batches(n, bs):
-      t = time.time()
-      out = jax.block_until_ready(_prefill_batch(
-          self.model, jnp.asarray(split.items[idx]), jnp.asarray(split.ts[idx]),
-          jnp.asarray(split.length[idx]), query_len=e.query_len, window=e.window))
-      batch = (start, idx, real, *out, time.time() - t)
-      if keep is not None:
-        keep.append(batch)
-      yield batch
-    if keep is not None:
-      self._prefilled[key] = keep
+    estimate = -(-n // e.batch_size) * e.batch_size * split.items.shape[1] * 2 * m.num_layers \
+        * m.dim * 4 * 1.5  # K, V float32 + signals
+    if estimate > self.prefill_cache_bytes:
+      return make()
+    self._prefilled[key] = list(make())
+    return self._prefilled[key]
 
   def factory_params(self, name: str, params: dict) -> dict:
     """The factory arguments of a step; calibrated methods are fitted once per setting."""
@@ -402,103 +357,29 @@ def reference_bytes(run) -> float:
 
 
 def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
-  """Runs one cell; returns its result row (metrics, bytes, costs, timings)."""
+  """Runs one cell; returns its result row (metrics, bytes, costs, timings).
+
+  Stages: the eval users and their ranking candidates; the serving pipeline
+  (``serving.serve``: compress, score, stream, guard; ``recompute`` re-encodes instead);
+  quality metrics; bytes and request costs; bookkeeping.
+  """
   t0 = time.time()
-  model, run = backbone.model, cell.run
-  e = run.eval
-  split = backbone.data.eval_set(e.split)
-  n = len(split) if not e.max_users else min(e.max_users, len(split))
-  rk = config.ranking
-  cands = sample_candidates(split.target[:n], model.num_items, rk.num_negatives,
-                            rk.seed + cell.seed)
-  requests = tuple(int(r) for r in config.stream_requests)
-  bs = min(e.batch_size, n)
+  e = cell.run.eval
+  split, n, candidates = _eval_users(cell, backbone, config)
   comp = None if cell.family == "recompute" else backbone.compressor(cell.steps)
-  ranks, logits, stream = [], [], []
-  first = None
-  stages = dict.fromkeys(("prefill", "compress", "score", "stream"), 0.0)
-  if comp is None:
-    for _start, idx, real in padded_batches(n, bs):
-      args = (jnp.asarray(split.items[idx]), jnp.asarray(split.ts[idx]),
-              jnp.asarray(split.length[idx]), jnp.asarray(split.target[idx]),
-              jnp.asarray(cands[idx]))
-      t = time.time()
-      r, c = jax.block_until_ready(_recompute_cell(model, *args))
-      stages["score"] += time.time() - t
-      ranks.append(np.asarray(r)[real])
-      logits.append(np.asarray(c)[real])
-      if first is None:
-        first = (args, None, ())
-  else:
-    for start, idx, real, cache, signals, prefix, req, prefill_s in backbone.prefilled(
-        split, n, bs, e):
-      stages["prefill"] += prefill_s
-      target, cand = jnp.asarray(split.target[idx]), jnp.asarray(cands[idx])
-      t = time.time()
-      mem = jax.block_until_ready(_compress_batch(cache, signals, compressor=comp))
-      t1 = time.time()
-      r, c, ok = jax.block_until_ready(_score_batch(model, mem, req, target, cand))
-      t2 = time.time()
-      s_ranks, smem = [], []
-      for q in requests:
-        s_r, m_r, ok_r = jax.block_until_ready(_stream_batch(
-            model, prefix, req, target, compressor=comp, requests=q, window=e.window))
-        s_ranks.append(s_r)
-        smem.append(m_r)
-        ok = ok & ok_r
-      stages["compress"] += t1 - t
-      stages["score"] += t2 - t1
-      stages["stream"] += time.time() - t2
-      bad = np.flatnonzero(~np.asarray(ok)[real])
-      if bad.size:
-        raise FloatingPointError(
-            f"sweep cell {cell.id} ({cell.label}): non-finite user embeddings (NaN or inf in "
-            f"the memory or the model) for {bad.size} user(s), first user index "
-            f"{start + bad[0]}; refusing to record metrics")
-      stream.append(np.stack([np.asarray(x) for x in s_ranks])[:, real] if s_ranks
-                    else np.zeros((0, int(real.sum())), np.int64))
-      ranks.append(np.asarray(r)[real])
-      logits.append(np.asarray(c)[real])
-      if first is None:
-        args = (jnp.asarray(split.items[idx]), jnp.asarray(split.ts[idx]),
-                jnp.asarray(split.length[idx]))
-        first = (args, mem, tuple(smem))
+  requests = tuple(int(r) for r in config.stream_requests) if comp is not None else ()
+  served = serving.serve(
+      backbone.model, backbone.user_batches(split, n, e, prefill=comp is not None), comp,
+      candidates=candidates, requests=requests, window=e.window,
+      num_devices=num_devices(cell.run), where=f"sweep cell {cell.id} ({cell.label})")
   eval_seconds = time.time() - t0
-  ks = tuple(e.ks)
-  row = {"cell": cell.id, "dataset": cell.dataset, "dataset_name": backbone.data.summary(),
-         "model": cell.model, "backbone": run.model.name, "method": cell.method,
-         "family": cell.family, "granularity": granularity(cell.family, run.model.name),
-         "seed": cell.seed, "ratio_target": cell.ratio,
-         "params": {name: p for name, p in cell.steps} if cell.steps else {},
-         "train_key": cell.train_key, "num_users": int(n), "split": e.split}
-  row.update(retrieval_metrics(np.concatenate(ranks), ks))
-  logits = np.concatenate(logits)
-  labels = candidate_labels(logits)
-  users = np.broadcast_to(np.arange(n)[:, None], labels.shape)
-  row.update(ranking_metrics(users, labels, logits, model.temperature))
-  row["ranking_candidates"] = int(labels.shape[1])
-  ref = reference_bytes(run)
-  args, mem, smem = first
-  req_events = split_request(args[0], args[1], args[2], e.query_len)[1]
-  c = config.costs
+  row = _cell_header(cell, backbone, n)
+  row.update(_quality(served, tuple(e.ks), backbone.model.temperature))
   t_costs = time.time()
-  if comp is None:
-    full = Events(args[0], args[1], args[2])
-    row["bytes_per_user"] = costs_lib.events_bytes_per_user(full)
-    row["shared_bytes"] = 0
-    row.update(costs_lib.recompute_costs(model, full, warmup=c.warmup, iters=c.iters).row())
-  else:
-    row["bytes_per_user"] = comp_lib.bytes_per_user(mem)
-    row["shared_bytes"] = comp_lib.shared_nbytes(mem)
-    row.update(costs_lib.serving_costs(model, mem, req_events, closed_form=True,
-                                       warmup=c.warmup, iters=c.iters).row())
-    stream = np.concatenate(stream, axis=1)
-    for j, r in enumerate(requests):
-      for k, v in retrieval_metrics(stream[j], ks).items():
-        row[f"stream{r}/{k}"] = v
-      row[f"stream{r}/bytes_per_user"] = comp_lib.bytes_per_user(smem[j])
-  stages["costs"] = time.time() - t_costs
-  row.update({f"{k}_seconds": v for k, v in stages.items()})
+  row.update(_bytes_and_costs(backbone.model, comp, served, e.query_len, config.costs))
+  row.update({f"{k}_seconds": v for k, v in served.seconds.items()})
+  row["costs_seconds"] = time.time() - t_costs
+  ref = reference_bytes(cell.run)
   row["reference_bytes_per_user"] = ref
   row["stores_memory"] = comp is not None  # recompute keeps only the raw events
   row["compression_ratio"] = ref / row["bytes_per_user"] if comp is not None else None
@@ -510,6 +391,54 @@ def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
   row["device"] = str(jax.devices()[0])
   row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
   return row
+
+
+def _eval_users(cell: Cell, backbone: _Backbone, config):
+  """(eval split, number of users served, ranking candidates [n, C]) of a cell."""
+  e = cell.run.eval
+  split = backbone.data.eval_set(e.split)
+  n = len(split) if not e.max_users else min(e.max_users, len(split))
+  rk = config.ranking
+  candidates = sample_candidates(split.target[:n], backbone.model.num_items, rk.num_negatives,
+                                 rk.seed + cell.seed)
+  return split, n, candidates
+
+
+def _cell_header(cell: Cell, backbone: _Backbone, n: int) -> dict:
+  run = cell.run
+  return {"cell": cell.id, "dataset": cell.dataset, "dataset_name": backbone.data.summary(),
+          "model": cell.model, "backbone": run.model.name, "method": cell.method,
+          "family": cell.family, "granularity": granularity(cell.family, run.model.name),
+          "seed": cell.seed, "ratio_target": cell.ratio,
+          "params": {name: p for name, p in cell.steps} if cell.steps else {},
+          "train_key": cell.train_key, "num_users": int(n), "split": run.eval.split}
+
+
+def _quality(served: serving.Served, ks: tuple, temperature: float) -> dict:
+  """Retrieval metrics (one-shot and streamed) and ranking metrics over the candidates."""
+  row = retrieval_metrics(served.ranks, ks)
+  logits = served.candidate_logits
+  labels = candidate_labels(logits)
+  users = np.broadcast_to(np.arange(len(logits))[:, None], labels.shape)
+  row.update(ranking_metrics(users, labels, logits, temperature))
+  row["ranking_candidates"] = int(labels.shape[1])
+  for r, ranks in served.stream_ranks.items():
+    for k, v in retrieval_metrics(ranks, ks).items():
+      row[f"stream{r}/{k}"] = v
+    row[f"stream{r}/bytes_per_user"] = comp_lib.bytes_per_user(served.stream_memory[r])
+  return row
+
+
+def _bytes_and_costs(model, comp, served: serving.Served, query_len: int, c) -> dict:
+  """Bytes per user and FLOPs / latency of one request batch (the last served batch)."""
+  b = served.last
+  if comp is None:
+    return {"bytes_per_user": costs_lib.events_bytes_per_user(b.events), "shared_bytes": 0,
+            **costs_lib.recompute_costs(model, b.events, warmup=c.warmup, iters=c.iters).row()}
+  return {"bytes_per_user": comp_lib.bytes_per_user(served.memory),
+          "shared_bytes": comp_lib.shared_nbytes(served.memory),
+          **costs_lib.serving_costs(model, served.memory, b.req, closed_form=True,
+                                    warmup=c.warmup, iters=c.iters).row()}
 
 
 # ------------------------------------------------------------------------------------------

@@ -10,31 +10,21 @@ each compressed memory and prints a Markdown table (also written to --out as JSO
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from malloc_jax import compressors as C
+from malloc_jax import serving
 from malloc_jax.checkpoint import write_json_atomic
 from malloc_jax.compressors.budget import cache_spec, memory_bytes, ratio_table
-from malloc_jax.compressors.registry import make_compressor
 from malloc_jax.config_validation import validate_config
-from malloc_jax.evaluate import (
-  calibration_caches,
-  check_eval_set,
-  evaluate,
-  padded_batches,
-)
+from malloc_jax.evaluate import calibration_caches, check_eval_set, evaluate
 from malloc_jax.experiment import check_workdir, load_data, train_model
-from malloc_jax.metrics import retrieval_metrics, target_rank
-from malloc_jax.sweep import _prefill_batch
+from malloc_jax.metrics import retrieval_metrics
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (reused).")
@@ -50,42 +40,6 @@ _REUSE = flags.DEFINE_bool(
     "caches in host memory). --noreuse_prefill calls evaluate() per cell.")
 
 
-@functools.partial(jax.jit, static_argnames=("compressor",))
-def _compress_score(model, cache, signals, req, target, *, compressor):
-  memory, _ = compressor.compress(cache, compressor.init(cache), signals)
-  logits = model.score(memory.materialize(), req)
-  return target_rank(logits, target), memory, jnp.all(jnp.isfinite(logits[:, 1:]), axis=1)
-
-
-class Prefilled:
-  """The eval split's native caches and signals, computed once, served to every cell."""
-
-  def __init__(self, model, split, *, batch_size, window, max_users):
-    n = len(split) if not max_users else min(max_users, len(split))
-    check_eval_set(split, model.num_items)
-    bs = min(batch_size, n)
-    self.model, self.n, self.batches = model, n, []
-    for _start, idx, real in padded_batches(n, bs):
-      cache, signals, _, req = _prefill_batch(model, split.items[idx], split.ts[idx],
-                                              split.length[idx], query_len=1, window=window)
-      self.batches.append((cache, signals, req, jnp.asarray(split.target[idx]), real))
-
-  def evaluate(self, comp, ks=(10, 50, 200)):
-    ranks, memory, t0 = [], None, time.time()
-    for b, (cache, signals, req, target, real) in enumerate(self.batches):
-      r, memory, finite = _compress_score(self.model, cache, signals, req, target,
-                                          compressor=comp)
-      bad = np.flatnonzero(~np.asarray(finite)[real])
-      if bad.size:
-        raise FloatingPointError(
-            f"non-finite scores for {bad.size} user(s), first user index "
-            f"{b * len(real) + bad[0]}; refusing to report metrics")
-      ranks.append(np.asarray(r)[real])
-    return {**retrieval_metrics(np.concatenate(ranks), ks),
-            "bytes_per_user": C.bytes_per_user(memory), "shared_bytes": C.shared_nbytes(memory),
-            "eval_seconds": time.time() - t0, "num_users": self.n}
-
-
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -98,20 +52,19 @@ def main(argv):
   split = data.eval_set(config.eval.split)
   heads, dk, dv = model.head_dims()
   spec = cache_spec(len(model.layers), heads, config.data.max_len, dk, dv)
+  shape = C.CacheShape.of(spec)
   native_bytes = memory_bytes("native", spec)
-  bases_cache = {}
+  fitted = {}
+  caches = lambda: calibration_caches(model, data.valid,
+                                      num_users=config.eval.calibration_users)
 
-  def build(method, params):
-    params = dict(params)
-    if method == "lowrank":
-      r = params.pop("rank")
-      if r not in bases_cache:
-        bases_cache[r] = C.fit_lowrank(calibration_caches(
-            model, data.valid, num_users=config.eval.calibration_users), r)
-      params["bases"] = bases_cache[r]
-    return make_compressor(method, **params)
+  def build(method, params):  # calibrated methods (low rank) are fitted once per setting
+    key = (method, json.dumps(params, sort_keys=True))
+    if key not in fitted:
+      fitted[key] = C.factory_params(method, params, shape, caches)
+    return C.make_compressor(method, **fitted[key])
 
-  group = max(g for g in range(1, min(32, dv) + 1) if dv % g == 0)
+  group = C.get_spec("kivi").auto["group"](shape)
   cells = [("native", "native", {})]
   ratios = [float(r) for r in _RATIOS.value]
   for method in _METHODS.value:
@@ -146,9 +99,11 @@ def main(argv):
   t0 = time.time()
   prefilled = None
   if _REUSE.value:
-    prefilled = Prefilled(model, split, batch_size=config.eval.batch_size,
-                          window=config.eval.window, max_users=config.eval.max_users or None)
-    print(f"prefilled {prefilled.n} users once ({time.time() - t0:.0f}s)", flush=True)
+    check_eval_set(split, model.num_items)
+    prefilled = list(serving.batches(
+        model, split, batch_size=config.eval.batch_size, window=config.eval.window,
+        max_users=config.eval.max_users or None, num_devices=config.get("num_devices", 0)))
+    print(f"prefilled the users once ({time.time() - t0:.0f}s)", flush=True)
   todo = [(label, method, params, None) for label, method, params in cells]
   todo += [(label, "chain", {}, steps) for label, steps in chains]
   for i, (label, method, params, steps) in enumerate(todo):
@@ -158,7 +113,13 @@ def main(argv):
       comp = C.chain(*(build(m, p) for m, p in steps))
       params = {m: p for m, p in steps}
     if prefilled is not None:
-      res = prefilled.evaluate(comp, tuple(config.eval.ks))
+      t = time.time()
+      served = serving.serve(model, prefilled, comp, window=config.eval.window,
+                             num_devices=config.get("num_devices", 0), where=label)
+      res = {**retrieval_metrics(served.ranks, tuple(config.eval.ks)),
+             "bytes_per_user": C.bytes_per_user(served.memory),
+             "shared_bytes": C.shared_nbytes(served.memory), "eval_seconds": time.time() - t,
+             "num_users": served.num_users}
     else:
       res = evaluate(model, split, comp, batch_size=config.eval.batch_size,
                      window=config.eval.window,

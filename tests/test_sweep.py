@@ -129,9 +129,8 @@ def test_cells_match_evaluate_and_streaming_and_reuse_the_prefill(tmp_path):
   """A served cell's one-shot and streaming metrics equal the library's evaluate() and
   evaluate_streaming() on the same trained backbone, and the second served cell of a
   backbone reuses the first one's prefill."""
-  from malloc_jax.evaluate import evaluate
+  from malloc_jax.evaluate import evaluate, evaluate_streaming
   from malloc_jax.experiment import load_data, train_model
-  from malloc_jax.streaming import evaluate_streaming
   from malloc_jax.sweep import _Backbone, run_sweep
 
   config = sweep_config("runlocal=True,methods=native+recompute+h2o+kivi2,steps=3,requests=2")

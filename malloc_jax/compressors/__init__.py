@@ -50,6 +50,7 @@ from malloc_jax.compressors.quantization import (
 from malloc_jax.compressors.registry import (
     build_compressor,
     check_params,
+    factory_params,
     get_spec,
     make_compressor,
     method_parameters,
@@ -73,7 +74,7 @@ __all__ = [
     "chain", "fit_lowrank", "identity", "index_of", "lowrank", "native", "nbytes",
     "shared_nbytes",
     # post-hoc library
-    "CacheShape", "FACTORIES", "H2OState", "MethodSpec", "build_compressor", "check_params",
+    "CacheShape", "FACTORIES", "H2OState", "MethodSpec", "build_compressor", "check_params", "factory_params",
     "get_spec", "specs", "IntactKVMemory", "KiviMemory", "QuantSpec", "RandomState",
     "UniformMemory", "budget_bytes", "cache_spec", "h2o", "intactkv", "kivi", "make_compressor",
     "memory_bytes", "merge_evicted", "method_parameters", "pack_codes", "params_for_ratio",

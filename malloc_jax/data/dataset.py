@@ -13,6 +13,8 @@ import dataclasses
 
 import numpy as np
 
+from malloc_jax.data.parsers import popularity
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalSet:
@@ -110,7 +112,7 @@ def build_dataset(name: str, items: list[np.ndarray], ts: list[np.ndarray], num_
     tgt_ts = np.array([t[-cut] for t in ts], np.int32)
     return EvalSet(h_items, h_ts, h_len, tgt, tgt_ts)
 
-  pop = np.bincount(np.concatenate([s[:-2] for s in items]), minlength=num_items + 1)
+  pop = popularity(np.concatenate([s[:-2] for s in items]), num_items)  # training events
   return SequenceDataset(name=name, num_items=num_items, max_len=max_len,
                          train=TrainSet(tr_items, tr_ts, tr_len), valid=eval_set(2),
-                         test=eval_set(1), popularity=pop.astype(np.int64))
+                         test=eval_set(1), popularity=pop)
