@@ -59,20 +59,12 @@ from malloc_jax.experiment import (
   train_model,
 )
 from malloc_jax.metrics import ranking_metrics, retrieval_metrics
+from malloc_jax.models import backbone_spec
 from malloc_jax.ranking import candidate_labels, sample_candidates
 
 RESULTS = "results.jsonl"
 BASE_MODELS = ("hstu", "sasrec")
 EXTRA_METHODS = ("native", "recompute", "chain")
-
-# Granularity of each trained variant (DESIGN.md's method catalogue); post-hoc methods
-# declare theirs in their MethodSpec.
-VARIANT_GRANULARITY = {
-    "longformer": "token", "beacon": "token", "mqa": "head", "gqa": "head", "mla": "head",
-    "linformer": "sequence", "lsh": "sequence", "rwkv": "architecture",
-    "linear": "architecture",
-}
-
 
 def granularity(family: str, model_name: str) -> str:
   """The granularity a cell compresses: the method's, the variant's, or "chain"."""
@@ -82,7 +74,8 @@ def granularity(family: str, model_name: str) -> str:
   if family == "chain" or (variant and family != "native"):
     return "chain"
   if variant:
-    return VARIANT_GRANULARITY.get(variant, "architecture")
+    spec = backbone_spec(model_name)
+    return spec.granularity if spec is not None else "architecture"
   if family in registry.specs():
     return registry.get_spec(family).granularity
   return "other"

@@ -21,6 +21,7 @@ from malloc_jax.compressors.base import (
     chain,
     identity,
     index_of,
+    init_empty,
     native,
     nbytes,
     shared_nbytes,
@@ -71,7 +72,7 @@ def __getattr__(name: str):
 __all__ = [
     "ChainState", "Compressor", "DenseIndex", "DenseMemory", "EmptyState", "LowRankBases",
     "LowRankMemory", "Signals", "SparseIndex", "batch_size", "bytes_per_user", "cache_from",
-    "chain", "fit_lowrank", "identity", "index_of", "lowrank", "native", "nbytes",
+    "chain", "fit_lowrank", "identity", "index_of", "init_empty", "lowrank", "native", "nbytes",
     "shared_nbytes",
     # post-hoc library
     "CacheShape", "FACTORIES", "H2OState", "MethodSpec", "build_compressor", "check_params", "factory_params",

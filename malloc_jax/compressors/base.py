@@ -50,6 +50,12 @@ class EmptyState(NamedTuple):
   """State of a stateless compressor."""
 
 
+def init_empty(cache) -> EmptyState:
+  """The ``init`` of every stateless compressor (as ``optax.init_empty_state``)."""
+  del cache
+  return EmptyState()
+
+
 # ----------------------------------------------------------------------------------------
 # Index: which event each stored slot holds.
 
@@ -173,15 +179,11 @@ def identity() -> Compressor:
   References: the uncompressed KV cache of M-FALCON serving (Zhai et al., ICML 2024).
   """
 
-  def init(cache):
-    del cache
-    return EmptyState()
-
   def compress(cache, state, signals=None):
     del signals
     return DenseMemory(index=index_of(cache), k=cache.k, v=cache.v), state
 
-  return Compressor(init, compress)
+  return Compressor(init_empty, compress)
 
 
 native = identity

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from malloc_jax.cache import Cache, Signals, pad_capacity
-from malloc_jax.compressors.base import Compressor, DenseMemory, EmptyState, SparseIndex
+from malloc_jax.compressors.base import Compressor, DenseMemory, SparseIndex, init_empty
 from malloc_jax.compressors.spec import CacheShape, MethodSpec, budget_range
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
@@ -349,10 +349,6 @@ def snapkv(budget: int, window: int = 8, kernel: int = 5, pool: str = "avg") -> 
   if window > budget:
     raise ValueError(f"snapkv: window={window} must be <= budget={budget}")
 
-  def init(cache):
-    del cache
-    return EmptyState()
-
   def compress(cache, state, signals=None):
     signals = require_signals("snapkv", signals)
     votes = snapkv_votes(signals, cache, window, kernel, pool)
@@ -363,7 +359,7 @@ def snapkv(budget: int, window: int = 8, kernel: int = 5, pool: str = "avg") -> 
     sel, picked = top_slots(tier, votes, cache.pos, budget)
     return kept_memory(cache, sel, picked), state
 
-  return Compressor(init, compress)
+  return Compressor(init_empty, compress)
 
 
 # ----------------------------------------------------------------------------------------
@@ -390,10 +386,6 @@ def streaming(sinks: int, recent: int) -> Compressor:
     raise ValueError(f"streaming: sinks + recent must be >= 1; got sinks={sinks}, "
                      f"recent={recent}")
 
-  def init(cache):
-    del cache
-    return EmptyState()
-
   def compress(cache, state, signals=None):
     del signals
     cache = _pad_cache(cache, budget)
@@ -403,7 +395,7 @@ def streaming(sinks: int, recent: int) -> Compressor:
     sel, picked = top_slots(tier, jnp.zeros(tier.shape, jnp.float32), cache.pos, budget)
     return kept_memory(cache, sel, picked), state
 
-  return Compressor(init, compress)
+  return Compressor(init_empty, compress)
 
 
 # ----------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from malloc_jax.cache import pad_capacity
-from malloc_jax.compressors.base import Compressor, EmptyState
+from malloc_jax.compressors.base import Compressor, init_empty
 from malloc_jax.compressors.eviction import check_int, kept_memory, slot_ranks, top_slots
 from malloc_jax.compressors.spec import CacheShape, MethodSpec
 
@@ -43,10 +43,6 @@ def knorm(budget: int, recent: int = 0) -> Compressor:
   if recent > budget:
     raise ValueError(f"knorm: recent={recent} must be <= budget={budget}")
 
-  def init(cache):
-    del cache
-    return EmptyState()
-
   def compress(cache, state, signals=None):
     del signals
     if cache.capacity < budget:
@@ -57,7 +53,7 @@ def knorm(budget: int, recent: int = 0) -> Compressor:
     sel, picked = top_slots(tier, -norm, cache.pos, budget)  # larger score = smaller norm
     return kept_memory(cache, sel, picked), state
 
-  return Compressor(init, compress)
+  return Compressor(init_empty, compress)
 
 
 def _candidates(shape: CacheShape, fixed: dict) -> list[dict]:

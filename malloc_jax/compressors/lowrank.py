@@ -15,7 +15,7 @@ import numpy as np
 from flax import struct
 
 from malloc_jax.cache import Cache
-from malloc_jax.compressors.base import Compressor, EmptyState, cache_from, index_of
+from malloc_jax.compressors.base import Compressor, cache_from, index_of, init_empty
 from malloc_jax.compressors.spec import CacheShape, MethodSpec
 
 
@@ -118,10 +118,6 @@ def lowrank(bases: LowRankBases, dtype=None) -> Compressor:
   References: Chang et al., Palu (2024); PCA of KV caches as in MALLOC (arXiv 2601.20234).
   """
 
-  def init(cache):
-    del cache
-    return EmptyState()
-
   def compress(cache, state, signals=None):
     del signals
     if cache.k.shape[-1] != bases.k_basis.shape[-2]:
@@ -137,7 +133,7 @@ def lowrank(bases: LowRankBases, dtype=None) -> Compressor:
     cv = jnp.where(empty, 0, cv).astype(out_dtype)
     return LowRankMemory(index=index_of(cache), ck=ck, cv=cv, bases=bases), state
 
-  return Compressor(init, compress)
+  return Compressor(init_empty, compress)
 
 
 # ----------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from malloc_jax.cache import Cache
-from malloc_jax.compressors.base import Compressor, EmptyState, cache_from, index_of
+from malloc_jax.compressors.base import Compressor, cache_from, index_of, init_empty
 from malloc_jax.compressors.eviction import (
   check_choice,
   check_int,
@@ -319,10 +319,6 @@ def kivi(bits: int = 2, group: int = 32, residual: int = 128,
     raise ValueError(f"kivi: residual={residual} must be a multiple of group={group} "
                      f"(a key block is quantized when it fills)")
 
-  def init(cache):
-    del cache
-    return EmptyState()
-
   def compress(cache, state, signals=None):
     del signals
     L, B, H, T, dk = cache.k.shape
@@ -353,7 +349,7 @@ def kivi(bits: int = 2, group: int = 32, residual: int = 128,
                        capacity=T, dk=dk, dv=dv))
     return memory, state
 
-  return Compressor(init, compress)
+  return Compressor(init_empty, compress)
 
 
 # ----------------------------------------------------------------------------------------
@@ -426,10 +422,6 @@ def intactkv(bits: int = 4, pivots: int = 4, sinks: int = 1, group: int | None =
   if group is not None:
     group = check_int("intactkv", "group", group, 1)
 
-  def init(cache):
-    del cache
-    return EmptyState()
-
   def compress(cache, state, signals=None):
     L, B, H, T, dk = cache.k.shape
     dv = cache.v.shape[-1]
@@ -461,7 +453,7 @@ def intactkv(bits: int = 4, pivots: int = 4, sinks: int = 1, group: int | None =
         spec=QuantSpec(bits=bits, dk=dk, dv=dv))
     return memory, state
 
-  return Compressor(init, compress)
+  return Compressor(init_empty, compress)
 
 
 # ----------------------------------------------------------------------------------------
@@ -533,10 +525,6 @@ def uniform(bits: int = 8) -> Compressor:
   """
   bits = check_choice("uniform", "bits", bits, (4, 8))
 
-  def init(cache):
-    del cache
-    return EmptyState()
-
   def compress(cache, state, signals=None):
     del signals
     dtype = cache.k.dtype
@@ -549,7 +537,7 @@ def uniform(bits: int = 8) -> Compressor:
                                           dv=cache.v.shape[-1]))
     return memory, state
 
-  return Compressor(init, compress)
+  return Compressor(init_empty, compress)
 
 
 # ----------------------------------------------------------------------------------------
