@@ -83,6 +83,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from malloc_jax.fileio import fsync_dir, write_bytes
+
 FORMAT = "malloc_jax.bank"
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
@@ -223,22 +225,6 @@ def _align(n: int) -> int:
 # Small file helpers.
 
 
-def _fsync_dir(path: Path) -> None:
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
-def _write_file(path: Path, data: bytes, sync: bool) -> None:
-  with open(path, "wb") as f:
-    f.write(data)
-    f.flush()
-    if sync:
-      os.fsync(f.fileno())
-
-
 def _index_name(shard: int, commit: int) -> str:
   return f"{shard:05d}.index.{commit:010d}"
 
@@ -339,25 +325,25 @@ class MemoryBank:
 
     tmp = path.parent / f".{path.name}.creating-{os.getpid()}"
     (tmp / "shards").mkdir(parents=True)
-    _write_file(tmp / "template.pkl", template, fsync)
-    _write_file(tmp / "shared.bin", shared, fsync)
+    write_bytes(tmp / "template.pkl", template, fsync)
+    write_bytes(tmp / "shared.bin", shared, fsync)
     for s in range(num_shards):
       entries = np.zeros(_local_users(num_users, num_shards, s), _ENTRY)
       entries["slot"] = -1
-      _write_file(tmp / "shards" / _index_name(s, 0), _index_bytes(s, 0, entries), fsync)
-      _write_file(tmp / "shards" / f"{s:05d}.slots", b"", fsync)
+      write_bytes(tmp / "shards" / _index_name(s, 0), _index_bytes(s, 0, entries), fsync)
+      write_bytes(tmp / "shards" / f"{s:05d}.slots", b"", fsync)
     manifest = dict(format=FORMAT, format_version=FORMAT_VERSION, num_users=num_users,
                     num_shards=num_shards, record_nbytes=offset,
                     leaves=[s.to_json() for s in specs], template="template.pkl",
                     template_crc32=zlib.crc32(template), shared="shared.bin",
                     shared_crc32=zlib.crc32(shared))
-    _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode(), fsync)
+    write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1).encode(), fsync)
     if fsync:
-      _fsync_dir(tmp / "shards")
-      _fsync_dir(tmp)
+      fsync_dir(tmp / "shards")
+      fsync_dir(tmp)
     os.replace(tmp, path)  # atomic; replaces an empty directory
     if fsync:
-      _fsync_dir(path.parent)
+      fsync_dir(path.parent)
     return cls.open(path, fsync=fsync)
 
   @classmethod
@@ -767,7 +753,7 @@ class MemoryBank:
         self._commit[s] += 1
         self._used[s][old[old >= 0]] = False  # the old records may now be reused
       if self.fsync:
-        _fsync_dir(self.path / "shards")
+        fsync_dir(self.path / "shards")
       for s, path in superseded:
         self._recycle(s, path)
     finally:

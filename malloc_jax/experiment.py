@@ -28,6 +28,7 @@ from malloc_jax.config_validation import validate_config
 from malloc_jax.data.dataset import SequenceDataset, build_dataset
 from malloc_jax.data.synthetic import SyntheticSpec, generate_sequences
 from malloc_jax.evaluate import calibration_caches, evaluate
+from malloc_jax.fileio import write_json_atomic
 from malloc_jax.metrics import popularity_ranks, retrieval_metrics
 from malloc_jax.models import make_model
 from malloc_jax.train import Trainer, fit, make_optimizer
@@ -87,7 +88,7 @@ def check_workdir(workdir: Path, config) -> None:
       raise ValueError(f"workdir {workdir} holds a run trained with a different config "
                        f"(differs in: {', '.join(diffs)}); use another --workdir or delete it")
   else:
-    ckpt_lib.write_json_atomic(path, current)
+    write_json_atomic(path, current)
 
 
 def train_model(config, workdir: Path, data: SequenceDataset, print_fn=print):
@@ -243,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, print_fn
   results = {"dataset": data.summary(), "split": e.split, "train": info, "rows": rows,
              "seconds": time.time() - t0, "devices": [str(d) for d in jax.devices()],
              "num_devices": parallel.num_shards(parallel.data_mesh(num_devices(config)))}
-  ckpt_lib.write_json_atomic(workdir / "results.json", results)
+  write_json_atomic(workdir / "results.json", results)
   print_fn(format_table(rows))
   print_fn(f"results: {workdir / 'results.json'}  ({results['seconds']:.0f}s)")
   return results

@@ -223,7 +223,8 @@ def serve(model, user_batches: Iterable[Batch], compressor, *, candidates=None,
         np.asarray(candidates)[np.where(b.real, np.arange(b.start, b.start + len(b.real)), 0)])
     t = time.time()
     if compressor is None:
-      r, c, finite = jax.block_until_ready(recompute_stage(model, *b.events, b.target, cand))
+      r, c, finite = jax.block_until_ready(recompute_stage(
+          model, b.events.items, b.events.ts, b.events.length, b.target, cand))
       seconds["score"] += time.time() - t
     else:
       memory = jax.block_until_ready(compress_stage(b.cache, b.signals, compressor=compressor))

@@ -58,6 +58,7 @@ from malloc_jax.experiment import (
   num_devices,
   train_model,
 )
+from malloc_jax.fileio import append_durably
 from malloc_jax.metrics import ranking_metrics, retrieval_metrics
 from malloc_jax.models import backbone_spec
 from malloc_jax.ranking import candidate_labels, sample_candidates
@@ -134,24 +135,7 @@ def load_results(path: str | os.PathLike, repair: bool = True) -> list[dict]:
 
 def append_result(path: str | os.PathLike, row: dict) -> None:
   """Appends one result as a JSON line: one ``write`` on an O_APPEND descriptor, then fsync."""
-  data = (json.dumps(row, sort_keys=True) + "\n").encode()
-  path = Path(path)
-  new = not path.exists()
-  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-  try:
-    view = memoryview(data)
-    while view:
-      n = os.write(fd, view)
-      view = view[n:]
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-  if new:  # make the new directory entry durable too
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-      os.fsync(dfd)
-    finally:
-      os.close(dfd)
+  append_durably(path, (json.dumps(row, sort_keys=True) + "\n").encode())
 
 
 # ------------------------------------------------------------------------------------------

@@ -19,11 +19,11 @@ from ml_collections import config_flags
 
 from malloc_jax import compressors as C
 from malloc_jax import serving
-from malloc_jax.checkpoint import write_json_atomic
 from malloc_jax.compressors.budget import cache_spec, memory_bytes, ratio_table
 from malloc_jax.config_validation import validate_config
 from malloc_jax.evaluate import calibration_caches, check_eval_set, evaluate
 from malloc_jax.experiment import check_workdir, load_data, train_model
+from malloc_jax.fileio import write_json_atomic
 from malloc_jax.metrics import retrieval_metrics
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.")

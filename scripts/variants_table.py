@@ -24,10 +24,10 @@ from absl import app, flags
 
 from malloc_jax import compressors as C
 from malloc_jax import config_lib
-from malloc_jax.checkpoint import write_json_atomic
 from malloc_jax.config_validation import validate_config
 from malloc_jax.evaluate import evaluate, split_request
 from malloc_jax.experiment import check_workdir, load_data, train_model
+from malloc_jax.fileio import write_json_atomic
 
 _DATA = flags.DEFINE_string("data", "synthetic", "synthetic | ml-100k | ... (config data=)")
 _PATH = flags.DEFINE_string("path", "", "Data file for real datasets.")

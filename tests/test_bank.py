@@ -400,6 +400,7 @@ while True:
 """
 
 
+@pytest.mark.slow  # end to end; run by .ci/run's -m slow pass
 def test_sigkill_mid_update_leaves_every_user_old_or_new(tmp_path):
   """A writer process updating all users version after version is SIGKILLed at random times."""
   num_users, batch = 256, 32

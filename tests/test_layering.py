@@ -31,3 +31,16 @@ def test_top_level_names_load_on_first_use():
   mods = _loaded_after("import malloc_jax\nassert malloc_jax.Cache.__name__ == 'Cache'")
   assert "malloc_jax.cache" in mods and "malloc_jax.bank" not in mods
   assert "malloc_jax.models" not in mods
+
+
+def test_one_durable_write_helper(tmp_path):
+  """checkpoint, the sweep and the bank write through malloc_jax.fileio."""
+  from malloc_jax import checkpoint, fileio, sweep
+
+  assert checkpoint.write_json_atomic is fileio.write_json_atomic
+  fileio.write_json_atomic(tmp_path / "a.json", {"b": 1, "a": [2]})
+  assert json.loads((tmp_path / "a.json").read_text()) == {"a": [2], "b": 1}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]  # no temporary left
+  sweep.append_result(tmp_path / "r.jsonl", {"x": 1})
+  sweep.append_result(tmp_path / "r.jsonl", {"x": 2})
+  assert [json.loads(x)["x"] for x in (tmp_path / "r.jsonl").read_text().splitlines()] == [1, 2]
