@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+@pytest.mark.slow  # compiles a 256-event HSTU; run by .ci/run's -m slow pass
 def test_readme_serving_example_runs_and_quantizes():
   block = re.search(r"```python\n(import jax\n.*?)```", README.read_text(), re.S).group(1)
   scope: dict = {}
