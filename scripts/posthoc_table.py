@@ -3,7 +3,7 @@ r"""Post-hoc compressor table: every method at 2x / 4x / 8x memory reduction on 
 Trains the backbone (or reuses the checkpoint in --workdir), then serves the test split from
 each compressed memory and prints a Markdown table (also written to --out as JSON).
 
-  python scripts/posthoc_table.py --config configs/default.py:data=ml-100k,path=../shared/data/ml-100k/u.data \
+  python scripts/posthoc_table.py --config configs/default.py:data=ml-100k,path=/path/to/ml-100k/u.data \
       --workdir runs/ml100k_hstu --out runs/ml100k_hstu/posthoc.json
   python scripts/posthoc_table.py --config configs/default.py --methods native,lowrank
 """
@@ -30,8 +30,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (reused).")
 _OUT = flags.DEFINE_string("out", None, "JSON output path (default workdir/posthoc.json).")
 _METHODS = flags.DEFINE_list(
-    "methods", "lowrank,h2o,snapkv,streaming,random,merge_evicted,kivi,intactkv,uniform",
-    "Methods to sweep (native always runs).")
+    "methods", [n for n in C.specs() if n != "native"],
+    "Methods to sweep (native always runs); default: every registered method.")
 _RATIOS = flags.DEFINE_list("ratios", "2,4,8", "Memory reductions.")
 _CHAINS = flags.DEFINE_bool("chains", True, "Also run the chained configurations.")
 _REUSE = flags.DEFINE_bool(
