@@ -167,11 +167,12 @@ def test_cells_match_evaluate_and_streaming_and_reuse_the_prefill(tmp_path):
 
 def test_run_cell_is_the_serving_pipeline(tmp_path):
   """The fast counterpart of the slow end-to-end tests: a tiny sweep's rows hold the
-  pipeline's ranks (one-shot, streamed, recompute), ranking metrics, bytes and costs, and the
-  second served cell reuses the first one's prefill."""
+  pipeline's ranks (one-shot and recompute; streaming is covered by the slow test and by
+  test_streaming / test_reliability), ranking metrics, bytes and costs, and the second served
+  cell reuses the first one's prefill."""
   from malloc_jax.sweep import run_sweep
 
-  config = sweep_config("runlocal=True,methods=native+recompute+h2o,steps=2,requests=2")
+  config = sweep_config("runlocal=True,methods=native+recompute+h2o,steps=2,requests=")
   run = config.datasets.synthetic
   run.train.update(eval_every=0, checkpoint_every=2)
   run.eval.update(max_users=16, batch_size=8)
@@ -183,7 +184,7 @@ def test_run_cell_is_the_serving_pipeline(tmp_path):
     assert row["num_users"] == 16 and 0 <= row["NDCG@10"] <= 1 and 0 <= row["AUC"] <= 1
   # Native memory = the full forward pass: recompute ranks the same users identically.
   assert native["NDCG@10"] == pytest.approx(recompute["NDCG@10"], abs=1e-6)
-  assert native["stream2/NDCG@10"] == pytest.approx(native["NDCG@10"], abs=1e-6)
-  assert "stream2/NDCG@10" not in recompute and recompute["compression_ratio"] is None
+  assert not any(k.startswith("stream") and "/" in k for k in native)
+  assert recompute["compression_ratio"] is None and not recompute["stores_memory"]
   assert h2o["compression_ratio"] >= 2 and native["compression_ratio"] == pytest.approx(1.0)
   assert native["prefill_seconds"] > 0 and h2o["prefill_seconds"] == 0  # prefilled once
