@@ -22,7 +22,8 @@ def _loaded_after(statement: str) -> list[str]:
 def test_import_data_loads_no_model_or_storage_code():
   mods = _loaded_after("import malloc_jax.data")
   ours = [m for m in mods if m.startswith("malloc_jax")]
-  assert set(ours) <= {"malloc_jax", "malloc_jax.data", "malloc_jax.data.parsers"}, ours
+  assert set(ours) <= {"malloc_jax", "malloc_jax.data", "malloc_jax.data.parsers",
+                       "malloc_jax.data.dataset"}, ours
   heavy = [m for m in ("flax", "orbax", "tensorstore", "optax", "jax") if m in mods]
   assert not heavy, heavy
 
