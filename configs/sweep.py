@@ -21,7 +21,8 @@ Arguments (comma-separated ``key=value``; list values are joined with ``+``):
   with the name replaced. Variants run the methods in ``config.model_methods[name]``
   (argument ``variant_methods``, default ``native+recompute``; post-hoc methods can be added
   for cache variants).
-* ``methods`` (default ``all``): labels of ``METHODS`` below.
+* ``methods`` (default ``all``): labels of ``METHODS`` below (every registered method with
+  a tuned parameter, from ``malloc_jax.compressors.specs()``, plus fixed settings and chains).
 * ``ratios`` (default ``2+4+8``): memory reductions for the methods marked ``ratios``,
   resolved per model with ``compressors.budget.ratio_table`` (a ratio a method cannot reach
   is skipped and printed).
@@ -46,6 +47,7 @@ from pathlib import Path
 import ml_collections
 
 from malloc_jax import config_lib as common
+from malloc_jax.compressors import specs
 
 ARGS = dict(datasets="synthetic+ml100k", models="hstu+sasrec", methods="all", ratios="2+4+8",
             seeds="0", requests="4+16", buckets=0, variant_methods="native+recompute",
@@ -53,17 +55,15 @@ ARGS = dict(datasets="synthetic+ml100k", models="hstu+sasrec", methods="all", ra
             beauty_path="../shared/data/amazon-beauty/Beauty.txt")
 
 _KIVI = {"group": "auto", "residual": "auto"}  # auto: largest divisor of Dv up to 32
+# Every registered post-hoc method with a tuned parameter joins the ratio axis (a new method
+# needs no line here); these run at fixed settings instead, or with a fixed extra parameter.
+_FIXED_SETTINGS = ("kivi",)  # KIVI at 2 and 4 bits: its residual bounds the ratios it reaches
+_EXTRA = {"snapkv": {"window": 8}}
 METHODS = {
     "native": {"name": "native"},
     "recompute": {"name": "recompute"},
-    "lowrank": {"name": "lowrank", "ratios": True},
-    "h2o": {"name": "h2o", "ratios": True},
-    "snapkv": {"name": "snapkv", "window": 8, "ratios": True},
-    "streaming": {"name": "streaming", "ratios": True},
-    "random": {"name": "random", "ratios": True},
-    "merge_evicted": {"name": "merge_evicted", "ratios": True},
-    "intactkv": {"name": "intactkv", "ratios": True},
-    "uniform": {"name": "uniform", "ratios": True},
+    **{name: {"name": name, "ratios": True, **_EXTRA.get(name, {})}
+       for name, spec in specs().items() if spec.tuned and name not in _FIXED_SETTINGS},
     "kivi2": {"name": "kivi", "bits": 2, **_KIVI},
     "kivi4": {"name": "kivi", "bits": 4, **_KIVI},
     "snapkv+kivi4": {"name": "chain", "steps": ({"name": "snapkv", "ratio": 2, "window": 8},

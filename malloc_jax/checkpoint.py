@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import time
@@ -26,6 +25,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from malloc_jax.fileio import write_json_atomic  # noqa: F401 - re-exported
 
 
 class CheckpointError(RuntimeError):
@@ -193,14 +194,3 @@ def load_memories(directory: str | os.PathLike, like: Any) -> tuple[Any, dict]:
     out = mgr.restore(step, args=ocp.args.Composite(
         memory=ocp.args.StandardRestore(_abstract(like)), meta=ocp.args.JsonRestore()))
   return out["memory"], dict(out["meta"])
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-  """Writes JSON to ``path`` via a temporary file and an atomic rename."""
-  path = Path(path)
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)

@@ -117,3 +117,37 @@ def base_config(arg: str | None = None, **extra_defaults) -> ml_collections.Conf
   if args.max_len > 0:
     c.data.max_len = args.max_len
   return c
+
+
+def method_config(arg: str | None, method: str, ratio: float = 4.0,
+                  runlocal_ratio: float | None = None,
+                  **method_args) -> ml_collections.ConfigDict:
+  """The run config of ``configs/<method>.py``: native vs ``method`` at ``ratio``x fewer bytes.
+
+  Args:
+    arg: the config argument (``ratio=8,data=ml-100k,path=...``, plus the common keys of
+      :data:`ARG_DEFAULTS` and the method's own ``method_args``).
+    method: a registered compressor (``malloc_jax.compressors.specs()``).
+    ratio: default memory reduction; the method's tuned parameter is chosen for the model's
+      cache shape when the run starts (``compressors.resolve_params``). 0: no ratio, the
+      method's arguments are used as they are.
+    runlocal_ratio: the default ratio under ``runlocal=True`` (tiny shapes), if different.
+    **method_args: the method's fixed parameters with their defaults (typed by them).
+
+  Returns:
+    ``base_config`` with ``compressors = {native, <method>_<ratio>x}``.
+  """
+  config = base_config(arg, ratio=float(ratio), **method_args)
+  args = parse_arg(arg, ratio=float(ratio), **method_args)
+  given = {part.split("=", 1)[0].strip() for part in (arg or "").split(",") if "=" in part}
+  if args.runlocal and runlocal_ratio is not None and "ratio" not in given:
+    args.ratio = float(runlocal_ratio)
+  # A default of "auto" makes the argument a string: numbers given for it become ints.
+  value = lambda v: int(v) if isinstance(v, str) and v.lstrip("-").isdigit() else v
+  entry = {"name": method, **{k: value(args[k]) for k in method_args}}
+  label = method
+  if args.ratio > 0:
+    entry["ratio"] = args.ratio
+    label = f"{method}_{args.ratio:g}x".replace(".", "p")  # ConfigDict keys have no dots
+  config.compressors[label] = entry
+  return config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 from malloc_jax.models import BACKBONES
 
@@ -137,33 +138,27 @@ def _check_reported_ks(ks) -> None:
 
 
 def _validate_compressors(config, max_len: int) -> None:
-  from malloc_jax.compressors import registry
+  """Every compressor entry against the registry's spec, at the config's cache shape."""
+  from malloc_jax.compressors import budget, registry
 
-  head_dim = config.model.dim // config.model.heads
   if not config.compressors:
     _fail("compressors", {}, "at least one compressor")
+  m = config.model
+  head_dim = m.dim // m.heads
+  cache = budget.cache_spec(m.num_layers, m.heads, max_len, head_dim)
+  shape = registry.CacheShape.of(cache)
+  names = sorted(registry.specs())
   for label, spec in config.compressors.items():
     field = f"compressors.{label}"
     if "name" not in spec:
       _fail(field, spec.to_dict(), "a 'name' entry")
-    name = spec.name
-    if name not in registry.FACTORIES:
-      _fail(f"{field}.name", name, f"one of {sorted(registry.FACTORIES)}")
+    if spec.name not in names:
+      _fail(f"{field}.name", spec.name, f"one of {names}")
     params = spec.to_dict()
-    params.pop("name")
-    if name == "lowrank":
-      rank = params.get("rank", 0)
-      red = params.get("reduction", 4)
-      if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= head_dim:
-        _fail(f"{field}.rank", rank, f"an integer in [1, head dimension {head_dim}] "
-              "(0: use reduction)")
-      if not rank and (not isinstance(red, int) or not 1 <= red <= head_dim):
-        _fail(f"{field}.reduction", red, f"an integer in [1, {head_dim}]")
-      continue
+    name = params.pop("name")
     try:
-      registry.make_compressor(name, **params)
-    except (TypeError, ValueError) as err:
-      raise ValueError(f"config.{field}: {err}") from None
-    for key in ("budget", "heavy", "recent", "sinks", "window"):
-      if key in params and isinstance(params[key], int) and params[key] > max_len:
-        _fail(f"{field}.{key}", params[key], f"at most data.max_len={max_len}")
+      registry.check_params(name, budget.resolve_params(name, params, cache), shape)
+    except (TypeError, ValueError) as err:  # "<method>: <param>=<value> ..." names the field
+      named = re.match(r"\w+: (\w+)=", str(err))
+      where = f"{field}.{named.group(1)}" if named else field
+      raise ValueError(f"config.{where}: {err}") from None

@@ -1,4 +1,4 @@
-"""Evaluation by the serving protocol: prefill, compress, score against the memory.
+"""Evaluation by the serving protocol (``malloc_jax.serving``): prefill, compress, score.
 
 For each user the history's last ``query_len`` events are the request; everything before is
 prefilled into a native cache, compressed, materialized, and the request is scored against
@@ -13,51 +13,21 @@ one device.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from malloc_jax import compressors as comp_lib
-from malloc_jax import parallel
+from malloc_jax import parallel, serving
 from malloc_jax.data.dataset import EvalSet
-from malloc_jax.metrics import retrieval_metrics, target_rank
+from malloc_jax.metrics import retrieval_metrics
 from malloc_jax.models.base import Events
+from malloc_jax.serving import padded_batches, split_request
 
-
-def padded_batches(n: int, batch_size: int):
-  """Yields (start, idx [batch_size], real [batch_size]) covering rows 0..n-1 in order.
-
-  Every batch has the same static size (one compile): rows past ``n`` in the last batch
-  repeat row 0 and are marked False in ``real``, for the caller to drop.
-  """
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size)
-    real = idx < n
-    yield start, np.where(real, idx, 0), real
-
-
-def split_request(items, ts, length, query_len: int):
-  """Splits padded histories [B, N] into (prefix Events, request Events [B, query_len])."""
-  q = jnp.minimum(length, query_len)  # users shorter than the request keep what they have
-  prefix = Events(items, ts, length - q)
-  idx = jnp.clip(prefix.length[:, None] + jnp.arange(query_len)[None], 0, items.shape[1] - 1)
-  req = Events(jnp.take_along_axis(items, idx, 1), jnp.take_along_axis(ts, idx, 1), q)
-  return prefix, req
-
-
-@functools.partial(jax.jit, static_argnames=("compressor", "query_len", "window"))
-def serve_batch(model, items, ts, length, target, *, compressor, query_len=1, window=8):
-  """Prefill, compress and score one batch; returns (ranks [B], memory, finite [B])."""
-  prefix, req = split_request(items, ts, length, query_len)
-  cache, signals = model.prefill(prefix, window)
-  memory, _ = compressor.compress(cache, compressor.init(cache), signals)
-  logits = model.score(memory.materialize(), req)
-  finite = jnp.all(jnp.isfinite(logits[:, 1:]), axis=1)  # [B] (item 0 is -inf padding)
-  return target_rank(logits, target), memory, finite
+__all__ = ["EvalResult", "calibration_caches", "check_eval_set", "evaluate",
+           "evaluate_streaming", "padded_batches", "split_request"]
 
 
 @dataclasses.dataclass
@@ -85,30 +55,47 @@ def evaluate(model, data: EvalSet, compressor: comp_lib.Compressor, *, batch_siz
   Batches are sharded over ``num_devices`` devices (0: all; see ``parallel.data_mesh``), the
   batch size rounded up to a multiple of the device count (the extra rows are masked).
   """
-  n = len(data) if not max_users else min(max_users, len(data))
-  if n == 0:
+  if not len(data):
     raise ValueError("evaluate: the evaluation split has no users")
   check_eval_set(data, model.num_items)
-  mesh = parallel.data_mesh(num_devices)
-  bs = parallel.padded_batch_size(min(batch_size, n), mesh)
-  model = parallel.replicate(mesh, model)
-  ranks, memory, t0 = [], None, time.time()
-  for start, idx, real in padded_batches(n, bs):
-    r, memory, finite = serve_batch(
-        model, *parallel.shard_batch(mesh, data.items[idx], data.ts[idx], data.length[idx],
-                                     data.target[idx]),
-        compressor=compressor, query_len=query_len, window=window)
-    bad = np.flatnonzero(~parallel.to_host(finite)[real])
-    if bad.size:
-      raise FloatingPointError(
-          f"evaluate: non-finite scores (NaN or inf in the memory or the model) for "
-          f"{bad.size} user(s), first user index {start + bad[0]}; refusing to report metrics")
-    ranks.append(parallel.to_host(r)[real])
-  seconds = time.time() - t0
-  return EvalResult(metrics=retrieval_metrics(np.concatenate(ranks), ks),
+  t0 = time.time()
+  served = serving.serve(
+      model, serving.batches(model, data, batch_size=batch_size, max_users=max_users,
+                             query_len=query_len, window=window, num_devices=num_devices),
+      compressor, window=window, num_devices=num_devices, where="evaluate")
+  memory = served.memory
+  return EvalResult(metrics=retrieval_metrics(served.ranks, ks),
                     bytes_per_user=comp_lib.bytes_per_user(memory),
-                    shared_bytes=comp_lib.shared_nbytes(memory), seconds=seconds,
-                    num_users=n, memory=memory)
+                    shared_bytes=comp_lib.shared_nbytes(memory), seconds=time.time() - t0,
+                    num_users=served.num_users, memory=memory)
+
+
+def evaluate_streaming(model, data: EvalSet, compressor: comp_lib.Compressor, *, requests: int,
+                       batch_size: int = 256, ks=(10, 50, 200), query_len: int = 1,
+                       window: int = 8, max_users: int | None = None,
+                       num_devices: int = 0) -> dict[str, float]:
+  """Retrieval metrics under the streaming protocol, plus the final memory's bytes per user.
+
+  Args:
+    model, data, compressor, batch_size, ks, query_len, window, max_users, num_devices: as
+      :func:`evaluate`.
+    requests: r, the number of requests each history arrives in.
+
+  Returns:
+    {HR@K, NDCG@K, MRR, "bytes_per_user", "requests"}.
+  """
+  if not len(data):
+    raise ValueError("evaluate_streaming: the evaluation split has no users")
+  check_eval_set(data, model.num_items)
+  served = serving.serve(
+      model, serving.batches(model, data, batch_size=batch_size, max_users=max_users,
+                             query_len=query_len, window=window, num_devices=num_devices),
+      compressor, requests=(int(requests),), window=window, num_devices=num_devices,
+      where="evaluate_streaming")
+  out = retrieval_metrics(served.stream_ranks[int(requests)], ks)
+  out["bytes_per_user"] = comp_lib.bytes_per_user(served.stream_memory[int(requests)])
+  out["requests"] = int(requests)
+  return out
 
 
 def check_eval_set(data: EvalSet, num_items: int) -> None:

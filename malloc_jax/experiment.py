@@ -31,6 +31,7 @@ from malloc_jax.config_validation import validate_config
 from malloc_jax.data.dataset import SequenceDataset, build_dataset
 from malloc_jax.data.synthetic import SyntheticSpec, generate_sequences
 from malloc_jax.evaluate import calibration_caches, evaluate
+from malloc_jax.fileio import write_json_atomic
 from malloc_jax.metrics import popularity_ranks, retrieval_metrics
 from malloc_jax.models import make_model
 from malloc_jax.train import Trainer, fit, make_optimizer
@@ -78,7 +79,7 @@ def _train_config(config) -> dict:
   return {k: full[k] for k in TRAIN_FIELDS}
 
 
-def _check_workdir(workdir: Path, config) -> None:
+def check_workdir(workdir: Path, config) -> None:
   """Refuses to resume a workdir trained with a different data/model/train config."""
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / "train_config.json"
@@ -90,7 +91,7 @@ def _check_workdir(workdir: Path, config) -> None:
       raise ValueError(f"workdir {workdir} holds a run trained with a different config "
                        f"(differs in: {', '.join(diffs)}); use another --workdir or delete it")
   else:
-    ckpt_lib.write_json_atomic(path, current)
+    write_json_atomic(path, current)
   _check_data_files(workdir, config)
 
 
@@ -107,7 +108,7 @@ def _check_data_files(workdir: Path, config) -> None:
   path = workdir / "data_files.json"
   current = parsers.fingerprint(config.data.source, config.data.path)
   if not path.exists():
-    ckpt_lib.write_json_atomic(path, current)
+    write_json_atomic(path, current)
     return
   saved = {f["path"]: f for f in json.loads(path.read_text())}
   for f in current:
@@ -138,7 +139,7 @@ def _check_dataset(workdir: Path, data: SequenceDataset) -> None:
   current = {"users": len(data.test), "num_items": int(data.num_items), "sha256": h.hexdigest()}
   path = workdir / "dataset.json"
   if not path.exists():
-    ckpt_lib.write_json_atomic(path, current)
+    write_json_atomic(path, current)
     return
   saved = json.loads(path.read_text())
   if saved != current:
@@ -230,22 +231,52 @@ def train_model(config, workdir: Path, data: SequenceDataset, print_fn=print):
   return trainer.merge(params), info
 
 
-def make_compressors(config, model, data: SequenceDataset) -> dict[str, comp_lib.Compressor]:
-  """Builds the configured compressors; low-rank bases are fitted on training histories."""
-  from malloc_jax.compressors.registry import make_compressor
+def model_cache_spec(config):
+  """The abstract native Cache (batch 1) of ``config``'s model, or None when its memory is
+  not a KV cache (a trained variant with its own layout: only native / recompute apply).
+
+  Built with ``nnx.eval_shape``: no weights are allocated.
+  """
+  from flax import nnx
+  model = nnx.eval_shape(lambda: build_model(config, 2))
+  if hasattr(model, "empty_memory"):
+    return None
+  heads, dk, dv = model.head_dims()
+  return comp_lib.cache_spec(len(model.layers), heads, config.data.max_len, dk, dv)
+
+
+def resolve_compressors(config) -> dict[str, tuple[str, dict]]:
+  """``{label: (method, params)}`` of ``config.compressors`` with ratios and "auto" resolved
+  for the model's cache shape (before any training, so a bad setting fails early)."""
+  cache = model_cache_spec(config)
   out = {}
   for label, spec in config.compressors.items():
     params = spec.to_dict()
     name = params.pop("name")
-    if name == "lowrank":
-      _, dk, _ = model.head_dims()
-      rank = params.pop("rank", 0) or max(1, dk // params.pop("reduction", 4))
-      params.pop("reduction", None)
-      params["bases"] = comp_lib.fit_lowrank(
-          calibration_caches(model, data.valid, num_users=config.eval.calibration_users,
-                             seed=config.seed, num_devices=num_devices(config)), rank)
-    out[label] = make_compressor(name, **params)
+    try:
+      out[label] = (name, params if cache is None
+                    else comp_lib.resolve_params(name, params, cache))
+    except ValueError as err:
+      raise ValueError(f"config.compressors.{label}: {err}") from None
   return out
+
+
+def make_compressors(config, model, data: SequenceDataset,
+                     resolved: dict | None = None) -> dict[str, comp_lib.Compressor]:
+  """Builds the configured compressors; calibrated methods (low rank) fit on validation
+  histories of ``data`` (``config.eval.calibration_users`` users)."""
+  resolved = resolve_compressors(config) if resolved is None else resolved
+  heads, dk, dv = model.head_dims()
+  shape = comp_lib.CacheShape(len(model.layers), heads, config.data.max_len, dk, dv)
+  caches = lambda: calibration_caches(model, data.valid, num_users=config.eval.calibration_users,
+                                      seed=config.seed, num_devices=num_devices(config))
+  return {label: comp_lib.build_compressor(name, params, shape, caches)
+          for label, (name, params) in resolved.items()}
+
+
+def _json_params(params: dict) -> dict:
+  return {k: v if isinstance(v, int | float | str | bool) or v is None else str(v)
+          for k, v in params.items()}
 
 
 def format_table(rows: list[dict]) -> str:
@@ -262,8 +293,9 @@ def format_table(rows: list[dict]) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, print_fn=print) -> dict:
   """Runs the whole job; returns the results dict also written to ``workdir/results.json``."""
   validate_config(config)
+  resolved = resolve_compressors(config)
   workdir = Path(workdir)
-  _check_workdir(workdir, config)
+  check_workdir(workdir, config)
   t0 = time.time()
   data = load_data(config)
   print_fn(data.summary())
@@ -274,13 +306,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, print_fn
   ks = tuple(e.ks)
   pop = retrieval_metrics(popularity_ranks(data.popularity, split.target), ks)
   rows = [{"method": "popularity", **pop}]
-  comps = make_compressors(config, model, data)
+  comps = make_compressors(config, model, data, resolved)
   for label, comp in sorted(comps.items(), key=lambda kv: kv[0] != "native"):
     print_fn(f"evaluating {label} ...")
     res = evaluate(model, split, comp, batch_size=e.batch_size, ks=ks, query_len=e.query_len,
                    window=e.window, max_users=e.max_users or None,
                    num_devices=num_devices(config))
-    rows.append({"method": label, **res.row()})
+    rows.append({"method": label, "params": _json_params(resolved[label][1]), **res.row()})
   native_row = next((r for r in rows if r["method"] == "native"), None)
   ref = native_row["bytes_per_user"] if native_row else None
   for r in rows[1:]:
@@ -288,7 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, print_fn
   results = {"dataset": data.summary(), "split": e.split, "train": info, "rows": rows,
              "seconds": time.time() - t0, "devices": [str(d) for d in jax.devices()],
              "num_devices": parallel.num_shards(parallel.data_mesh(num_devices(config)))}
-  ckpt_lib.write_json_atomic(workdir / "results.json", results)
+  write_json_atomic(workdir / "results.json", results)
   print_fn(format_table(rows))
   print_fn(f"results: {workdir / 'results.json'}  ({results['seconds']:.0f}s)")
   return results

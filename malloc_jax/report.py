@@ -11,7 +11,7 @@ killed is ignored) and writes to ``--out`` (default: the workdir):
 * ``results.md``: per dataset, a Markdown table grouped by granularity (none / token /
   precision / low rank / head / sequence / architecture, then chains);
 * ``pareto.png``: the metric against bytes per user (log x), one marker per method family,
-  the Pareto frontier drawn (matplotlib, the ``plot`` extra, imported only here).
+  the Pareto frontier drawn (matplotlib, a core dependency, imported only here).
 
 It prints the best configuration under ``--budget_bytes`` per dataset, where the sweep's time
 went (training and each cell stage, also at the end of ``results.md``) and a projection line:
@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from malloc_jax.compressors.spec import GRANULARITIES
 from malloc_jax.costs import projection
 from malloc_jax.sweep import RESULTS, load_results, stage_summary
 
-GRANULARITY_ORDER = ("none", "token", "precision", "low rank", "head", "sequence",
-                     "architecture", "chain", "other")
+GRANULARITY_ORDER = (*GRANULARITIES, "chain", "other")  # the MethodSpec granularities
 KEY = ("dataset", "model", "method")
 LEAD = ("dataset", "model", "method", "family", "granularity", "params", "seeds")
 MARKERS = "osD^v<>pP*Xhd8H"

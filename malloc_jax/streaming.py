@@ -1,13 +1,13 @@
 """Streaming protocol: the history arrives in r requests and the memory is kept between them.
 
-One-shot serving (``evaluate.serve_batch``) prefills the whole history and compresses once.
+One-shot serving (``malloc_jax.serving``) prefills the whole history and compresses once.
 In production the history arrives over time: after each request the memory is extended with
 the new events (``model.extend(memory.materialize(), chunk)``) and re-compressed, threading
 the compressor's state, so compression error accumulates as it would in a real system. The
 held-out target(s) are scored at the end, exactly as in the one-shot protocol.
 
 Chunks: user b's prefix of n_b events (the history minus the request, see
-``evaluate.split_request``) is cut into r consecutive pieces, piece j holding events
+``serving.split_request``) is cut into r consecutive pieces, piece j holding events
 floor(j n_b / r) .. floor((j + 1) n_b / r) - 1, so every user sees r requests whatever its
 length (short users may get empty pieces). Pieces are right-padded to the static width
 w = ceil(N / r).
@@ -25,21 +25,18 @@ capacity of the one-shot memory (bytes are comparable). Models with their own me
 Invariants (tested): with the native compressor streaming equals one-shot to float tolerance
 (``extend`` from a native cache equals the full forward pass); with r = 1 it equals one-shot
 for every compressor.
+
+The pipeline that runs it over users (batches, sharding, the non-finite guard) is
+``malloc_jax.serving.stream_stage``; ``evaluate.evaluate_streaming`` reports its metrics.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from malloc_jax import compressors as comp_lib
 from malloc_jax.cache import Cache, Signals, pad_capacity
-from malloc_jax.data.dataset import EvalSet
-from malloc_jax.evaluate import padded_batches, split_request
-from malloc_jax.metrics import retrieval_metrics, target_rank
 from malloc_jax.models.base import Events
 
 
@@ -131,47 +128,3 @@ def stream_memory(model, prefix: Events, compressor: comp_lib.Compressor, reques
     rest = (chunks.items[:-1], chunks.ts[:-1], chunks.length[:-1])
     (dense, state), _ = jax.lax.scan(body, (dense, state), rest)
   return step(dense, state, piece(requests - 1))
-
-
-@functools.partial(jax.jit, static_argnames=("compressor", "requests", "query_len", "window"))
-def stream_batch(model, items, ts, length, target, *, compressor, requests, query_len=1,
-                 window=8):
-  """Streaming-protocol counterpart of ``evaluate.serve_batch``.
-
-  Returns:
-    (target ranks [B] over the full item corpus, final memory).
-  """
-  prefix, req = split_request(items, ts, length, query_len)
-  memory, _ = stream_memory(model, prefix, compressor, requests, window)
-  logits = model.score(memory.materialize(), req)
-  return target_rank(logits, target), memory
-
-
-def evaluate_streaming(model, data: EvalSet, compressor: comp_lib.Compressor, *, requests: int,
-                       batch_size: int = 256, ks=(10, 50, 200), query_len: int = 1,
-                       window: int = 8, max_users: int | None = None) -> dict[str, float]:
-  """Retrieval metrics under the streaming protocol, plus the final memory's bytes per user.
-
-  Args:
-    model, data, compressor, batch_size, ks, query_len, window, max_users: as
-      :func:`malloc_jax.evaluate.evaluate`.
-    requests: r, the number of requests each history arrives in.
-
-  Returns:
-    {HR@K, NDCG@K, MRR, "bytes_per_user", "requests"}.
-  """
-  n = len(data) if not max_users else min(max_users, len(data))
-  if n == 0:
-    raise ValueError("evaluate_streaming: the evaluation split has no users")
-  bs = min(batch_size, n)
-  ranks, memory = [], None
-  for _start, idx, real in padded_batches(n, bs):
-    r, memory = stream_batch(model, jnp.asarray(data.items[idx]), jnp.asarray(data.ts[idx]),
-                             jnp.asarray(data.length[idx]), jnp.asarray(data.target[idx]),
-                             compressor=compressor, requests=requests, query_len=query_len,
-                             window=window)
-    ranks.append(np.asarray(r)[real])
-  out = retrieval_metrics(np.concatenate(ranks), ks)
-  out["bytes_per_user"] = comp_lib.bytes_per_user(memory)
-  out["requests"] = int(requests)
-  return out

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import functools
 import hashlib
 import json
 import logging
@@ -41,38 +40,32 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from malloc_jax import compressors as comp_lib
 from malloc_jax import costs as costs_lib
-from malloc_jax.compressors.budget import cache_spec, memory_bytes, params_for_ratio, ratio_table
-from malloc_jax.compressors.registry import FACTORIES, make_compressor
+from malloc_jax import serving
+from malloc_jax.compressors import registry
+from malloc_jax.compressors.budget import cache_spec, memory_bytes, ratio_table, resolve_params
 from malloc_jax.config_validation import validate_config
-from malloc_jax.evaluate import calibration_caches, padded_batches, split_request
-from malloc_jax.experiment import TRAIN_FIELDS, _check_workdir, build_model, load_data, train_model
-from malloc_jax.metrics import ranking_metrics, retrieval_metrics, target_rank
-from malloc_jax.models.base import Events
+from malloc_jax.evaluate import calibration_caches
+from malloc_jax.experiment import (
+  TRAIN_FIELDS,
+  check_workdir,
+  load_data,
+  model_cache_spec,
+  num_devices,
+  train_model,
+)
+from malloc_jax.fileio import append_durably
+from malloc_jax.metrics import ranking_metrics, retrieval_metrics
+from malloc_jax.models import backbone_spec
 from malloc_jax.ranking import candidate_labels, sample_candidates
-from malloc_jax.streaming import stream_memory
 
 RESULTS = "results.jsonl"
 BASE_MODELS = ("hstu", "sasrec")
 EXTRA_METHODS = ("native", "recompute", "chain")
-
-# Granularity of each method family and trained variant (DESIGN.md's method catalogue).
-GRANULARITY = {
-    "native": "none", "recompute": "none",
-    "h2o": "token", "snapkv": "token", "streaming": "token", "random": "token",
-    "merge_evicted": "token", "longformer": "token", "beacon": "token",
-    "kivi": "precision", "intactkv": "precision", "uniform": "precision",
-    "lowrank": "low rank",
-    "mqa": "head", "gqa": "head", "mla": "head",
-    "linformer": "sequence", "lsh": "sequence",
-    "rwkv": "architecture", "linear": "architecture",
-}
-
 
 def granularity(family: str, model_name: str) -> str:
   """The granularity a cell compresses: the method's, the variant's, or "chain"."""
@@ -82,8 +75,11 @@ def granularity(family: str, model_name: str) -> str:
   if family == "chain" or (variant and family != "native"):
     return "chain"
   if variant:
-    return GRANULARITY.get(variant, "architecture")
-  return GRANULARITY.get(family, "other")
+    spec = backbone_spec(model_name)
+    return spec.granularity if spec is not None else "architecture"
+  if family in registry.specs():
+    return registry.get_spec(family).granularity
+  return "other"
 
 
 # ------------------------------------------------------------------------------------------
@@ -149,24 +145,7 @@ def _end_with_newline(path: Path) -> None:
 
 def append_result(path: str | os.PathLike, row: dict) -> None:
   """Appends one result as a JSON line: one ``write`` on an O_APPEND descriptor, then fsync."""
-  data = (json.dumps(row, sort_keys=True) + "\n").encode()
-  path = Path(path)
-  new = not path.exists()
-  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-  try:
-    view = memoryview(data)
-    while view:
-      n = os.write(fd, view)
-      view = view[n:]
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-  if new:  # make the new directory entry durable too
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-      os.fsync(dfd)
-    finally:
-      os.close(dfd)
+  append_durably(path, (json.dumps(row, sort_keys=True) + "\n").encode())
 
 
 # ------------------------------------------------------------------------------------------
@@ -208,53 +187,32 @@ def train_key(run: ml_collections.ConfigDict) -> str:
   return f"{name}-{_hash({k: full[k] for k in TRAIN_FIELDS})}"
 
 
-def _auto(value, dv: int):
-  """"auto" for a KIVI group or residual: the largest divisor of Dv up to 32."""
-  if value != "auto":
-    return value
-  return max(g for g in range(1, min(32, dv) + 1) if dv % g == 0)
-
-
-def _resolve(name: str, params: dict, spec, dv: int) -> dict:
+def _resolve(name: str, params: dict, spec) -> dict:
   """Concrete parameters of one compressor step (``ratio`` and ``"auto"`` resolved)."""
-  params = {k: _auto(v, dv) for k, v in params.items() if k not in ("name", "ratios")}
-  ratio = params.pop("ratio", None)
-  if ratio is not None:
-    params = params_for_ratio(name, spec, float(ratio), **params)
-  return params
-
-
-def _model_info(run) -> tuple[Any, bool]:
-  """(cache spec of the model's native memory or None, whether post-hoc methods apply)."""
-  from flax import nnx
-  model = nnx.eval_shape(lambda: build_model(run, 2))
-  if hasattr(model, "empty_memory"):  # own memory layout: only native / recompute apply
-    return None, False
-  heads, dk, dv = model.head_dims()
-  return cache_spec(len(model.layers), heads, run.data.max_len, dk, dv), True
+  params = {k: v for k, v in params.items() if k not in ("name", "ratios")}
+  return resolve_params(name, params, spec)
 
 
 def _settings(label: str, m: dict, spec, ratios, where: str, print_fn) -> list[tuple]:
   """The cells of one method entry: [(cell method label, steps, target ratio or None)]."""
   name = m.get("name")
-  dv = spec.v.shape[-1] if spec is not None else 0
   if name in ("native", "recompute"):
     return [(label, (), None)]
   if name == "chain":
     steps = []
     for i, s in enumerate(m.get("steps", ())):
       s = dict(s)
-      if s.get("name") not in FACTORIES:
+      if s.get("name") not in registry.specs():
         raise ValueError(f"config.methods.{label}.steps[{i}].name={s.get('name')!r}: expected "
-                         f"one of {sorted(FACTORIES)}")
-      steps.append((s["name"], _resolve(s["name"], s, spec, dv)))
+                         f"one of {sorted(registry.specs())}")
+      steps.append((s["name"], _resolve(s["name"], s, spec)))
     if not steps:
       raise ValueError(f"config.methods.{label}.steps: a chain needs at least one step")
     return [(label, tuple(steps), None)]
   if not m.get("ratios"):
-    return [(label, ((name, _resolve(name, m, spec, dv)),), None)]
+    return [(label, ((name, _resolve(name, m, spec)),), None)]
   out = []
-  fixed = _resolve(name, m, spec, dv)
+  fixed = _resolve(name, m, spec)
   for ratio, params in ratio_table(name, spec, tuple(ratios), **fixed).items():
     if params is None:
       print_fn(f"note: {label} cannot reach {ratio:g}x for {where}; skipped")
@@ -279,9 +237,9 @@ def expand_cells(config, print_fn=print) -> list[Cell]:
   methods = sorted(config.methods.items(),  # the references first, then the config's order
                    key=lambda kv: {"native": 0, "recompute": 1}.get(kv[1].get("name"), 2))
   for label, m in methods:
-    if m.get("name") not in FACTORIES and m.get("name") not in EXTRA_METHODS:
+    if m.get("name") not in registry.specs() and m.get("name") not in EXTRA_METHODS:
       raise ValueError(f"config.methods.{label}.name={m.get('name')!r}: expected one of "
-                       f"{sorted(set(FACTORIES) | set(EXTRA_METHODS))}")
+                       f"{sorted(set(registry.specs()) | set(EXTRA_METHODS))}")
   for ds_label, base in config.datasets.items():
     for model_label, sections in config.models.items():
       if ds_label not in sections:
@@ -295,7 +253,8 @@ def expand_cells(config, print_fn=print) -> list[Cell]:
         run.seed = int(seed)
         validate_config(run)
         key = train_key(run)
-        spec, posthoc = _model_info(run)
+        spec = model_cache_spec(run)
+        posthoc = spec is not None
         evaluation = {"eval": run.eval.to_dict(), "ranking": config.ranking.to_dict(),
                       "requests": list(config.stream_requests)}
         train = json.loads(run.to_json_best_effort(sort_keys=True))
@@ -352,7 +311,7 @@ def validate_cells(cells: list[Cell], config) -> None:
           raise ValueError(f"{field}.rank={rank!r}: expected an integer >= 1 (cell {cell.label})")
         continue
       try:
-        make_compressor(name, **params)
+        comp_lib.make_compressor(name, **params)
       except (TypeError, ValueError) as err:
         raise ValueError(f"{field} ({name}, cell {cell.label}): {err}") from None
 
@@ -361,95 +320,53 @@ def validate_cells(cells: list[Cell], config) -> None:
 # Running one cell.
 
 
-@functools.partial(jax.jit, static_argnames=("query_len", "window"))
-def _prefill_batch(model, items, ts, length, *, query_len, window):
-  """Stage 1 of a served cell: the native cache and signals of each user's prefix."""
-  prefix, req = split_request(items, ts, length, query_len)
-  cache, signals = model.prefill(prefix, window)
-  return cache, signals, prefix, req
-
-
-@functools.partial(jax.jit, static_argnames=("compressor",))
-def _compress_batch(cache, signals, *, compressor):
-  """Stage 2: the one-shot compressed memory."""
-  memory, _ = compressor.compress(cache, compressor.init(cache), signals)
-  return memory
-
-
-@jax.jit
-def _score_batch(model, memory, req, target, candidates):
-  """Stage 3: read the memory; (ranks [B], candidate logits [B, C], finite [B])."""
-  h = model.user_embedding(memory.materialize(), req)  # [B, d]
-  ranks = target_rank(model.logits(h), target)
-  return ranks, model.logits(h, candidates), jnp.all(jnp.isfinite(h), axis=-1)
-
-
-@functools.partial(jax.jit, static_argnames=("compressor", "requests", "window"))
-def _stream_batch(model, prefix, req, target, *, compressor, requests, window):
-  """The streaming protocol with r = ``requests``: (ranks [B], memory, finite [B])."""
-  memory, _ = stream_memory(model, prefix, compressor, requests, window)
-  h = model.user_embedding(memory.materialize(), req)
-  return target_rank(model.logits(h), target), memory, jnp.all(jnp.isfinite(h), axis=-1)
-
-
-@jax.jit
-def _recompute_cell(model, items, ts, length, target, candidates):
-  """The recompute reference: the whole history + request re-encoded, no memory."""
-  h = model.user_embedding(model.empty_cache(items.shape[0]), Events(items, ts, length))
-  return target_rank(model.logits(h), target), model.logits(h, candidates)
-
-
 class _Backbone:
-  """A trained backbone with its data, lazily fitted low-rank bases and reference bytes."""
+  """A trained backbone with its data and the lazily fitted arguments of calibrated methods."""
 
   def __init__(self, key, model, data, run, info, prefill_cache_bytes: float = 4e9):
     self.key, self.model, self.data, self.run, self.info = key, model, data, run, info
-    self._bases = {}
-    self._prefilled: dict[tuple, list] = {}
+    self._fitted: dict[tuple, dict] = {}
+    self._prefilled: dict[tuple, list] = {}  # prefilled serving.Batch lists
     self.prefill_cache_bytes = prefill_cache_bytes
 
-  def prefilled(self, split, n: int, bs: int, e):
-    """The prefix caches of the eval users in batches of ``bs``, prefilled once per backbone.
+  def user_batches(self, split, n: int, e, prefill: bool = True):
+    """The eval users' batches (``serving.batches``), prefilled once per backbone.
 
-    Every served cell of the backbone compresses the same native caches, so they are kept
-    (in device memory) when they fit in ``prefill_cache_bytes``; otherwise each cell
-    prefills again. Yields (start, idx, real, cache, signals, prefix, req, seconds), where
-    seconds is the time spent prefilling that batch now (0 when reused).
+    Every served cell of the backbone compresses the same native caches, so the prefilled
+    batches are kept (in device memory) when they fit in ``prefill_cache_bytes``; a reused
+    batch reports 0 prefill seconds. Otherwise each cell prefills again.
     """
-    key = (e.split, n, bs, e.query_len, e.window)
+    make = lambda: serving.batches(
+        self.model, split, batch_size=e.batch_size, max_users=n, query_len=e.query_len,
+        window=e.window, num_devices=num_devices(self.run), prefill=prefill)
+    key = (e.split, n, e.batch_size, e.query_len, e.window)
+    if not prefill:
+      return make()
     if key in self._prefilled:
-      for batch in self._prefilled[key]:
-        yield (*batch[:-1], 0.0)
-      return
+      return [dataclasses.replace(b, prefill_seconds=0.0) for b in self._prefilled[key]]
     m = self.run.model
-    estimate = -(-n // bs) * bs * split.items.shape[1] * 2 * m.num_layers * m.dim * 4 * 1.5
-    keep = [] if estimate <= self.prefill_cache_bytes else None  # K, V f32 + signals
-    for start, idx, real in padded_batches(n, bs):
-      t = time.time()
-      out = jax.block_until_ready(_prefill_batch(
-          self.model, jnp.asarray(split.items[idx]), jnp.asarray(split.ts[idx]),
-          jnp.asarray(split.length[idx]), query_len=e.query_len, window=e.window))
-      batch = (start, idx, real, *out, time.time() - t)
-      if keep is not None:
-        keep.append(batch)
-      yield batch
-    if keep is not None:
-      self._prefilled[key] = keep
+    estimate = -(-n // e.batch_size) * e.batch_size * split.items.shape[1] * 2 * m.num_layers \
+        * m.dim * 4 * 1.5  # K, V float32 + signals
+    if estimate > self.prefill_cache_bytes:
+      return make()
+    self._prefilled[key] = list(make())
+    return self._prefilled[key]
 
-  def bases(self, rank: int):
-    if rank not in self._bases:
+  def factory_params(self, name: str, params: dict) -> dict:
+    """The factory arguments of a step; calibrated methods are fitted once per setting."""
+    key = (name, json.dumps(params, sort_keys=True, default=str))
+    if key not in self._fitted:
+      heads, dk, dv = self.model.head_dims()
+      shape = registry.CacheShape(len(self.model.layers), heads, self.run.data.max_len, dk, dv)
       e = self.run.eval
-      self._bases[rank] = comp_lib.fit_lowrank(calibration_caches(
-          self.model, self.data.valid, num_users=e.calibration_users, seed=self.run.seed), rank)
-    return self._bases[rank]
+      caches = lambda: calibration_caches(self.model, self.data.valid,
+                                          num_users=e.calibration_users, seed=self.run.seed)
+      self._fitted[key] = registry.factory_params(name, params, shape, caches)
+    return self._fitted[key]
 
   def compressor(self, steps) -> comp_lib.Compressor:
-    built = []
-    for name, params in steps:
-      params = dict(params)
-      if name == "lowrank":
-        params["bases"] = self.bases(int(params.pop("rank")))
-      built.append(make_compressor(name, **params))
+    built = [registry.make_compressor(name, **self.factory_params(name, dict(params)))
+             for name, params in steps]
     if not built:
       return comp_lib.native()
     return built[0] if len(built) == 1 else comp_lib.chain(*built)
@@ -472,109 +389,29 @@ def reference_spec(run):
 
 
 def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
-  """Runs one cell; returns its result row (metrics, bytes, costs, timings)."""
+  """Runs one cell; returns its result row (metrics, bytes, costs, timings).
+
+  Stages: the eval users and their ranking candidates; the serving pipeline
+  (``serving.serve``: compress, score, stream, guard; ``recompute`` re-encodes instead);
+  quality metrics; bytes and request costs; bookkeeping.
+  """
   t0 = time.time()
-  model, run = backbone.model, cell.run
-  e = run.eval
-  split = backbone.data.eval_set(e.split)
-  n = len(split) if not e.max_users else min(e.max_users, len(split))
-  rk = config.ranking
-  cands = sample_candidates(split.target[:n], model.num_items, rk.num_negatives,
-                            rk.seed + cell.seed)
-  requests = tuple(int(r) for r in config.stream_requests)
-  bs = min(e.batch_size, n)
+  e = cell.run.eval
+  split, n, candidates = _eval_users(cell, backbone, config)
   comp = None if cell.family == "recompute" else backbone.compressor(cell.steps)
-  ranks, logits, stream = [], [], []
-  first = None
-  stages = dict.fromkeys(("prefill", "compress", "score", "stream"), 0.0)
-  ub = []  # per user: stored, buffer, native stored bytes (compressors.cell_bytes)
-  if comp is None:
-    for _start, idx, real in padded_batches(n, bs):
-      args = (jnp.asarray(split.items[idx]), jnp.asarray(split.ts[idx]),
-              jnp.asarray(split.length[idx]), jnp.asarray(split.target[idx]),
-              jnp.asarray(cands[idx]))
-      t = time.time()
-      r, c = jax.block_until_ready(_recompute_cell(model, *args))
-      stages["score"] += time.time() - t
-      ranks.append(np.asarray(r)[real])
-      logits.append(np.asarray(c)[real])
-      if first is None:
-        first = (args, None, ())
-  else:
-    for start, idx, real, cache, signals, prefix, req, prefill_s in backbone.prefilled(
-        split, n, bs, e):
-      stages["prefill"] += prefill_s
-      target, cand = jnp.asarray(split.target[idx]), jnp.asarray(cands[idx])
-      t = time.time()
-      mem = jax.block_until_ready(_compress_batch(cache, signals, compressor=comp))
-      t1 = time.time()
-      ub.append(comp_lib.cell_bytes(mem, comp, reference_spec(run))[:, real])
-      r, c, ok = jax.block_until_ready(_score_batch(model, mem, req, target, cand))
-      t2 = time.time()
-      s_ranks, smem = [], []
-      for q in requests:
-        s_r, m_r, ok_r = jax.block_until_ready(_stream_batch(
-            model, prefix, req, target, compressor=comp, requests=q, window=e.window))
-        s_ranks.append(s_r)
-        smem.append(m_r)
-        ok = ok & ok_r
-      stages["compress"] += t1 - t
-      stages["score"] += t2 - t1
-      stages["stream"] += time.time() - t2
-      bad = np.flatnonzero(~np.asarray(ok)[real])
-      if bad.size:
-        raise FloatingPointError(
-            f"sweep cell {cell.id} ({cell.label}): non-finite user embeddings (NaN or inf in "
-            f"the memory or the model) for {bad.size} user(s), first user index "
-            f"{start + bad[0]}; refusing to record metrics")
-      stream.append(np.stack([np.asarray(x) for x in s_ranks])[:, real] if s_ranks
-                    else np.zeros((0, int(real.sum())), np.int64))
-      ranks.append(np.asarray(r)[real])
-      logits.append(np.asarray(c)[real])
-      if first is None:
-        args = (jnp.asarray(split.items[idx]), jnp.asarray(split.ts[idx]),
-                jnp.asarray(split.length[idx]))
-        first = (args, mem, tuple(smem))
+  requests = tuple(int(r) for r in config.stream_requests) if comp is not None else ()
+  served = serving.serve(
+      backbone.model, backbone.user_batches(split, n, e, prefill=comp is not None), comp,
+      candidates=candidates, requests=requests, window=e.window,
+      num_devices=num_devices(cell.run), where=f"sweep cell {cell.id} ({cell.label})")
   eval_seconds = time.time() - t0
-  ks = tuple(e.ks)
-  row = {"cell": cell.id, "dataset": cell.dataset, "dataset_name": backbone.data.summary(),
-         "model": cell.model, "backbone": run.model.name, "method": cell.method,
-         "family": cell.family, "granularity": granularity(cell.family, run.model.name),
-         "seed": cell.seed, "ratio_target": cell.ratio,
-         "params": {name: p for name, p in cell.steps} if cell.steps else {},
-         "train_key": cell.train_key, "num_users": int(n), "split": e.split}
-  row.update(retrieval_metrics(np.concatenate(ranks), ks))
-  logits = np.concatenate(logits)
-  labels = candidate_labels(logits)
-  users = np.broadcast_to(np.arange(n)[:, None], labels.shape)
-  row.update(ranking_metrics(users, labels, logits, model.temperature))
-  row["ranking_candidates"] = int(labels.shape[1])
-  ref = reference_bytes(run)
-  args, mem, smem = first
-  req_events = split_request(args[0], args[1], args[2], e.query_len)[1]
-  c = config.costs
+  row = _cell_header(cell, backbone, n)
+  row.update(_quality(served, tuple(e.ks), backbone.model.temperature))
   t_costs = time.time()
-  if comp is None:
-    full = Events(args[0], args[1], args[2])
-    row["bytes_per_user"] = costs_lib.events_bytes_per_user(full)
-    row["stored_bytes"] = float(np.mean(comp_lib.events_stored_bytes(*args[:3])))
-    row["shared_bytes"] = 0
-    row.update(costs_lib.recompute_costs(model, full, warmup=c.warmup, iters=c.iters).row())
-  else:
-    row["bytes_per_user"] = comp_lib.bytes_per_user(mem)
-    row.update(comp_lib.cell_bytes_row(np.concatenate(ub, axis=1)))
-    row["shared_bytes"] = comp_lib.shared_nbytes(mem)
-    row.update(costs_lib.serving_costs(model, mem, req_events, closed_form=True,
-                                       warmup=c.warmup, iters=c.iters).row())
-    stream = np.concatenate(stream, axis=1)
-    for j, r in enumerate(requests):
-      for k, v in retrieval_metrics(stream[j], ks).items():
-        row[f"stream{r}/{k}"] = v
-      row[f"stream{r}/bytes_per_user"] = comp_lib.bytes_per_user(smem[j])
-      row[f"stream{r}/stored_bytes"] = float(np.mean(comp_lib.stored_bytes(
-          smem[j], comp_lib.state_shape(comp, smem[j]))))
-  stages["costs"] = time.time() - t_costs
-  row.update({f"{k}_seconds": v for k, v in stages.items()})
+  row.update(_bytes_and_costs(backbone.model, comp, served, cell.run, config.costs))
+  row.update({f"{k}_seconds": v for k, v in served.seconds.items()})
+  row["costs_seconds"] = time.time() - t_costs
+  ref = reference_bytes(cell.run)
   row["reference_bytes_per_user"] = ref
   row["stores_memory"] = comp is not None  # recompute keeps only the raw events
   row["compression_ratio"] = (row["reference_stored_bytes"] / row["stored_bytes"]
@@ -587,6 +424,63 @@ def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
   row["device"] = str(jax.devices()[0])
   row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
   return row
+
+
+def _eval_users(cell: Cell, backbone: _Backbone, config):
+  """(eval split, number of users served, ranking candidates [n, C]) of a cell."""
+  e = cell.run.eval
+  split = backbone.data.eval_set(e.split)
+  n = len(split) if not e.max_users else min(e.max_users, len(split))
+  rk = config.ranking
+  candidates = sample_candidates(split.target[:n], backbone.model.num_items, rk.num_negatives,
+                                 rk.seed + cell.seed)
+  return split, n, candidates
+
+
+def _cell_header(cell: Cell, backbone: _Backbone, n: int) -> dict:
+  run = cell.run
+  return {"cell": cell.id, "dataset": cell.dataset, "dataset_name": backbone.data.summary(),
+          "model": cell.model, "backbone": run.model.name, "method": cell.method,
+          "family": cell.family, "granularity": granularity(cell.family, run.model.name),
+          "seed": cell.seed, "ratio_target": cell.ratio,
+          "params": {name: p for name, p in cell.steps} if cell.steps else {},
+          "train_key": cell.train_key, "num_users": int(n), "split": run.eval.split}
+
+
+def _quality(served: serving.Served, ks: tuple, temperature: float) -> dict:
+  """Retrieval metrics (one-shot and streamed) and ranking metrics over the candidates."""
+  row = retrieval_metrics(served.ranks, ks)
+  logits = served.candidate_logits
+  labels = candidate_labels(logits)
+  users = np.broadcast_to(np.arange(len(logits))[:, None], labels.shape)
+  row.update(ranking_metrics(users, labels, logits, temperature))
+  row["ranking_candidates"] = int(labels.shape[1])
+  for r, ranks in served.stream_ranks.items():
+    for k, v in retrieval_metrics(ranks, ks).items():
+      row[f"stream{r}/{k}"] = v
+    row[f"stream{r}/bytes_per_user"] = comp_lib.bytes_per_user(served.stream_memory[r])
+  return row
+
+
+def _bytes_and_costs(model, comp, served: serving.Served, run, c) -> dict:
+  """Bytes per user (stored and buffer means over every served user; the native reference
+  for the same users) and FLOPs / latency of one request batch (the last served batch)."""
+  b = served.last
+  stored, buffer = (float(x) for x in served.user_bytes.mean(axis=1))
+  figures = {"stored_bytes": stored, "buffer_bytes": buffer}
+  for r, m in served.stream_memory.items():
+    figures[f"stream{r}/stored_bytes"] = float(np.mean(comp_lib.stored_bytes(
+        m, comp_lib.state_shape(comp, m))))  # the last batch's users
+  if comp is None:
+    return {**figures, "bytes_per_user": costs_lib.events_bytes_per_user(b.events),
+            "shared_bytes": 0,
+            **costs_lib.recompute_costs(model, b.events, warmup=c.warmup, iters=c.iters).row()}
+  return {**figures, "bytes_per_user": comp_lib.bytes_per_user(served.memory),
+          "shared_bytes": comp_lib.shared_nbytes(served.memory),
+          "reference_stored_bytes": float(np.mean(comp_lib.native_stored_bytes(
+              reference_spec(run), served.lengths))),
+          **costs_lib.serving_costs(model, served.memory, b.req, closed_form=True,
+                                    warmup=c.warmup, iters=c.iters).row()}
 
 
 # ------------------------------------------------------------------------------------------
@@ -653,7 +547,7 @@ def _run_locked(config, workdir: Path, print_fn) -> list[dict]:
         print_fn(data_cache[data_key].summary())
       data = data_cache[data_key]
       model_dir = workdir / "models" / cell.train_key
-      _check_workdir(model_dir, cell.run)
+      check_workdir(model_dir, cell.run)
       print_fn(f"backbone {cell.train_key} ({cell.dataset}/{cell.model}/s{cell.seed})")
       model, info = train_model(cell.run, model_dir, data, print_fn)
       backbone = _Backbone(cell.train_key, model, data, cell.run, info,

@@ -25,7 +25,7 @@ from flax import nnx
 
 from malloc_jax import parallel
 from malloc_jax.data.dataset import SequenceDataset, TrainSet
-from malloc_jax.models.base import Events, _l2norm
+from malloc_jax.models.base import Events, l2_normalize
 
 
 def sampled_softmax_loss(model, items, ts, length, rng, num_negatives: int, dropout: bool):
@@ -42,7 +42,7 @@ def sampled_softmax_loss(model, items, ts, length, rng, num_negatives: int, drop
   r1, r2 = jax.random.split(rng)
   n_in = jnp.maximum(length - 1, 0)
   h = model(Events(items[:, :-1], ts[:, :-1], n_in), train_rng=r1 if dropout else None)
-  h = _l2norm(h)  # [B, N, d]
+  h = l2_normalize(h)  # [B, N, d]
   table = model.item_embeddings()  # [V + 1, d]
   tgt = items[:, 1:]  # [B, N]
   valid = jnp.arange(tgt.shape[1])[None, :] < n_in[:, None]

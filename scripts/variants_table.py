@@ -25,10 +25,11 @@ from absl import app, flags
 
 from malloc_jax import compressors as C
 from malloc_jax import config_lib, logging_setup
-from malloc_jax.checkpoint import workdir_lock, write_json_atomic
+from malloc_jax.checkpoint import workdir_lock
 from malloc_jax.config_validation import validate_config
 from malloc_jax.evaluate import evaluate, split_request
-from malloc_jax.experiment import _check_workdir, load_data, train_model
+from malloc_jax.experiment import check_workdir, load_data, train_model
+from malloc_jax.fileio import write_json_atomic
 
 _DATA = flags.DEFINE_string("data", "synthetic", "synthetic | ml-100k | ... (config data=)")
 _PATH = flags.DEFINE_string("path", "", "Data file for real datasets.")
@@ -98,7 +99,7 @@ def main(argv):
     validate_config(config)
     workdir = out_dir / name
     _LOCKS.enter_context(workdir_lock(workdir, "variants_table"))  # held until exit
-    _check_workdir(workdir, config)
+    check_workdir(workdir, config)
     data = data or load_data(config)
     t0 = time.time()
     model, info = train_model(config, workdir, data, print_fn=lambda s: print(f"[{name}] {s}"))

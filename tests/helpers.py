@@ -6,23 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from malloc_jax.models import Events, make_model
+from malloc_jax.models import VARIANT_SPECS, Events, make_model
 
-# Every trained variant with small, valid options (dim 16 or more, max_len 32 or more):
-# shared by the variant and cost tests so that a new variant joins both.
-VARIANT_OPTIONS = {
-    "hstu_mqa": {},
-    "hstu_gqa": dict(heads=4, kv_heads=2),
-    "hstu_mla": dict(kv_rank=6, rope_dim=4),
-    "hstu_linformer": dict(k_proj=5),
-    "hstu_lsh": dict(num_buckets=4, num_hashes=2),
-    "hstu_longformer": dict(window=4, num_global=2),
-    "hstu_beacon": dict(chunk=4, beacons=2),
-    "hstu_rwkv": {},
-    "hstu_linear": {},
-    "sasrec_mqa": {},
-    "sasrec_gqa": dict(heads=4, kv_heads=2),
-}
+# Every trained variant with small, valid options (dim 16 or more, max_len 32 or more), from
+# the variants' specs: shared by the variant and cost tests, so a new variant joins both.
+VARIANT_OPTIONS = {name: dict(spec.test_options) for name, spec in VARIANT_SPECS.items()}
 
 
 def random_model(name: str, num_items: int = 40, *, dim: int = 16, heads: int = 2,

@@ -580,6 +580,8 @@ def _writer(path, version, batch, first=0, stride=1, rounds=None):
   return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
 
 
+
+@pytest.mark.slow  # end to end; run by .ci/run's -m slow pass
 def test_sigkill_mid_update_leaves_every_user_old_or_new(tmp_path):
   """A writer process updating all users version after version is SIGKILLed at random times."""
   num_users, batch = 256, 32

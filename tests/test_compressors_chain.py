@@ -149,20 +149,41 @@ def test_compressed_chain_scores_under_jit(tiny_model):
 
 
 def test_registry_builds_every_method():
+  """Every registered method, built from its spec's example parameters (calibrated ones
+  fitted on the cache), compresses into a memory that materializes to a full-shape Cache."""
   cache, sig = make_cache(4)
-  bases = C.fit_lowrank([cache], rank=3)
-  params = {"native": {}, "lowrank": dict(bases=bases), "h2o": dict(heavy=2, recent=2),
-            "snapkv": dict(budget=5, window=2), "streaming": dict(sinks=1, recent=3),
-            "random": dict(budget=4, seed=1), "merge_evicted": dict(heavy=2, recent=2),
-            "kivi": dict(bits=4, group=4, residual=4), "intactkv": dict(bits=8, pivots=2),
-            "uniform": dict(bits=8)}
-  assert set(params) == set(C.FACTORIES)
-  for name, p in params.items():
-    comp = C.make_compressor(name, **p)
+  shape = C.CacheShape.of(cache)
+  assert {"native", "lowrank", "h2o", "snapkv", "kivi"} <= set(C.specs())
+  assert set(C.FACTORIES) == set(C.specs())
+  for name, spec in C.specs().items():
+    assert spec.name == name and spec.reference
+    comp = C.build_compressor(name, dict(spec.example), shape, caches=lambda: [cache])
     assert isinstance(comp, C.Compressor)
-    # Abstract evaluation: every method's memory materializes into a full-shape Cache.
+    C.check_params(name, dict(spec.example), shape)
     out = jax.eval_shape(lambda c, s, comp=comp: compress_fn(comp)(c, s)[1], cache, sig)
     assert out.k.shape[:3] == (L, B, H) and out.k.shape[-1] == D
+    if not spec.needs_signals:  # methods that say so work without signals
+      jax.eval_shape(lambda c, comp=comp: compress_fn(comp)(c, None)[1], cache)
+    else:
+      with pytest.raises(ValueError, match="signals"):
+        jax.eval_shape(lambda c, comp=comp: compress_fn(comp)(c, None)[1], cache)
+
+
+def test_check_params_bounds_by_the_cache_shape():
+  shape = C.CacheShape(num_layers=2, heads=2, capacity=16, dk=8, dv=8)
+  C.check_params("snapkv", {"budget": 16, "window": 4}, shape)
+  with pytest.raises(ValueError, match="budget=17 must be at most data.max_len=16"):
+    C.check_params("snapkv", {"budget": 17, "window": 4}, shape)
+  with pytest.raises(ValueError, match="rank=9"):
+    C.check_params("lowrank", {"rank": 9}, shape)
+  C.check_params("lowrank", {"rank": 0, "reduction": 2}, shape)
+  with pytest.raises(ValueError, match="'auto' is accepted for"):
+    C.resolve_params("h2o", {"heavy": "auto", "recent": 2}, C.cache_spec(2, 2, 16, 8))
+  assert C.resolve_params("kivi", {"bits": 2, "group": "auto", "residual": "auto"},
+                          C.cache_spec(2, 2, 16, 24)) == {"bits": 2, "group": 24, "residual": 24}
+  ratio = C.resolve_params("h2o", {"ratio": 2}, C.cache_spec(2, 2, 16, 8))
+  assert C.memory_bytes("h2o", C.cache_spec(2, 2, 16, 8), **ratio) <= C.memory_bytes(
+      "native", C.cache_spec(2, 2, 16, 8)) / 2
 
 
 @pytest.mark.parametrize("name,params,match", [
@@ -232,8 +253,7 @@ def test_memory_bytes_are_the_built_memory_bytes():
   assert C.memory_bytes("lowrank", cache, figure="buffer", rank=3) == C.bytes_per_user(memory)
 
 
-@pytest.mark.parametrize("method", ["h2o", "snapkv", "streaming", "random", "merge_evicted",
-                                    "kivi", "intactkv", "uniform", "lowrank"])
+@pytest.mark.parametrize("method", [n for n, s in C.specs().items() if s.tuned])
 def test_budget_bytes_picks_the_largest_fitting_setting(method):
   target = NATIVE / 2
   fixed = dict(group=16, residual=16) if method == "kivi" else {}

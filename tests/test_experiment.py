@@ -65,6 +65,7 @@ def _metrics(workdir):
   return {r["method"]: r for r in rows}
 
 
+@pytest.mark.slow  # end to end; run by .ci/run's -m slow pass
 def test_sigkill_then_rerun_resumes_and_matches_uninterrupted(tmp_path):
   """Kill training after its first checkpoint; the rerun resumes and ends bit-identical."""
   ref = _main(tmp_path / "ref")

@@ -38,6 +38,7 @@ def _outputs(nb) -> tuple[str, list[str]]:
   return "".join(text), kinds
 
 
+@pytest.mark.slow  # end to end; run by .ci/run's -m slow pass
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):
   env = {"MALLOC_QUICKSTART_TINY": "1", "MALLOC_QUICKSTART_WORKDIR": str(tmp_path / "run"),
          "JAX_PLATFORMS": "cpu", "MPLBACKEND": "Agg",

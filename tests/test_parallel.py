@@ -49,6 +49,7 @@ def _launch(workdir: Path, devices: int) -> subprocess.Popen:
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # end to end; run by .ci/run's -m slow pass
 def test_four_devices_match_one_device(tmp_path):
   """Tiny model trained and evaluated sharded over 4 host devices: metrics as on 1 device."""
   procs = {n: _launch(tmp_path / f"d{n}", n) for n in (1, 4)}  # concurrently: 2 cores

@@ -351,20 +351,24 @@ def test_fuzz_serving_path_against_full_forward(data):
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 def test_sweep_cell_flags_non_finite_memories(value):
-  """The sweep's serving step reports which users' embeddings are not finite (run_cell then
-  refuses to record the cell), in the one-shot and the streaming protocol."""
-  from malloc_jax import sweep
+  """The serving pipeline's stages report which users' scores are not finite, in the one-shot
+  and the streaming protocol, and serve() refuses to return metrics (naming the user)."""
+  from malloc_jax import serving
 
   model = random_model("hstu")
   data = _dataset()
   s = data.test
   comp = _poison(C.native(), value)
-  cache, signals, prefix, req = sweep._prefill_batch(model, s.items, s.ts, s.length,
-                                                     query_len=1, window=4)
-  memory = sweep._compress_batch(cache, signals, compressor=comp)
-  *_, finite = sweep._score_batch(model, memory, req, s.target,
-                                  np.tile(s.target[:, None], (1, 3)))
+  cache, signals, prefix, req = serving.prefill_stage(model, s.items, s.ts, s.length,
+                                                      query_len=1, window=4)
+  memory = serving.compress_stage(cache, signals, compressor=comp)
+  *_, finite = serving.score_stage(model, memory, req, s.target,
+                                   np.tile(s.target[:, None], (1, 3)))
   np.testing.assert_array_equal(np.asarray(finite), np.arange(len(s)) != 2)
-  *_, finite = sweep._stream_batch(model, prefix, req, s.target, compressor=comp, requests=2,
-                                   window=4)
+  *_, finite = serving.stream_stage(model, prefix, req, s.target, compressor=comp, requests=2,
+                                    window=4)
   np.testing.assert_array_equal(np.asarray(finite), np.arange(len(s)) != 2)
+  for requests in ((), (2,)):
+    with pytest.raises(FloatingPointError, match="first user index 2"):
+      serving.serve(model, serving.batches(model, s, batch_size=len(s), window=4), comp,
+                    requests=requests, window=4)

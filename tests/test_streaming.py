@@ -63,15 +63,12 @@ def _jitted(comp):
 @pytest.fixture(scope="module")
 def hstu():
   s = Setup("hstu", seed=2)
-  bases = C.fit_lowrank([s.cache], 3)
-  s.comps = {k: _jitted(c) for k, c in {
-      "native": C.native(), "h2o": C.h2o(heavy=4, recent=4), "snapkv": C.snapkv(8, window=4),
-      "streaming": C.streaming(sinks=2, recent=6), "random": C.random(8, seed=3),
-      "merge_evicted": C.merge_evicted(heavy=4, recent=4),
-      "kivi": C.kivi(bits=2, group=4, residual=4), "intactkv": C.intactkv(bits=4),
-      "uniform": C.uniform(bits=4), "lowrank": C.lowrank(bases),
-      "chain": C.chain(C.snapkv(12, window=4), C.uniform(bits=8)),
-  }.items()}
+  shape = C.CacheShape.of(s.cache)  # every registered method, built from its spec's example
+  comps = {name: C.build_compressor(name, dict(spec.example), shape, caches=lambda: [s.cache])
+           for name, spec in C.specs().items()}
+  comps["h2o"] = C.h2o(heavy=4, recent=4)  # the budget the eviction test below expects
+  comps["chain"] = C.chain(C.snapkv(12, window=4), C.uniform(bits=8))
+  s.comps = {k: _jitted(c) for k, c in comps.items()}
   return s
 
 

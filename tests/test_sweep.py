@@ -90,6 +90,7 @@ def _lines(path):
   return path.read_bytes().splitlines(keepends=True) if path.exists() else []
 
 
+@pytest.mark.slow  # end to end; run by .ci/run's -m slow pass
 def test_sigkill_mid_cell_then_rerun_finishes_each_cell_once(tmp_path):
   results = tmp_path / RESULTS
   proc = _sweep(tmp_path, wait=False)
@@ -125,13 +126,13 @@ def test_sigkill_mid_cell_then_rerun_finishes_each_cell_once(tmp_path):
   assert _lines(results) == lines
 
 
+@pytest.mark.slow  # end to end; run by .ci/run's -m slow pass
 def test_cells_match_evaluate_and_streaming_and_reuse_the_prefill(tmp_path):
   """A served cell's one-shot and streaming metrics equal the library's evaluate() and
   evaluate_streaming() on the same trained backbone, and the second served cell of a
   backbone reuses the first one's prefill."""
-  from malloc_jax.evaluate import evaluate
+  from malloc_jax.evaluate import evaluate, evaluate_streaming
   from malloc_jax.experiment import load_data, train_model
-  from malloc_jax.streaming import evaluate_streaming
   from malloc_jax.sweep import _Backbone, run_sweep
 
   config = sweep_config("runlocal=True,methods=native+recompute+h2o+kivi2,steps=3,requests=2")
@@ -162,3 +163,28 @@ def test_cells_match_evaluate_and_streaming_and_reuse_the_prefill(tmp_path):
   for row in rows:
     assert all(row[f"{k}_seconds"] >= 0 for k in ("prefill", "compress", "score", "stream",
                                                   "costs"))
+
+
+def test_run_cell_is_the_serving_pipeline(tmp_path):
+  """The fast counterpart of the slow end-to-end tests: a tiny sweep's rows hold the
+  pipeline's ranks (one-shot and recompute; streaming is covered by the slow test and by
+  test_streaming / test_reliability), ranking metrics, bytes and costs, and the second served
+  cell reuses the first one's prefill."""
+  from malloc_jax.sweep import run_sweep
+
+  config = sweep_config("runlocal=True,methods=native+recompute+h2o,steps=2,requests=")
+  run = config.datasets.synthetic
+  run.train.update(eval_every=0, checkpoint_every=2)
+  run.eval.update(max_users=16, batch_size=8)
+  config.costs.update(warmup=0, iters=1)
+  rows = run_sweep(config, tmp_path, print_fn=lambda *a, **k: None)
+  assert [r["method"] for r in rows] == ["native", "recompute", "h2o@2x"]
+  native, recompute, h2o = rows
+  for row in rows:
+    assert row["num_users"] == 16 and 0 <= row["NDCG@10"] <= 1 and 0 <= row["AUC"] <= 1
+  # Native memory = the full forward pass: recompute ranks the same users identically.
+  assert native["NDCG@10"] == pytest.approx(recompute["NDCG@10"], abs=1e-6)
+  assert not any(k.startswith("stream") and "/" in k for k in native)
+  assert recompute["compression_ratio"] is None and not recompute["stores_memory"]
+  assert h2o["compression_ratio"] >= 2 and native["compression_ratio"] == pytest.approx(1.0)
+  assert native["prefill_seconds"] > 0 and h2o["prefill_seconds"] == 0  # prefilled once

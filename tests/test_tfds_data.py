@@ -164,6 +164,7 @@ def _untimed(rows):
   return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]
 
 
+@pytest.mark.slow  # end to end; run by .ci/run's -m slow pass
 def test_ml100k_training_from_tfds_matches_raw(shared_data, tmp_path):
   raw = shared_data / "ml-100k" / "u.data"
   if not raw.is_file():

@@ -24,6 +24,7 @@ from malloc_jax.compressors.base import (
     identity,
     index_of,
     index_stored_bytes,
+    init_empty,
     native,
     nbytes,
     packed_bytes,
@@ -43,6 +44,7 @@ from malloc_jax.compressors.budget import (
     native_stored_bytes,
     params_for_ratio,
     ratio_table,
+    resolve_params,
 )
 from malloc_jax.compressors.eviction import (
     H2OState,
@@ -66,19 +68,39 @@ from malloc_jax.compressors.quantization import (
     uniform,
     unpack_codes,
 )
-from malloc_jax.compressors.registry import FACTORIES, make_compressor, method_parameters
+from malloc_jax.compressors.registry import (
+    build_compressor,
+    check_params,
+    factory_params,
+    get_spec,
+    make_compressor,
+    method_parameters,
+    specs,
+)
+from malloc_jax.compressors.spec import CacheShape, MethodSpec
+
+
+def __getattr__(name: str):
+  """``FACTORIES`` and the factory of every registered method (e.g. ``compressors.knorm``)."""
+  from malloc_jax.compressors import registry
+  if name == "FACTORIES":
+    return registry.FACTORIES
+  if name in registry.specs():
+    return registry.specs()[name].factory
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "ChainState", "Compressor", "DenseIndex", "DenseMemory", "EmptyState", "LowRankBases",
     "LowRankMemory", "Signals", "SparseIndex", "batch_size", "bytes_per_user", "cache_from",
-    "chain", "fit_lowrank", "identity", "index_of", "lowrank", "native", "nbytes",
+    "chain", "fit_lowrank", "identity", "index_of", "init_empty", "lowrank", "native", "nbytes",
     "shared_nbytes",
     # bytes per user
     "buffer_bytes", "cell_bytes", "cell_bytes_row", "events_stored_bytes", "full_user", "index_stored_bytes", "native_stored_bytes", "packed_bytes",
     "row_counts", "state_shape", "stored_bytes", "user_bytes", "user_fingerprint",
     # post-hoc library
-    "FACTORIES", "H2OState", "IntactKVMemory", "KiviMemory", "QuantSpec", "RandomState",
+    "CacheShape", "FACTORIES", "H2OState", "MethodSpec", "build_compressor", "check_params", "factory_params",
+    "get_spec", "specs", "IntactKVMemory", "KiviMemory", "QuantSpec", "RandomState",
     "UniformMemory", "budget_bytes", "cache_spec", "h2o", "intactkv", "kivi", "make_compressor",
     "memory_bytes", "merge_evicted", "method_parameters", "pack_codes", "params_for_ratio",
-    "random", "ratio_table", "snapkv", "streaming", "uniform", "unpack_codes",
+    "random", "ratio_table", "resolve_params", "snapkv", "streaming", "uniform", "unpack_codes",
 ]

@@ -39,6 +39,7 @@ import numpy as np
 from flax import struct
 
 from malloc_jax.cache import Cache, Signals
+from malloc_jax.compressors.spec import MethodSpec
 
 
 class Memory(Protocol):
@@ -59,6 +60,12 @@ class Compressor(NamedTuple):
 
 class EmptyState(NamedTuple):
   """State of a stateless compressor."""
+
+
+def init_empty(cache) -> EmptyState:
+  """The ``init`` of every stateless compressor (as ``optax.init_empty_state``)."""
+  del cache
+  return EmptyState()
 
 
 # ----------------------------------------------------------------------------------------
@@ -326,15 +333,11 @@ def identity() -> Compressor:
   References: the uncompressed KV cache of M-FALCON serving (Zhai et al., ICML 2024).
   """
 
-  def init(cache):
-    del cache
-    return EmptyState()
-
   def compress(cache, state, signals=None):
     del signals
     return DenseMemory(index=index_of(cache), k=cache.k, v=cache.v), state
 
-  return Compressor(init, compress)
+  return Compressor(init_empty, compress)
 
 
 native = identity
@@ -369,3 +372,11 @@ def chain(*compressors: Compressor) -> Compressor:
     return memory, ChainState(tuple(new_states))
 
   return Compressor(init, compress)
+
+
+# ----------------------------------------------------------------------------------------
+# Registration (see malloc_jax.compressors.spec).
+
+SPECS = (MethodSpec(
+    name="native", factory=identity, granularity="none",
+    reference="the uncompressed KV cache of M-FALCON serving (Zhai et al., ICML 2024)"),)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from malloc_jax.cache import Cache, Signals
+from malloc_jax.compressors import registry
 from malloc_jax.compressors.base import (
   DenseIndex,
   DenseMemory,
@@ -27,16 +28,13 @@ from malloc_jax.compressors.base import (
   stored_bytes,
   user_bytes,
 )
-from malloc_jax.compressors.lowrank import LowRankBases, lowrank
-from malloc_jax.compressors.registry import FACTORIES, make_compressor
+from malloc_jax.compressors.spec import CacheShape
 
-# Which parameter each method's byte budget moves.
-TUNED = {
-    "native": None, "lowrank": "rank", "h2o": "budget", "merge_evicted": "budget",
-    "snapkv": "budget", "streaming": "budget", "random": "budget", "kivi": "bits",
-    "intactkv": "bits", "uniform": "bits",
-}
-_BITS = {"kivi": (2, 4), "intactkv": (2, 4, 8), "uniform": (4, 8)}
+
+def __getattr__(name: str):
+  if name == "TUNED":  # {method: the parameter its byte budget moves}, from the specs
+    return {n: s.tuned for n, s in registry.specs().items()}
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cache_spec(num_layers: int, heads: int, capacity: int, dk: int, dv: int | None = None,
@@ -69,6 +67,11 @@ def full_user(shapes, length: int):
   return jax.tree_util.tree_map_with_path(view, shapes)
 
 
+def _is_arrays(tree) -> bool:
+  leaves = jax.tree.leaves(tree)
+  return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct | jax.Array) for x in leaves)
+
+
 def memory_bytes(method: str, cache: Cache, figure: str = "stored", **params) -> float:
   """Bytes per user of the memory ``make_compressor(method, **params)`` stores for ``cache``.
 
@@ -76,8 +79,9 @@ def memory_bytes(method: str, cache: Cache, figure: str = "stored", **params) ->
     method: a registry name. cache: a Cache or an abstract one (see :func:`cache_spec`).
     figure: "stored" (``stored_bytes`` of a full user, n = capacity, with the per-user
       compressor state) or "buffer" (``buffer_bytes``: the static buffer, state included).
-    **params: the method's parameters; for "lowrank" give ``rank=`` (abstract bases of that
-      rank are used) or ``bases=``.
+    **params: the method's config parameters (a calibrated method such as "lowrank" takes
+      ``rank=``, and abstract fitted arguments of that rank are used) or its factory's
+      (``bases=``).
 
   Returns:
     Mean over the batch of the chosen figure, for the memory and state built with
@@ -86,33 +90,42 @@ def memory_bytes(method: str, cache: Cache, figure: str = "stored", **params) ->
   if figure not in ("stored", "buffer"):
     raise ValueError(f"memory_bytes: figure={figure!r} must be 'stored' or 'buffer'")
   cache = _abstract(cache)
+  try:  # bytes depend on shapes and parameters only: memoize hashable requests
+    key = (method, figure, tuple(jax.tree.leaves(cache)), cache.contiguous,
+           tuple(sorted(params.items())))
+    hash(key)
+  except TypeError:
+    return _memory_bytes(method, cache, params, figure)
+  return _memory_bytes_cached(key, method, cache, params, figure)
+
+
+_MEMO: dict = {}
+
+
+def _memory_bytes_cached(key, method, cache, params, figure) -> float:
+  if key not in _MEMO:
+    if len(_MEMO) > 100_000:
+      _MEMO.clear()
+    _MEMO[key] = _memory_bytes(method, cache, params, figure)
+  return _MEMO[key]
+
+
+def _memory_bytes(method: str, cache: Cache, params: dict, figure: str) -> float:
   L, B, H, T, dk = cache.k.shape
-  dv = cache.v.shape[-1]
   W = max(T, int(params.get("window", 0)), 64)  # abstract: any W >= the window will do
   signals = Signals(acc_attn=jax.ShapeDtypeStruct((L, B, H, T), jnp.float32),
                     window_attn=jax.ShapeDtypeStruct((L, B, H, W, T), jnp.float32),
                     window_valid=jax.ShapeDtypeStruct((B, W), jnp.bool_))
-  bases = None
-  if method == "lowrank":
-    params = dict(params)
-    bases = params.pop("bases", None)
-    rank = params.pop("rank", None)
-    if bases is None:
-      if rank is None:
-        raise ValueError("memory_bytes: lowrank needs rank= or bases=")
-      f = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-      bases = LowRankBases(f(L, H, dk), f(L, H, dk, rank), f(L, H, dv), f(L, H, dv, rank))
-    bases = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), bases)
-    make = lambda b: lowrank(b, **params)
-  else:
-    comp = make_compressor(method, **params)
-    make = lambda b: comp
+  # A calibrated method (low rank) gets abstract fitted arguments of the right shapes.
+  kwargs = registry.factory_params(method, params, CacheShape.of(cache), caches=None)
+  fitted = {k: v for k, v in kwargs.items() if _is_arrays(v)}
+  static = {k: v for k, v in kwargs.items() if k not in fitted}
 
-  def build(cache, signals, bases):
-    comp = make(bases)
+  def build(cache, signals, fitted):
+    comp = registry.make_compressor(method, **static, **fitted)
     return comp.compress(cache, comp.init(cache), signals)
 
-  memory, state = jax.eval_shape(build, cache, signals, bases)
+  memory, state = jax.eval_shape(build, cache, signals, fitted)
   if figure == "buffer":
     return float(np.mean(buffer_bytes(full_user(memory, T), state)))
   return float(np.mean(stored_bytes(full_user(memory, T), state)))
@@ -152,50 +165,21 @@ def cell_bytes_row(figures: np.ndarray) -> dict[str, float]:
 
 
 def _candidates(method: str, cache: Cache, fixed: dict) -> list[dict]:
-  """Parameter sets for ``method`` in increasing order of stored bytes."""
-  T = cache.k.shape[3]
-  if method in ("h2o", "merge_evicted"):
-    out = []
-    for b in range(1, T + 1):
-      if "recent" in fixed:
-        recent = fixed["recent"]
-      elif "heavy" in fixed:
-        recent = b - fixed["heavy"]
-      else:
-        recent = b // 2
-      if 0 <= recent <= b:
-        out.append({**fixed, "heavy": b - recent, "recent": recent})
-    return out
-  if method == "snapkv":
-    if "window" in fixed:
-      return [{**fixed, "budget": b} for b in range(fixed["window"], T + 1)]
-    return [{**fixed, "budget": b, "window": min(8, b)} for b in range(1, T + 1)]
-  if method == "streaming":
-    out = []
-    for b in range(1, T + 1):
-      sinks = fixed.get("sinks", min(4, b))
-      if sinks <= b:
-        out.append({**fixed, "sinks": sinks, "recent": b - sinks})
-    return out
-  if method == "random":
-    return [{**fixed, "budget": b} for b in range(1, T + 1)]
-  if method in _BITS:
-    return [{**fixed, "bits": b} for b in _BITS[method]]
-  if method == "lowrank":
-    if "bases" in fixed:
-      raise ValueError("budget_bytes: lowrank chooses the rank; do not pass bases=")
-    d = min(cache.k.shape[-1], cache.v.shape[-1])
-    return [{**fixed, "rank": r} for r in range(1, d + 1)]
-  if method == "native":
+  """Parameter sets for ``method`` in increasing order of stored bytes (the spec's list)."""
+  spec = registry.get_spec(method)
+  if spec.calibrate is not None and set(fixed) - {"dtype", "rank", "reduction"}:
+    raise ValueError(f"budget_bytes: {method} is fitted on data and chooses its "
+                     f"{spec.tuned}; fix only rank, reduction or dtype, not "
+                     f"{sorted(set(fixed) - {'dtype', 'rank', 'reduction'})}")
+  if spec.candidates is None:
     return [dict(fixed)]
-  raise ValueError(f"budget_bytes: method {method!r} is unknown; valid methods: "
-                   f"{', '.join(sorted(FACTORIES))}")
+  return spec.candidates(CacheShape.of(cache), dict(fixed))
 
 
 def budget_bytes(method: str, cache: Cache, target_bytes: float, **fixed) -> dict[str, Any]:
   """The largest setting of ``method`` whose memory fits ``target_bytes`` per user.
 
-  The tuned parameter (``TUNED[method]``): the total kept events for eviction and merging
+  The tuned parameter (the spec's ``tuned``): the total kept events for eviction and merging
   (h2o / merge_evicted split it heavy = budget - recent with recent = budget // 2 unless
   ``recent`` or ``heavy`` is fixed; streaming keeps ``sinks`` = min(4, budget) unless fixed;
   snapkv keeps ``window`` (default 8) fixed), the code width for kivi / intactkv / uniform,
@@ -258,3 +242,24 @@ def ratio_table(method: str, cache: Cache, ratios=(2, 4, 8),
         raise
       table[r] = None
   return table
+
+
+def resolve_params(method: str, params: dict, cache: Cache) -> dict[str, Any]:
+  """Config parameters of ``method`` made concrete for a model's (abstract) ``cache``.
+
+  ``"auto"`` values take the spec's choice for the cache shape (e.g. KIVI's group); a
+  ``ratio`` entry is replaced by :func:`params_for_ratio` of that ratio, the other entries held
+  fixed. What a config file, the sweep and ``train_and_evaluate`` all call.
+
+  Raises:
+    ValueError: an invalid ratio, an unreachable one (the message gives the smallest
+      memory's bytes), or an unsupported ``"auto"``.
+  """
+  cache = _abstract(cache)
+  params = registry.resolve_auto(method, dict(params), CacheShape.of(cache))
+  ratio = params.pop("ratio", None)
+  if ratio is None:
+    return params
+  if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not ratio >= 1:
+    raise ValueError(f"{method}: ratio={ratio!r} must be a number >= 1")
+  return params_for_ratio(method, cache, float(ratio), **params)

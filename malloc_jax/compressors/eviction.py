@@ -37,10 +37,11 @@ from malloc_jax.cache import Cache, Signals, pad_capacity
 from malloc_jax.compressors.base import (
   Compressor,
   DenseMemory,
-  EmptyState,
   SparseIndex,
+  init_empty,
   row_counts,
 )
+from malloc_jax.compressors.spec import CacheShape, MethodSpec, budget_range
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
 
@@ -366,10 +367,6 @@ def snapkv(budget: int, window: int = 8, kernel: int = 5, pool: str = "avg") -> 
   if window > budget:
     raise ValueError(f"snapkv: window={window} must be <= budget={budget}")
 
-  def init(cache):
-    del cache
-    return EmptyState()
-
   def compress(cache, state, signals=None):
     signals = require_signals("snapkv", signals)
     votes = snapkv_votes(signals, cache, window, kernel, pool)
@@ -380,7 +377,7 @@ def snapkv(budget: int, window: int = 8, kernel: int = 5, pool: str = "avg") -> 
     sel, picked = top_slots(tier, votes, cache.pos, budget)
     return kept_memory(cache, sel, picked), state
 
-  return Compressor(init, compress)
+  return Compressor(init_empty, compress)
 
 
 # ----------------------------------------------------------------------------------------
@@ -407,10 +404,6 @@ def streaming(sinks: int, recent: int) -> Compressor:
     raise ValueError(f"streaming: sinks + recent must be >= 1; got sinks={sinks}, "
                      f"recent={recent}")
 
-  def init(cache):
-    del cache
-    return EmptyState()
-
   def compress(cache, state, signals=None):
     del signals
     cache = _pad_cache(cache, budget)
@@ -420,7 +413,7 @@ def streaming(sinks: int, recent: int) -> Compressor:
     sel, picked = top_slots(tier, jnp.zeros(tier.shape, jnp.float32), cache.pos, budget)
     return kept_memory(cache, sel, picked), state
 
-  return Compressor(init, compress)
+  return Compressor(init_empty, compress)
 
 
 # ----------------------------------------------------------------------------------------
@@ -502,3 +495,62 @@ def random(budget: int, seed: int = 0) -> Compressor:
     return kept_memory(cache, sel, picked), RandomState(key)
 
   return Compressor(init, compress)
+
+
+# ----------------------------------------------------------------------------------------
+# Registration (see malloc_jax.compressors.spec).
+
+
+def heavy_recent_candidates(shape: CacheShape, fixed: dict) -> list[dict]:
+  """Budgets 1..T split heavy = budget - recent, recent = budget // 2 unless one is fixed."""
+  out = []
+  for b in range(1, shape.capacity + 1):
+    if "recent" in fixed:
+      recent = fixed["recent"]
+    elif "heavy" in fixed:
+      recent = b - fixed["heavy"]
+    else:
+      recent = b // 2
+    if 0 <= recent <= b:
+      out.append({**fixed, "heavy": b - recent, "recent": recent})
+  return out
+
+
+def _snapkv_candidates(shape: CacheShape, fixed: dict) -> list[dict]:
+  if "window" in fixed:
+    return budget_range(shape, fixed, lo=fixed["window"])
+  return [{**c, "window": min(8, c["budget"])} for c in budget_range(shape, fixed)]
+
+
+def _streaming_candidates(shape: CacheShape, fixed: dict) -> list[dict]:
+  out = []
+  for b in range(1, shape.capacity + 1):
+    sinks = fixed.get("sinks", min(4, b))
+    if sinks <= b:
+      out.append({**fixed, "sinks": sinks, "recent": b - sinks})
+  return out
+
+
+SPECS = (
+    MethodSpec(name="h2o", factory=h2o, granularity="token", tuned="budget",
+               candidates=heavy_recent_candidates, needs_signals=True,
+               limits={"heavy": "capacity", "recent": "capacity"},
+               example={"heavy": 2, "recent": 2},
+               reference="Zhang et al., H2O: Heavy-Hitter Oracle, NeurIPS 2023"),
+    MethodSpec(name="snapkv", factory=snapkv, granularity="token", tuned="budget",
+               candidates=_snapkv_candidates, needs_signals=True,
+               limits={"budget": "capacity", "window": "capacity"},
+               example={"budget": 5, "window": 2},
+               reference="Li et al., SnapKV: LLM Knows What You are Looking for Before "
+               "Generation, NeurIPS 2024"),
+    MethodSpec(name="streaming", factory=streaming, granularity="token", tuned="budget",
+               candidates=_streaming_candidates,
+               limits={"sinks": "capacity", "recent": "capacity"},
+               example={"sinks": 1, "recent": 3},
+               reference="Xiao et al., Efficient Streaming Language Models with Attention "
+               "Sinks, ICLR 2024"),
+    MethodSpec(name="random", factory=random, granularity="token", tuned="budget",
+               candidates=budget_range, limits={"budget": "capacity"},
+               example={"budget": 4, "seed": 1},
+               reference="the random-eviction baseline of Zhang et al., H2O (NeurIPS 2023)"),
+)

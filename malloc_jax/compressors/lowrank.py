@@ -17,12 +17,13 @@ from flax import struct
 from malloc_jax.cache import Cache
 from malloc_jax.compressors.base import (
   Compressor,
-  EmptyState,
   cache_from,
   index_of,
   index_stored_bytes,
+  init_empty,
   row_counts,
 )
+from malloc_jax.compressors.spec import CacheShape, MethodSpec
 
 
 @struct.dataclass
@@ -132,10 +133,6 @@ def lowrank(bases: LowRankBases, dtype=None) -> Compressor:
   References: Chang et al., Palu (2024); PCA of KV caches as in MALLOC (arXiv 2601.20234).
   """
 
-  def init(cache):
-    del cache
-    return EmptyState()
-
   def compress(cache, state, signals=None):
     del signals
     if cache.k.shape[-1] != bases.k_basis.shape[-2]:
@@ -151,4 +148,49 @@ def lowrank(bases: LowRankBases, dtype=None) -> Compressor:
     cv = jnp.where(empty, 0, cv).astype(out_dtype)
     return LowRankMemory(index=index_of(cache), ck=ck, cv=cv, bases=bases), state
 
-  return Compressor(init, compress)
+  return Compressor(init_empty, compress)
+
+
+# ----------------------------------------------------------------------------------------
+# Registration (see malloc_jax.compressors.spec).
+
+
+def config_rank(params: dict, shape: CacheShape) -> int:
+  """The rank a config asks for: ``rank`` (1..head dim), or head dim // ``reduction``."""
+  d = shape.head_dim
+  rank, reduction = params.get("rank", 0), params.get("reduction", 4)
+  if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= d:
+    raise ValueError(f"lowrank: rank={rank!r} must be an integer in [1, head dimension {d}] "
+                     "(0: use reduction)")
+  if rank:
+    return rank
+  if isinstance(reduction, bool) or not isinstance(reduction, int) or not 1 <= reduction <= d:
+    raise ValueError(f"lowrank: reduction={reduction!r} must be an integer in [1, {d}]")
+  return max(1, d // reduction)
+
+
+def _calibrate(params: dict, shape: CacheShape, caches) -> dict:
+  """Config ``{rank | reduction, dtype}`` -> ``{bases, dtype}`` (abstract when caches is None)."""
+  params = dict(params)
+  unknown = sorted(set(params) - {"rank", "reduction", "dtype"})
+  if unknown:
+    raise ValueError(f"lowrank: unknown parameter(s) {', '.join(unknown)}; expected rank, "
+                     "reduction, dtype")
+  rank = config_rank(params, shape)
+  out = {"dtype": params["dtype"]} if params.get("dtype") is not None else {}
+  if caches is None:
+    f = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    L, H, dk, dv = shape.num_layers, shape.heads, shape.dk, shape.dv
+    out["bases"] = LowRankBases(f(L, H, dk), f(L, H, dk, rank), f(L, H, dv), f(L, H, dv, rank))
+  else:
+    out["bases"] = fit_lowrank(caches(), rank)
+  return out
+
+
+SPECS = (MethodSpec(
+    name="lowrank", factory=lowrank, granularity="low rank", tuned="rank",
+    candidates=lambda shape, fixed: [{**fixed, "rank": r}
+                                     for r in range(1, shape.head_dim + 1)],
+    calibrate=_calibrate, limits={"rank": "head_dim"},
+    example={"rank": 3},
+    reference="Chang et al., Palu (2024); PCA of KV caches as in MALLOC (arXiv 2601.20234)"),)

@@ -17,10 +17,12 @@ from malloc_jax.compressors.eviction import (
   check_int,
   h2o_scores,
   h2o_select,
+  heavy_recent_candidates,
   kept_memory,
   mark_slots,
   take_slots,
 )
+from malloc_jax.compressors.spec import MethodSpec
 
 
 def merge_evicted(heavy: int, recent: int, accumulate: bool = True,
@@ -98,3 +100,14 @@ def merge_evicted(heavy: int, recent: int, accumulate: bool = True,
     return memory, H2OState(jnp.where(picked, mass, 0.0))
 
   return Compressor(init, compress)
+
+
+# ----------------------------------------------------------------------------------------
+# Registration (see malloc_jax.compressors.spec).
+
+SPECS = (MethodSpec(
+    name="merge_evicted", factory=merge_evicted, granularity="token", tuned="budget",
+    candidates=heavy_recent_candidates, needs_signals=True,
+    limits={"heavy": "capacity", "recent": "capacity"},
+    example={"heavy": 2, "recent": 2},
+    reference="Wan et al., D2O (2024); Zhang et al., CaM (ICML 2024)"),)

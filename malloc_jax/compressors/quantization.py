@@ -39,10 +39,10 @@ from flax import struct
 from malloc_jax.cache import Cache
 from malloc_jax.compressors.base import (
   Compressor,
-  EmptyState,
   cache_from,
   index_of,
   index_stored_bytes,
+  init_empty,
   packed_bytes,
   row_counts,
 )
@@ -55,6 +55,7 @@ from malloc_jax.compressors.eviction import (
   take_slots,
   top_slots,
 )
+from malloc_jax.compressors.spec import CacheShape, MethodSpec
 
 # ----------------------------------------------------------------------------------------
 # Static layout and packing.
@@ -368,10 +369,6 @@ def kivi(bits: int = 2, group: int = 32, residual: int = 128,
     raise ValueError(f"kivi: residual={residual} must be a multiple of group={group} "
                      f"(a key block is quantized when it fills)")
 
-  def init(cache):
-    del cache
-    return EmptyState()
-
   def compress(cache, state, signals=None):
     del signals
     L, B, H, T, dk = cache.k.shape
@@ -402,7 +399,7 @@ def kivi(bits: int = 2, group: int = 32, residual: int = 128,
                        capacity=T, dk=dk, dv=dv))
     return memory, state
 
-  return Compressor(init, compress)
+  return Compressor(init_empty, compress)
 
 
 # ----------------------------------------------------------------------------------------
@@ -495,10 +492,6 @@ def intactkv(bits: int = 4, pivots: int = 4, sinks: int = 1, group: int | None =
   if group is not None:
     group = check_int("intactkv", "group", group, 1)
 
-  def init(cache):
-    del cache
-    return EmptyState()
-
   def compress(cache, state, signals=None):
     L, B, H, T, dk = cache.k.shape
     dv = cache.v.shape[-1]
@@ -530,7 +523,7 @@ def intactkv(bits: int = 4, pivots: int = 4, sinks: int = 1, group: int | None =
         spec=QuantSpec(bits=bits, dk=dk, dv=dv))
     return memory, state
 
-  return Compressor(init, compress)
+  return Compressor(init_empty, compress)
 
 
 # ----------------------------------------------------------------------------------------
@@ -617,10 +610,6 @@ def uniform(bits: int = 8) -> Compressor:
   """
   bits = check_choice("uniform", "bits", bits, (4, 8))
 
-  def init(cache):
-    del cache
-    return EmptyState()
-
   def compress(cache, state, signals=None):
     del signals
     dtype = cache.k.dtype
@@ -633,4 +622,35 @@ def uniform(bits: int = 8) -> Compressor:
                                           dv=cache.v.shape[-1]))
     return memory, state
 
-  return Compressor(init, compress)
+  return Compressor(init_empty, compress)
+
+
+# ----------------------------------------------------------------------------------------
+# Registration (see malloc_jax.compressors.spec).
+
+
+def _bits(choices):
+  return lambda shape, fixed: [{**fixed, "bits": b} for b in choices]
+
+
+def divisor_group(shape: CacheShape) -> int:
+  """"auto" KIVI group / residual: the largest divisor of Dv up to 32."""
+  return max(g for g in range(1, min(32, shape.dv) + 1) if shape.dv % g == 0)
+
+
+SPECS = (
+    MethodSpec(name="kivi", factory=kivi, granularity="precision", tuned="bits",
+               candidates=_bits((2, 4)), auto={"group": divisor_group, "residual": divisor_group},
+               example={"bits": 4, "group": 4, "residual": 4},
+               reference="Liu et al., KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV "
+               "Cache, ICML 2024"),
+    MethodSpec(name="intactkv", factory=intactkv, granularity="precision", tuned="bits",
+               candidates=_bits((2, 4, 8)), needs_signals=True, limits={"group": "head_dim"},
+               example={"bits": 8, "pivots": 2},
+               reference="Liu et al., IntactKV: Improving Large Language Model Quantization by "
+               "Keeping Pivot Tokens Intact, Findings of ACL 2024"),
+    MethodSpec(name="uniform", factory=uniform, granularity="precision", tuned="bits",
+               candidates=_bits((4, 8)),
+               example={"bits": 8},
+               reference="symmetric absmax round-to-nearest per token and head"),
+)

@@ -1,5 +1,10 @@
-"""Data: raw-file parsers (the only code that reads raw data files) and splits."""
+"""Data: raw-file parsers (the only code that reads raw data files), splits, padded datasets.
 
+Importing this package loads NumPy and these modules only (no JAX, model or storage code);
+the synthetic generator and the TFDS / grain loader are imported from their modules.
+"""
+
+from malloc_jax.data.dataset import EvalSet, SequenceDataset, TrainSet, build_dataset
 from malloc_jax.data.parsers import (
   FORMATS,
   CTRData,
@@ -18,6 +23,10 @@ from malloc_jax.data.parsers import (
 
 __all__ = [
   "CTRData",
+  "EvalSet",
+  "SequenceDataset",
+  "TrainSet",
+  "build_dataset",
   "CTRSamples",
   "FORMATS",
   "Interactions",

@@ -13,6 +13,8 @@ import dataclasses
 
 import numpy as np
 
+from malloc_jax.data.parsers import Interactions, leave_one_out, popularity
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalSet:
@@ -91,26 +93,33 @@ def build_dataset(name: str, items: list[np.ndarray], ts: list[np.ndarray], num_
     raise ValueError(f"data.max_len={max_len}: expected >= 2")
   if not items:
     raise ValueError(f"{name}: no users")
-  short = [i for i, s in enumerate(items) if len(s) < 3]
-  if short:
-    raise ValueError(f"{name}: user index {short[0]} has {len(items[short[0]])} events; "
-                     "leave-one-out needs at least 3 (filter users first)")
   # Timestamps are rebased to the earliest event so they fit the model's int32 time axis.
-  base = min(int(t.min()) for t in ts)
+  base = min((int(np.min(t)) for t in ts if len(t)), default=0)
   ts = [np.asarray(t, np.int64) - base for t in ts]
-  if max(int(t.max()) for t in ts) >= 2**31:
+  if max((int(t.max()) for t in ts if len(t)), default=0) >= 2**31:
     raise ValueError(f"{name}: timestamps span more than 2**31 seconds")
-  tr_items, tr_len = _pad([s[:-2] for s in items], max_len + 1, np.int32)
-  tr_ts, _ = _pad([t[:-2] for t in ts], max_len + 1, np.int32)
+  # The one leave-one-out rule (parsers.leave_one_out), applied to these sequences.
+  lens = np.array([len(s) for s in items], np.int64)
+  split = leave_one_out(Interactions(
+      users=np.arange(len(items)), offsets=np.concatenate([[0], np.cumsum(lens)]),
+      items=np.concatenate(items).astype(np.int32), timestamps=np.concatenate(ts),
+      ratings=None, item_ids=np.arange(num_items + 1), num_items=num_items, source=name))
+  seqs = lambda h: list(zip(*(h.sequence(u) for u in range(len(h))), strict=True))
+  tr_i, tr_t = seqs(split.train)
+  tr_items, tr_len = _pad(tr_i, max_len + 1, np.int32)
+  tr_ts, _ = _pad(tr_t, max_len + 1, np.int32)
 
-  def eval_set(cut):
-    h_items, h_len = _pad([s[:-cut] for s in items], max_len, np.int32)
-    h_ts, _ = _pad([t[:-cut] for t in ts], max_len, np.int32)
-    tgt = np.array([s[-cut] for s in items], np.int32)
-    tgt_ts = np.array([t[-cut] for t in ts], np.int32)
-    return EvalSet(h_items, h_ts, h_len, tgt, tgt_ts)
+  def eval_set(history, target, target_ts):
+    h_i, h_t = seqs(history)
+    h_items, h_len = _pad(h_i, max_len, np.int32)
+    h_ts, _ = _pad(h_t, max_len, np.int32)
+    return EvalSet(h_items, h_ts, h_len, target.astype(np.int32), target_ts.astype(np.int32))
 
-  pop = np.bincount(np.concatenate([s[:-2] for s in items]), minlength=num_items + 1)
+  pop = popularity(split.train.items, num_items)  # training events
   return SequenceDataset(name=name, num_items=num_items, max_len=max_len,
-                         train=TrainSet(tr_items, tr_ts, tr_len), valid=eval_set(2),
-                         test=eval_set(1), popularity=pop.astype(np.int64))
+                         train=TrainSet(tr_items, tr_ts, tr_len),
+                         valid=eval_set(split.valid_history, split.valid_target,
+                                        split.valid_target_ts),
+                         test=eval_set(split.test_history, split.test_target,
+                                       split.test_target_ts),
+                         popularity=pop)

@@ -154,11 +154,11 @@ class SequenceRecommender(nnx.Module):
     x = self.encode(cache, queries)
     last = jnp.clip(queries.length - 1, 0, queries.items.shape[1] - 1)
     h = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
-    return _l2norm(h)
+    return l2_normalize(h)
 
   def item_embeddings(self) -> jax.Array:
     """Normalized output item table [V + 1, d] (row 0 is padding)."""
-    return _l2norm(self.item_emb.embedding[...])
+    return l2_normalize(self.item_emb.embedding[...])
 
   def logits(self, h: jax.Array, candidates: jax.Array | None = None) -> jax.Array:
     """Cosine similarities / temperature of normalized states h [..., d] to items.
@@ -179,7 +179,8 @@ class SequenceRecommender(nnx.Module):
     return self.logits(self.user_embedding(cache, queries), candidates)
 
 
-def _l2norm(x, eps=1e-6):
+def l2_normalize(x, eps=1e-6):
+  """x [..., d] scaled to unit L2 norm along the last axis (eps keeps zero rows finite)."""
   return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 

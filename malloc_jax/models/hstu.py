@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from malloc_jax import flops
 from malloc_jax.models.base import SequenceRecommender, attention_mask, concat_keys, dropout
+from malloc_jax.models.spec import VariantSpec
 
 
 def time_bucket(dt: jax.Array, num_buckets: int) -> jax.Array:
@@ -98,3 +100,7 @@ class HSTU(SequenceRecommender):
     x = self.item_emb(items) * (self.dim ** 0.5)
     x = x + self.pos_emb(jnp.minimum(pos, self.max_len - 1))
     return dropout(x, self.dropout_rate, train_rng)
+
+
+SPECS = (VariantSpec(name="hstu", model=HSTU, granularity="none", flops=flops.hstu_flops,
+                     reference="Zhai et al., Actions Speak Louder than Words (HSTU), ICML 2024"),)

@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from malloc_jax import flops
 from malloc_jax.models.base import SequenceRecommender, attention_mask, concat_keys, dropout
+from malloc_jax.models.spec import VariantSpec
 
 
 class SASRecLayer(nnx.Module):
@@ -72,3 +74,8 @@ class SASRec(SequenceRecommender):
 
   def output(self, x):
     return self.final_ln(x)
+
+
+SPECS = (VariantSpec(name="sasrec", model=SASRec, granularity="none", flops=flops.sasrec_flops,
+                     reference="Kang and McAuley, Self-Attentive Sequential Recommendation, "
+                     "ICDM 2018"),)

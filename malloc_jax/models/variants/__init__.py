@@ -20,9 +20,10 @@ Cache memories also store their index (int32 timestamps per event, or pos and ts
 for the non-contiguous layouts of Longformer and Beacon) and ``length [B]``.
 """
 
+from malloc_jax.models.variants import heads, longformer_beacon, recurrent, sasrec, sequence
 from malloc_jax.models.variants.common import BlockRecommender, FixedState, StateIndex
 from malloc_jax.models.variants.heads import HSTUGQA, HSTUMLA, HSTUMQA
-from malloc_jax.models.variants.merging import HSTUBeacon, HSTULongformer
+from malloc_jax.models.variants.longformer_beacon import HSTUBeacon, HSTULongformer
 from malloc_jax.models.variants.recurrent import (
   HSTURWKV,
   HSTULinear,
@@ -32,21 +33,12 @@ from malloc_jax.models.variants.recurrent import (
 from malloc_jax.models.variants.sasrec import SASRecGQA, SASRecMQA
 from malloc_jax.models.variants.sequence import HSTULSH, HSTULinformer, LinformerMemory
 
-VARIANTS = {
-    "hstu_mqa": HSTUMQA,
-    "hstu_gqa": HSTUGQA,
-    "hstu_mla": HSTUMLA,
-    "hstu_linformer": HSTULinformer,
-    "hstu_lsh": HSTULSH,
-    "hstu_longformer": HSTULongformer,
-    "hstu_beacon": HSTUBeacon,
-    "hstu_rwkv": HSTURWKV,
-    "hstu_linear": HSTULinear,
-    "sasrec_mqa": SASRecMQA,
-    "sasrec_gqa": SASRecGQA,
-}
+# Every trained variant, from the SPECS its module declares next to its class.
+_MODULES = (heads, longformer_beacon, recurrent, sasrec, sequence)
+VARIANT_SPECS = {spec.name: spec for module in _MODULES for spec in module.SPECS}
+VARIANTS = {name: spec.model for name, spec in VARIANT_SPECS.items()}
 
-__all__ = ["VARIANTS", "BlockRecommender", "FixedState", "HSTUBeacon", "HSTUGQA", "HSTULSH",
-           "HSTULinear", "HSTULinformer", "HSTULongformer", "HSTUMLA", "HSTUMQA", "HSTURWKV",
-           "LinearAttentionState", "LinformerMemory", "RWKVState", "SASRecGQA", "SASRecMQA",
+__all__ = ["VARIANTS", "VARIANT_SPECS", "BlockRecommender", "FixedState", "HSTUBeacon",
+           "HSTUGQA", "HSTULSH", "HSTULinear", "HSTULinformer", "HSTULongformer", "HSTUMLA",
+           "HSTUMQA", "HSTURWKV", "LinearAttentionState", "LinformerMemory", "RWKVState", "SASRecGQA", "SASRecMQA",
            "StateIndex"]

@@ -20,8 +20,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from malloc_jax import flops
 from malloc_jax.models.base import attention_mask, concat_keys
 from malloc_jax.models.hstu import HSTU, HSTULayer
+from malloc_jax.models.spec import VariantSpec
 from malloc_jax.models.variants.common import (
   hstu_output,
   init_backbone,
@@ -221,3 +223,16 @@ class HSTUMLA(HSTU):
 
 
 __all__ = ["GQALayer", "HSTUGQA", "HSTUMLA", "HSTUMQA", "MLALayer"]
+
+
+SPECS = (
+    VariantSpec(name="hstu_mqa", model=HSTUMQA, granularity="head", flops=flops.gqa_flops,
+                reference="Shazeer, Fast Transformer Decoding: One Write-Head is All You "
+                "Need, 2019"),
+    VariantSpec(name="hstu_gqa", model=HSTUGQA, granularity="head", flops=flops.gqa_flops,
+                test_options={"heads": 4, "kv_heads": 2},
+                reference="Ainslie et al., GQA, EMNLP 2023"),
+    VariantSpec(name="hstu_mla", model=HSTUMLA, granularity="head", flops=flops.mla_flops,
+                test_options={"kv_rank": 6, "rope_dim": 4},
+                reference="DeepSeek-AI, DeepSeek-V2 (multi-head latent attention), 2024"),
+)

@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from malloc_jax import flops
 from malloc_jax.models.base import Events
+from malloc_jax.models.spec import VariantSpec
 from malloc_jax.models.variants.common import (
   BlockRecommender,
   FixedState,
@@ -325,3 +327,15 @@ class HSTULinear(BlockRecommender):
 
 __all__ = ["GatedLinearLayer", "HSTULinear", "HSTURWKV", "LinearAttentionState", "RWKVLayer",
            "RWKVState", "segsum", "ssd_block", "wkv_scan"]
+
+
+SPECS = (
+    VariantSpec(name="hstu_rwkv", model=HSTURWKV, granularity="architecture",
+                flops=flops.rwkv_flops,
+                reference="Peng et al., RWKV: Reinventing RNNs for the Transformer Era, "
+                "Findings of EMNLP 2023"),
+    VariantSpec(name="hstu_linear", model=HSTULinear, granularity="architecture",
+                flops=flops.linear_flops,
+                reference="Katharopoulos et al., Transformers are RNNs (ICML 2020); gated as "
+                "Dao and Gu, Mamba-2 (ICML 2024)"),
+)

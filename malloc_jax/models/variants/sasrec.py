@@ -11,8 +11,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from malloc_jax import flops
 from malloc_jax.models.base import attention_mask, concat_keys, dropout
 from malloc_jax.models.sasrec import SASRec, SASRecLayer
+from malloc_jax.models.spec import VariantSpec
 from malloc_jax.models.variants.common import merge_heads, split_heads
 
 
@@ -98,3 +100,14 @@ class SASRecMQA(SASRecGQA):
 
 
 __all__ = ["SASRecGQA", "SASRecGQALayer", "SASRecMQA"]
+
+
+SPECS = (
+    VariantSpec(name="sasrec_mqa", model=SASRecMQA, granularity="head",
+                flops=flops.sasrec_gqa_flops,
+                reference="Shazeer, Fast Transformer Decoding: One Write-Head is All You "
+                "Need, 2019"),
+    VariantSpec(name="sasrec_gqa", model=SASRecGQA, granularity="head",
+                flops=flops.sasrec_gqa_flops, test_options={"heads": 4, "kv_heads": 2},
+                reference="Ainslie et al., GQA, EMNLP 2023"),
+)

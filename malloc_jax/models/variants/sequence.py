@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from malloc_jax import flops
 from malloc_jax.models.base import Events, attention_mask, concat_keys
 from malloc_jax.models.hstu import HSTU, HSTULayer
+from malloc_jax.models.spec import VariantSpec
 from malloc_jax.models.variants.common import (
   BlockRecommender,
   FixedState,
@@ -257,3 +259,14 @@ class HSTULSH(HSTU):
 
 __all__ = ["HSTULSH", "HSTULinformer", "LSHLayer", "LinformerLayer", "LinformerMemory",
            "linformer_block"]
+
+
+SPECS = (
+    VariantSpec(name="hstu_linformer", model=HSTULinformer, granularity="sequence",
+                flops=flops.linformer_flops, test_options={"k_proj": 5},
+                reference="Wang et al., Linformer: Self-Attention with Linear Complexity, "
+                "2020"),
+    VariantSpec(name="hstu_lsh", model=HSTULSH, granularity="sequence", flops=flops.lsh_flops,
+                test_options={"num_buckets": 4, "num_hashes": 2},
+                reference="Kitaev et al., Reformer: The Efficient Transformer, ICLR 2020"),
+)

@@ -23,9 +23,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from malloc_jax import flops
 from malloc_jax.cache import Cache
 from malloc_jax.models.base import Events, attention_mask, concat_keys, dropout
 from malloc_jax.models.hstu import HSTULayer
+from malloc_jax.models.spec import VariantSpec
 from malloc_jax.models.variants.common import (
   BlockRecommender,
   block_inputs,
@@ -316,3 +318,14 @@ class HSTUBeacon(BlockRecommender):
 
 
 __all__ = ["BeaconLayer", "HSTUBeacon", "HSTULongformer", "LongformerLayer"]
+
+
+SPECS = (
+    VariantSpec(name="hstu_longformer", model=HSTULongformer, granularity="token",
+                flops=flops.longformer_flops, test_options={"window": 4, "num_global": 2},
+                reference="Beltagy et al., Longformer: The Long-Document Transformer, 2020"),
+    VariantSpec(name="hstu_beacon", model=HSTUBeacon, granularity="token",
+                flops=flops.beacon_flops, test_options={"chunk": 4, "beacons": 2},
+                reference="Zhang et al., Long Context Compression with Activation Beacon, "
+                "2024"),
+)

@@ -1,0 +1,18 @@
+r"""Random eviction: the floor of the attention-aware methods.
+
+Native memory vs ``random`` with its parameter chosen so that the memory is ``ratio`` times
+smaller than the native one for the model's cache shape (``compressors.resolve_params``).
+
+  python -m malloc_jax.main --config configs/random.py:ratio=4
+  python -m malloc_jax.main --config configs/random.py:ratio=4,runlocal=True --workdir /tmp/random
+  python -m malloc_jax.main --config configs/random.py:ratio=4,data=ml-100k,path=/path/to/ml-100k/u.data
+
+Arguments as in configs/default.py, plus ``ratio`` (float, default 4; 0: use the
+method's arguments as given), ``seed`` (default 0).
+"""
+
+from malloc_jax import config_lib as common
+
+
+def get_config(arg: str | None = None):
+  return common.method_config(arg, "random", ratio=4, seed=0)

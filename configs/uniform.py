@@ -1,0 +1,18 @@
+r"""Uniform symmetric absmax quantization per token and head (int8 / int4).
+
+Native memory vs ``uniform`` with its parameter chosen so that the memory is ``ratio`` times
+smaller than the native one for the model's cache shape (``compressors.resolve_params``).
+
+  python -m malloc_jax.main --config configs/uniform.py:ratio=2
+  python -m malloc_jax.main --config configs/uniform.py:ratio=2,runlocal=True --workdir /tmp/uniform
+  python -m malloc_jax.main --config configs/uniform.py:ratio=2,data=ml-100k,path=/path/to/ml-100k/u.data
+
+Arguments as in configs/default.py, plus ``ratio`` (float, default 2; 0: use the
+method's arguments as given).
+"""
+
+from malloc_jax import config_lib as common
+
+
+def get_config(arg: str | None = None):
+  return common.method_config(arg, "uniform", ratio=2)
