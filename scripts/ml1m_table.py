@@ -40,7 +40,7 @@ from malloc_jax.compressors.budget import cache_spec, memory_bytes
 from malloc_jax.compressors.registry import make_compressor
 from malloc_jax.config_validation import validate_config
 from malloc_jax.evaluate import calibration_caches, check_eval_set, padded_batches, split_request
-from malloc_jax.experiment import _check_workdir, load_data, train_model
+from malloc_jax.experiment import check_workdir, load_data, train_model
 from malloc_jax.metrics import popularity_ranks, retrieval_metrics, target_rank
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (configs/ml1m.py).")
@@ -130,7 +130,7 @@ def main(argv):
   config = _CONFIG.value
   validate_config(config)
   workdir = Path(_WORKDIR.value)
-  _check_workdir(workdir, config)
+  check_workdir(workdir, config)
   t0 = time.time()
   data = load_data(config)
   print(data.summary(), flush=True)
