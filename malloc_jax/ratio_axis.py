@@ -22,9 +22,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from malloc_jax.cache import Signals
-from malloc_jax.compressors.budget import _abstract, budget_bytes, memory_bytes
+from malloc_jax.compressors.base import chain, stored_bytes
+from malloc_jax.compressors.budget import _abstract, budget_bytes, full_user, memory_bytes
 from malloc_jax.compressors.registry import make_compressor
 
 RATIOS = (2, 4, 8, 16, 32, 64, 128)
@@ -59,23 +61,24 @@ def reach_ratio(method: str, spec, ratio: float, tol: float = TOL, **fixed) -> d
           if _within(native / b, ratio, tol) else None)
 
 
-def _evicted_spec(evict: str, eparams: dict, spec):
-  """The abstract Cache that an eviction step hands to the next step of a chain."""
-  spec = _abstract(spec)
+def _abstract_signals(spec, window: int = 0) -> Signals:
   L, B, H, T, _ = spec.k.shape
-  W = max(T, int(eparams.get("window", 0)), 64)
-  signals = Signals(acc_attn=jax.ShapeDtypeStruct((L, B, H, T), jnp.float32),
-                    window_attn=jax.ShapeDtypeStruct((L, B, H, W, T), jnp.float32),
-                    window_valid=jax.ShapeDtypeStruct((B, W), jnp.bool_))
-  comp = make_compressor(evict, **eparams)
-  return jax.eval_shape(lambda c, s: comp.compress(c, comp.init(c), s)[0].materialize(),
-                        spec, signals)
+  W = max(T, int(window), 64)  # abstract: any W >= the window will do
+  return Signals(acc_attn=jax.ShapeDtypeStruct((L, B, H, T), jnp.float32),
+                 window_attn=jax.ShapeDtypeStruct((L, B, H, W, T), jnp.float32),
+                 window_valid=jax.ShapeDtypeStruct((B, W), jnp.bool_))
 
 
 def chain_bytes(evict: str, eparams: dict, quant: str, qparams: dict, spec) -> float:
-  """Bytes per user of ``chain(evict, quant)``: the quantizer's memory of the evicted cache
-  (a chain stores its last step's memory; ``compressors.chain``)."""
-  return memory_bytes(quant, _evicted_spec(evict, eparams, spec), **qparams)
+  """Stored bytes per full user (n = capacity) of ``chain(evict, quant)``: the quantizer's
+  memory of the evicted cache (a chain stores its last step's memory) plus every step's
+  per-user state (H2O's accumulated attention), exactly as ``memory_bytes`` counts a method
+  (``compressors.stored_bytes`` of the abstract memory and state)."""
+  spec = _abstract(spec)
+  comp = chain(make_compressor(evict, **eparams), make_compressor(quant, **qparams))
+  memory, state = jax.eval_shape(lambda c, s: comp.compress(c, comp.init(c), s), spec,
+                                 _abstract_signals(spec, eparams.get("window", 0)))
+  return float(np.mean(stored_bytes(full_user(memory, spec.k.shape[3]), state)))
 
 
 @functools.lru_cache(maxsize=64)

@@ -468,17 +468,18 @@ def test_non_finite_event_makes_its_user_non_finite(name, params, dtype):
                                   C.intactkv(bits=4, pivots=2, sinks=1), C.uniform(bits=4)],
                          ids=["kivi2", "intactkv4", "uniform4"])
 def test_sweep_guard_flags_a_nan_key_after_quantization(comp):
-  """The sweep's serving step flags exactly the user whose cache had a NaN key, after
-  quantization, as it does for a native memory."""
-  from malloc_jax import sweep
+  """The serving pipeline's score stage (what the sweep, evaluate and the scripts call) flags
+  exactly the user whose cache had a NaN key, after quantization, as for a native memory."""
+  from malloc_jax import serving
   from tests.helpers import random_events, random_model
 
   model = random_model("hstu")
   ev = random_events(4, 12, [12, 9, 12, 7])
-  cache, signals, _, req = sweep._prefill_batch(model, ev.items, ev.ts, ev.length,
-                                                query_len=1, window=4)
+  cache, signals, _, req = serving.prefill_stage(model, ev.items, ev.ts, ev.length,
+                                                 query_len=1, window=4)
   cache = cache.replace(k=cache.k.at[1, 2, 0, 3, 5].set(jnp.nan))  # user 2, a quantized key
-  memory = sweep._compress_batch(cache, signals, compressor=comp)
+  memory = serving.compress_stage(cache, signals, compressor=comp)
   target = ev.items[:, 0]
-  *_, finite = sweep._score_batch(model, memory, req, target, jnp.tile(target[:, None], (1, 3)))
+  *_, finite = serving.score_stage(model, memory, req, target,
+                                   jnp.tile(target[:, None], (1, 3)))
   np.testing.assert_array_equal(np.asarray(finite), [True, True, False, True])

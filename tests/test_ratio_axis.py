@@ -1,7 +1,7 @@
 """The ratio axis 2x..128x: each ratio is reached within 5% or reported out of reach.
 
-References: bytes of really compressed random caches (``compressors.bytes_per_user`` of the
-memory a real ``compress`` returns) for every chosen setting, and a brute-force scan of every
+References: bytes of really compressed random caches (``compressors.stored_bytes`` of the
+memory and state a real ``compress`` returns, every slot an event) for every chosen setting, and a brute-force scan of every
 eviction budget (bytes from ``budget.memory_bytes``) for the "out of reach" verdicts."""
 
 import jax.numpy as jnp
@@ -33,8 +33,8 @@ def real_cache(seed=0):
 
 
 def real_bytes(comp, cache, sig):
-  memory, _ = comp.compress(cache, comp.init(cache), sig)
-  return C.bytes_per_user(memory)
+  memory, state = comp.compress(cache, comp.init(cache), sig)
+  return float(np.mean(C.stored_bytes(memory, state)))
 
 
 @pytest.mark.parametrize("ratio", R.RATIOS)

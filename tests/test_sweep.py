@@ -186,5 +186,11 @@ def test_run_cell_is_the_serving_pipeline(tmp_path):
   assert native["NDCG@10"] == pytest.approx(recompute["NDCG@10"], abs=1e-6)
   assert not any(k.startswith("stream") and "/" in k for k in native)
   assert recompute["compression_ratio"] is None and not recompute["stores_memory"]
-  assert h2o["compression_ratio"] >= 2 and native["compression_ratio"] == pytest.approx(1.0)
+  # Ratios are stored bytes of the same users (issue 14): the 2x setting is planned for a full
+  # user, and these short users keep more of their events, so their ratio is lower.
+  assert native["compression_ratio"] == pytest.approx(1.0)
+  assert h2o["compression_ratio"] == pytest.approx(h2o["reference_stored_bytes"] /
+                                                   h2o["stored_bytes"])
+  assert 1 < h2o["compression_ratio"] and h2o["stored_bytes"] < native["stored_bytes"]
+  assert native["stored_bytes"] <= native["buffer_bytes"]
   assert native["prefill_seconds"] > 0 and h2o["prefill_seconds"] == 0  # prefilled once
