@@ -98,11 +98,11 @@ class KVQuantMemory:
     n = jnp.sum(valid, axis=-1, dtype=jnp.int32)  # [L, B, H]
     kc = jnp.swapaxes(unpack_bits(self.k_codes, lay.bits, lay.dk), -1, -2)  # [L,B,H,Dk,T]
     k = _decode(kc, self.k_min[..., None], self.k_scale[..., None], self.codebooks.k)
-    k = _put_outliers(k, self.k_out, self.k_out_idx, _count(n, lay.num, lay.den)[..., None])
+    k = put_values(k, self.k_out, self.k_out_idx, _count(n, lay.num, lay.den)[..., None])
     vc = unpack_bits(self.v_codes, lay.bits, lay.dv)  # [L, B, H, T, Dv]
     v = _decode(vc, self.v_min[..., None], self.v_scale[..., None], self.codebooks.v)
     v_count = jnp.where(valid, self.v_out.shape[-1], 0)
-    v = _put_outliers(v, self.v_out, self.v_out_idx, v_count)
+    v = put_values(v, self.v_out, self.v_out_idx, v_count)
     k = jnp.where(valid[..., None], jnp.swapaxes(k, -1, -2), 0).astype(self.k_out.dtype)
     v = jnp.where(valid[..., None], v, 0).astype(self.v_out.dtype)
     return shell.replace(k=k, v=v)
@@ -164,7 +164,7 @@ def unpack_bits(packed: jax.Array, bits: int, size: int) -> jax.Array:
   return jnp.sum(planes << jnp.arange(bits, dtype=jnp.int32), axis=-1)
 
 
-def _index_dtype(size: int):
+def index_dtype(size: int):
   return jnp.uint8 if size <= 256 else jnp.uint16 if size <= 65536 else jnp.int32
 
 
@@ -173,7 +173,7 @@ def _count(n: jax.Array, num: int, den: int) -> jax.Array:
   return (n.astype(jnp.int32) * num) // den
 
 
-def _outliers(x: jax.Array, valid: jax.Array, count: jax.Array, cap: int):
+def largest_magnitudes(x: jax.Array, valid: jax.Array, count: jax.Array, cap: int):
   """The ``count`` [...] largest |x| of each vector x [..., N] among ``valid`` members
   (ties to the smaller index), ``count <= cap``.
 
@@ -223,7 +223,7 @@ def _decode(codes, mn, scale, codebook):
   return mn.astype(jnp.float32) + (c + 1.0) * scale.astype(jnp.float32)
 
 
-def _put_outliers(x, values, idx, count):
+def put_values(x, values, idx, count):
   """x [..., N] with x[idx[..., j]] = values[..., j] for j < count [...]."""
   slot = jnp.arange(x.shape[-1])
   for j in range(values.shape[-1]):
@@ -262,7 +262,7 @@ def _inlier_z(cache: Cache, num: int, den: int):
   """Per kind (keys, values): normalized values z and the mask of coded inliers."""
   out = []
   for x, valid, count, cap in _vectors(cache, num, den):
-    mask, _, _ = _outliers(x, valid, count, cap)
+    mask, _, _ = largest_magnitudes(x, valid, count, cap)
     _, _, z, coded = _normalize(x, valid & ~mask, jnp.float32)
     out.append((z, coded))
   return out
@@ -379,10 +379,10 @@ def kvquant(codebooks: KVQuantCodebooks, outliers: float = 0.01) -> Compressor:
         _vectors(cache, num, den), (codebooks.k, codebooks.v), (cache.capacity,
                                                                   cache.v.shape[-1]),
         strict=True):
-      mask, out_val, out_idx = _outliers(x, valid, count, cap)
+      mask, out_val, out_idx = largest_magnitudes(x, valid, count, cap)
       mn, scale, z, coded = _normalize(x, valid & ~mask, dtype)
       codes = jnp.where(coded, _nearest(z, cb), 0)
-      parts.append((codes, mn, scale, out_val.astype(dtype), out_idx.astype(_index_dtype(size))))
+      parts.append((codes, mn, scale, out_val.astype(dtype), out_idx.astype(index_dtype(size))))
     (kc, kmn, ks, ko, koi), (vc, vmn, vs, vo, voi) = parts
     layout = QuantSpec(bits=bits, dk=cache.k.shape[-1], dv=cache.v.shape[-1], num=num, den=den)
     memory = KVQuantMemory(

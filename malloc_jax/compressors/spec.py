@@ -22,7 +22,8 @@ from typing import Any, NamedTuple
 
 from malloc_jax.cache import Cache
 
-GRANULARITIES = ("none", "token", "precision", "low rank", "head", "sequence", "architecture")
+GRANULARITIES = ("none", "token", "precision", "low rank", "head", "layer", "sequence",
+                 "architecture")
 LIMITS = ("capacity", "head_dim")
 
 
