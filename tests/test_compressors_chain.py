@@ -30,8 +30,10 @@ def make_cache(seed: int, contiguous: bool = True):
                 pos=jnp.asarray(pos, jnp.int32), ts=jnp.asarray(np.where(valid, pos * 3, 0),
                                                                 jnp.int32),
                 length=jnp.asarray(n, jnp.int32), contiguous=contiguous)
+  queries = rng.normal(size=(L, B, H, W, D))  # drawn last: the draws above are unchanged
   sig = Signals(acc_attn=jnp.asarray(acc, jnp.float32), window_attn=jnp.asarray(win, jnp.float32),
-                window_valid=jnp.ones((B, W), bool))
+                window_valid=jnp.ones((B, W), bool),
+                window_queries=jnp.asarray(queries, jnp.float32))
   return cache, sig
 
 
