@@ -159,7 +159,8 @@ def test_registry_builds_every_method():
   assert set(C.FACTORIES) == set(C.specs())
   for name, spec in C.specs().items():
     assert spec.name == name and spec.reference
-    comp = C.build_compressor(name, dict(spec.example), shape, caches=lambda: [cache])
+    items = [(cache, sig)] if spec.calibration_signals else [cache]
+    comp = C.build_compressor(name, dict(spec.example), shape, caches=lambda items=items: items)
     assert isinstance(comp, C.Compressor)
     C.check_params(name, dict(spec.example), shape)
     out = jax.eval_shape(lambda c, s, comp=comp: compress_fn(comp)(c, s)[1], cache, sig)
