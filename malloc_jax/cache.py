@@ -130,8 +130,11 @@ class Signals(struct.PyTreeNode):
                               (softmax probability for SASRec, |SiLU score| / N for HSTU).
   window_attn [L, B, H, W, T] attention rows of each user's last W real queries.
   window_valid [B, W]         bool, row is a real query (users shorter than W have fewer).
+  window_queries [L, B, H, W, Dk] or None: those W queries (ThinK's channel scores); None
+                              when the model does not return them.
   """
 
   acc_attn: jax.Array
   window_attn: jax.Array
   window_valid: jax.Array
+  window_queries: jax.Array | None = None

@@ -119,15 +119,17 @@ def check_eval_set(data: EvalSet, num_items: int) -> None:
 
 
 def calibration_caches(model, data: EvalSet, *, num_users: int = 512, batch_size: int = 128,
-                       seed: int = 0, num_devices: int = 0):
-  """Yields native caches of training histories (for low-rank calibration).
+                       seed: int = 0, num_devices: int = 0, signals: bool = False):
+  """Yields native caches of training histories (for low-rank calibration); with
+  ``signals=True`` (cache, signals) pairs of ``prefill`` (methods whose spec says
+  ``calibration_signals``).
 
   Each batch is sharded over ``num_devices`` devices (0: all) when its size divides over
   them; a short last batch is replicated instead.
   """
   n = min(num_users, len(data))
   idx_all = np.random.default_rng(seed).permutation(len(data))[:n]
-  prefill = jax.jit(lambda m, e: m.prefill(e)[0])
+  prefill = jax.jit(lambda m, e: m.prefill(e) if signals else m.prefill(e)[0])
   mesh = parallel.data_mesh(num_devices)
   model = parallel.replicate(mesh, model)
   for start in range(0, n, batch_size):

@@ -268,9 +268,10 @@ def make_compressors(config, model, data: SequenceDataset,
   resolved = resolve_compressors(config) if resolved is None else resolved
   heads, dk, dv = model.head_dims()
   shape = comp_lib.CacheShape(len(model.layers), heads, config.data.max_len, dk, dv)
-  caches = lambda: calibration_caches(model, data.valid, num_users=config.eval.calibration_users,
-                                      seed=config.seed, num_devices=num_devices(config))
-  return {label: comp_lib.build_compressor(name, params, shape, caches)
+  caches = lambda name: lambda: calibration_caches(
+      model, data.valid, num_users=config.eval.calibration_users, seed=config.seed,
+      num_devices=num_devices(config), signals=comp_lib.get_spec(name).calibration_signals)
+  return {label: comp_lib.build_compressor(name, params, shape, caches(name))
           for label, (name, params) in resolved.items()}
 
 

@@ -359,8 +359,9 @@ class _Backbone:
       heads, dk, dv = self.model.head_dims()
       shape = registry.CacheShape(len(self.model.layers), heads, self.run.data.max_len, dk, dv)
       e = self.run.eval
-      caches = lambda: calibration_caches(self.model, self.data.valid,
-                                          num_users=e.calibration_users, seed=self.run.seed)
+      caches = lambda: calibration_caches(
+          self.model, self.data.valid, num_users=e.calibration_users, seed=self.run.seed,
+          signals=registry.get_spec(name).calibration_signals)
       self._fitted[key] = registry.factory_params(name, params, shape, caches)
     return self._fitted[key]
 

@@ -30,8 +30,10 @@ def make_cache(seed: int, contiguous: bool = True):
                 pos=jnp.asarray(pos, jnp.int32), ts=jnp.asarray(np.where(valid, pos * 3, 0),
                                                                 jnp.int32),
                 length=jnp.asarray(n, jnp.int32), contiguous=contiguous)
+  queries = rng.normal(size=(L, B, H, W, D))  # drawn last: the draws above are unchanged
   sig = Signals(acc_attn=jnp.asarray(acc, jnp.float32), window_attn=jnp.asarray(win, jnp.float32),
-                window_valid=jnp.ones((B, W), bool))
+                window_valid=jnp.ones((B, W), bool),
+                window_queries=jnp.asarray(queries, jnp.float32))
   return cache, sig
 
 
@@ -157,7 +159,8 @@ def test_registry_builds_every_method():
   assert set(C.FACTORIES) == set(C.specs())
   for name, spec in C.specs().items():
     assert spec.name == name and spec.reference
-    comp = C.build_compressor(name, dict(spec.example), shape, caches=lambda: [cache])
+    items = [(cache, sig)] if spec.calibration_signals else [cache]
+    comp = C.build_compressor(name, dict(spec.example), shape, caches=lambda items=items: items)
     assert isinstance(comp, C.Compressor)
     C.check_params(name, dict(spec.example), shape)
     out = jax.eval_shape(lambda c, s, comp=comp: compress_fn(comp)(c, s)[1], cache, sig)
@@ -213,8 +216,8 @@ def test_registry_validates_parameters(name, params, match):
 
 
 def test_registry_unknown_method_lists_valid_ones():
-  with pytest.raises(ValueError, match="'pyramidkv' is unknown.*h2o.*snapkv"):
-    C.make_compressor("pyramidkv", budget=4)
+  with pytest.raises(ValueError, match="'no_such_method' is unknown.*h2o.*snapkv"):
+    C.make_compressor("no_such_method", budget=4)
 
 
 def test_kivi_group_must_divide_value_dim():

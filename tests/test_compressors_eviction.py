@@ -60,8 +60,10 @@ def make_cache(seed: int, sparse: bool = False, capacity: int = T):
   cache = Cache(k=jnp.asarray(k, jnp.float32), v=jnp.asarray(v, jnp.float32),
                 pos=jnp.asarray(pos, jnp.int32), ts=jnp.asarray(ts, jnp.int32),
                 length=jnp.asarray(length, jnp.int32), contiguous=False)
+  queries = rng.normal(size=(L, B, H, W, D))  # drawn last: the draws above are unchanged
   sig = Signals(acc_attn=jnp.asarray(acc, jnp.float32), window_attn=jnp.asarray(win, jnp.float32),
-                window_valid=jnp.ones((B, W), bool))
+                window_valid=jnp.ones((B, W), bool),
+                window_queries=jnp.asarray(queries, jnp.float32))
   return cache, sig
 
 

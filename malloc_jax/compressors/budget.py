@@ -115,7 +115,8 @@ def _memory_bytes(method: str, cache: Cache, params: dict, figure: str) -> float
   W = max(T, int(params.get("window", 0)), 64)  # abstract: any W >= the window will do
   signals = Signals(acc_attn=jax.ShapeDtypeStruct((L, B, H, T), jnp.float32),
                     window_attn=jax.ShapeDtypeStruct((L, B, H, W, T), jnp.float32),
-                    window_valid=jax.ShapeDtypeStruct((B, W), jnp.bool_))
+                    window_valid=jax.ShapeDtypeStruct((B, W), jnp.bool_),
+                    window_queries=jax.ShapeDtypeStruct((L, B, H, W, dk), jnp.float32))
   # A calibrated method (low rank) gets abstract fitted arguments of the right shapes.
   kwargs = registry.factory_params(method, params, CacheShape.of(cache), caches=None)
   fitted = {k: v for k, v in kwargs.items() if _is_arrays(v)}

@@ -22,7 +22,8 @@ from typing import Any, NamedTuple
 
 from malloc_jax.cache import Cache
 
-GRANULARITIES = ("none", "token", "precision", "low rank", "head", "sequence", "architecture")
+GRANULARITIES = ("none", "token", "precision", "low rank", "head", "layer", "sequence",
+                 "architecture")
 LIMITS = ("capacity", "head_dim")
 
 
@@ -70,6 +71,8 @@ class MethodSpec:
       first in a chain).
     calibrate: for methods fitted on data (low rank's bases): turns the config's parameters
       into the factory's (see :data:`Calibrate`). None: config parameters are the factory's.
+    calibration_signals: the calibration hook reads attention signals: its ``caches()``
+      yields (Cache, Signals) pairs (``evaluate.calibration_caches(..., signals=True)``).
     limits: ``{parameter: "capacity" | "head_dim"}``, upper bounds checked against the
       model before training (e.g. a budget larger than the history window is refused).
     auto: ``{parameter: shape -> value}`` for parameters a config may give as ``"auto"``.
@@ -85,6 +88,7 @@ class MethodSpec:
   candidates: Callable[[CacheShape, dict], list[dict]] | None = None
   needs_signals: bool = False
   calibrate: Calibrate | None = None
+  calibration_signals: bool = False
   limits: Mapping[str, str] = dataclasses.field(default_factory=dict)
   auto: Mapping[str, Callable[[CacheShape], Any]] = dataclasses.field(default_factory=dict)
   example: Mapping[str, Any] = dataclasses.field(default_factory=dict)

@@ -1,0 +1,191 @@
+"""Quest: query-aware page sparsity. Store everything; read only the pages a query needs.
+
+Tang et al. split the cache into pages of consecutive events and keep, per page and key
+channel, the minimum and maximum key. For a query q the upper bound of q . k over a page is
+sum_c max(q_c min_c, q_c max_c); a request reads the bounds of every page and the keys and
+values of the top pages only. Quest therefore does not shrink what is *stored* (it adds the
+bounds) but what is *read* per request, so both figures are reported:
+``QuestMemory.stored_bytes()`` and :func:`quest_read_bytes`. This module is the whole
+method: its factory, memory, read-side functions and spec.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from malloc_jax.cache import Cache
+from malloc_jax.compressors.base import (
+  Compressor,
+  DenseIndex,
+  EmptyState,
+  cache_from,
+  index_of,
+)
+from malloc_jax.compressors.eviction import check_int, mark_slots, top_slots
+from malloc_jax.compressors.spec import MethodSpec
+
+
+@struct.dataclass
+class QuestMemory:
+  """The full cache plus per-page key bounds.
+
+  index: DenseIndex or SparseIndex of the cache; k [L, B, H, T, Dk], v [L, B, H, T, Dv];
+  kmin, kmax [L, B, H, P, Dk] per-page channel minimum / maximum over the page's real events
+  (0 for a page without events), P = ceil(T / page); page: static page size.
+  """
+
+  index: Any
+  k: jax.Array
+  v: jax.Array
+  kmin: jax.Array
+  kmax: jax.Array
+  page: int = struct.field(pytree_node=False)
+  shared_fields: ClassVar[tuple[str, ...]] = ()
+
+  def materialize(self) -> Cache:
+    """The whole cache (Quest stores everything; :func:`quest_view` is a query's read)."""
+    return cache_from(self.index, self.k, self.v)
+
+  def row_events(self) -> np.ndarray:
+    """[L, B, H] int64: real events each (layer, user, head) row holds (host NumPy)."""
+    L, B, H, T = self.k.shape[:4]
+    if isinstance(self.index, DenseIndex):
+      n = np.minimum(np.asarray(self.index.length, np.int64), T)
+      return np.broadcast_to(n[None, :, None], (L, B, H)).copy()
+    return (np.asarray(self.index.pos) >= 0).sum(axis=-1, dtype=np.int64)
+
+  def stored_bytes(self) -> np.ndarray:
+    """[B] int64 bytes of a variable-length store, with n_r the events of row r (a prefix):
+
+      sum_r n_r (Dk s_k + Dv s_v) + sum_r ceil(n_r / page) 2 Dk s_k + index
+
+    index: DenseIndex n * s_ts + s_len (one time stamp per event, positions implicit);
+    SparseIndex sum_r n_r (s_pos + s_ts) + s_len.
+    """
+    n = self.row_events()  # [L, B, H]
+    dk, sk = self.k.shape[-1], self.k.dtype.itemsize
+    kv = n * (dk * sk + self.v.shape[-1] * self.v.dtype.itemsize)
+    bounds = -(-n // self.page) * 2 * dk * self.kmin.dtype.itemsize
+    s_len = self.index.length.dtype.itemsize
+    if isinstance(self.index, DenseIndex):
+      index = n[0, :, 0] * self.index.ts.dtype.itemsize + s_len
+    else:
+      index = n.sum(axis=(0, 2)) * (self.index.pos.dtype.itemsize
+                                     + self.index.ts.dtype.itemsize) + s_len
+    return (kv + bounds).sum(axis=(0, 2)) + index
+
+
+def quest(page: int = 16) -> Compressor:
+  """Quest's store: the cache as it is plus per-page channel min / max of the keys.
+
+  Pages are ``page`` consecutive slots of each (layer, user, head) row; the bounds are taken
+  over the page's real events only.
+
+  Args:
+    page: events per page (>= 1; the paper uses 16).
+
+  Returns:
+    A Compressor; memory: :class:`QuestMemory`; state: EmptyState; no signals needed. Read
+    a request with :func:`quest_select` / :func:`quest_view`; bytes read per request:
+    :func:`quest_read_bytes`.
+
+  References: Tang, Zhao, Zhu, Xiao, Kasikci, Han, "Quest: Query-Aware Sparsity for
+    Efficient Long-Context LLM Inference", ICML 2024 (arXiv 2406.10774).
+  """
+  page = check_int("quest", "page", page, 1)
+
+  def init(cache):
+    del cache
+    return EmptyState()
+
+  def compress(cache, state, signals=None):
+    del signals
+    L, B, H, T, dk = cache.k.shape
+    P = -(-T // page)
+    pad = [(0, 0)] * 3 + [(0, P * page - T)]
+    valid = jnp.pad(cache.pos >= 0, pad).reshape(L, B, H, P, page, 1)
+    k = jnp.pad(cache.k, pad + [(0, 0)]).reshape(L, B, H, P, page, dk)
+    kmin = jnp.min(jnp.where(valid, k, jnp.inf), axis=4)  # [L, B, H, P, Dk]
+    kmax = jnp.max(jnp.where(valid, k, -jnp.inf), axis=4)
+    any_valid = jnp.any(valid, axis=4)
+    memory = QuestMemory(index=index_of(cache), k=cache.k, v=cache.v,
+                         kmin=jnp.where(any_valid, kmin, 0).astype(cache.k.dtype),
+                         kmax=jnp.where(any_valid, kmax, 0).astype(cache.k.dtype), page=page)
+    return memory, state
+
+  return Compressor(init, compress)
+
+
+def _page_valid(memory: QuestMemory) -> jax.Array:
+  """[L, B, H, P] bool: the page holds at least one real event."""
+  pos = memory.materialize().pos  # [L, B, H, T]
+  L, B, H, T = pos.shape
+  P = memory.kmin.shape[3]
+  pos = jnp.pad(pos, [(0, 0)] * 3 + [(0, P * memory.page - T)], constant_values=-1)
+  return jnp.any(pos.reshape(L, B, H, P, memory.page) >= 0, axis=-1)
+
+
+def quest_scores(memory: QuestMemory, q: jax.Array) -> jax.Array:
+  """Upper bounds [L, B, H, P] of q . k over each page: sum_c max(q_c min_c, q_c max_c).
+
+  Args:
+    q: [L, B, H, Dk] the request's query at each layer and head (float32 math).
+  """
+  q = q.astype(jnp.float32)[:, :, :, None, :]  # [L, B, H, 1, Dk]
+  lo, hi = memory.kmin.astype(jnp.float32), memory.kmax.astype(jnp.float32)
+  return jnp.sum(jnp.maximum(q * lo, q * hi), axis=-1)
+
+
+def quest_select(memory: QuestMemory, q: jax.Array, pages: int) -> jax.Array:
+  """[L, B, H, P] bool: the ``pages`` real pages with the largest upper bound per row
+  (ties to the smaller page; a row with fewer real pages selects them all)."""
+  pages = check_int("quest", "pages", pages, 1)
+  score = quest_scores(memory, q)
+  P = score.shape[-1]
+  tier = _page_valid(memory).astype(jnp.int32)
+  sel, picked = top_slots(tier, score, jnp.zeros(tier.shape, jnp.int32), min(pages, P))
+  return mark_slots(sel, picked, P)
+
+
+def quest_view(memory: QuestMemory, q: jax.Array, pages: int) -> Cache:
+  """The Cache a query reads: events outside its selected pages masked (pos -1).
+
+  A read-only view for attention (occupied slots are no longer a prefix); do not extend it.
+  """
+  cache = memory.materialize()
+  chosen = quest_select(memory, q, pages)  # [L, B, H, P]
+  T = cache.capacity
+  slot_page = jnp.repeat(chosen, memory.page, axis=-1)[..., :T]  # [L, B, H, T]
+  return cache.replace(pos=jnp.where(slot_page, cache.pos, -1),
+                       ts=jnp.where(slot_page, cache.ts, 0), contiguous=False)
+
+
+def quest_read_bytes(memory: QuestMemory, chosen: jax.Array) -> np.ndarray:
+  """[B] int64 bytes one request reads per user (host NumPy), ``chosen`` from quest_select:
+
+    sum_r ceil(n_r / page) 2 Dk s_k  (the bounds of every real page)
+    + sum_r (real events in r's chosen pages) (Dk s_k + Dv s_v)
+
+  Positions and time stamps of the read events are not counted (a page's are implicit from
+  its start in a contiguous store).
+  """
+  n = memory.row_events()  # [L, B, H]
+  dk, sk = memory.k.shape[-1], memory.k.dtype.itemsize
+  per_event = dk * sk + memory.v.shape[-1] * memory.v.dtype.itemsize
+  pos = np.asarray(memory.materialize().pos)  # [L, B, H, T]
+  T = pos.shape[-1]
+  slot_page = np.repeat(np.asarray(chosen), memory.page, axis=-1)[..., :T]
+  read = ((pos >= 0) & slot_page).sum(axis=-1, dtype=np.int64)
+  bounds = -(-n // memory.page) * 2 * dk * memory.kmin.dtype.itemsize
+  return (bounds + read * per_event).sum(axis=(0, 2))
+
+
+SPECS = (MethodSpec(
+    name="quest", factory=quest, granularity="token", example={"page": 4},
+    reference="Tang et al., Quest: Query-Aware Sparsity for Efficient Long-Context LLM "
+    "Inference, ICML 2024"),)
