@@ -80,11 +80,15 @@ class Partial(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class LayerView:
-  """One layer of a memory, passed to a layer's ``step`` in place of the dense cache."""
+  """One layer of a memory, passed to a layer's ``step`` in place of the dense cache.
+
+  chunk: slots per chunk of the blocked reads (None: the module's ``DEFAULT_CHUNK`` at trace
+  time).
+  """
 
   memory: Any
   layer: int
-  chunk: int = DEFAULT_CHUNK
+  chunk: int | None = None
 
 
 def memory_length(memory) -> jax.Array:
@@ -292,7 +296,7 @@ def blocked_read(attn: Attention, view: LayerView, q, q_pos, q_ts, q_valid) -> P
     counts = _kivi_split(pos_all, mem.spec.residual, mem.spec.key_residual)
   else:
     counts = None
-  c = chunk_size(mem, T, view.chunk)
+  c = chunk_size(mem, T, view.chunk or DEFAULT_CHUNK)
   if c < 0:  # KIVI whose capacity is not a multiple of G: keys are stored padded to Tp
     raise ValueError(f"blocked_read: KIVI capacity {T} is not a multiple of group "
                      f"{mem.spec.group}; compress to a capacity that is")

@@ -33,6 +33,29 @@ bytes of the executables it runs, from ``memory_analysis()``). On an accelerator
 ``peak_bytes_in_use`` is compared instead.
 
 Exits non-zero if a target is missed; the last line is the speedup / FLOP-ratio quotient.
+
+Memory forms (issue 21), ``--mode=forms``::
+
+  python scripts/bench_serving.py --mode=forms [--histories 1024,4096,8192] \
+      [--requests 1,16,16+100] [--forms native,lowrank4,...] [--rounds 3]
+
+serves one batch (64 users) from each memory form, read in its own form by
+``model.encode(memory, request)`` (malloc_jax.reads: no dense cache of full capacity), next to
+``native``: the dense Cache path that every form took before (``encode(cache)``), which is the
+reference of every ratio. Histories are synthetic caches (random keys and values, increasing
+positions and timestamps; prefilling 8,192 events at batch 64 would need a [B, H, T, T] score
+tensor), attention signals for H2O / SnapKV are random. Forms: native (dense path),
+native_read (the same cache as a DenseMemory through the read), lowrank4 / lowrank8 (rank
+D/4, D/8, bases fitted on the cache), kivi2 / kivi4 (G=32, R=128), uniform8 / uniform4, h2o8 /
+snapkv8 (budget T/8), chain (snapkv8 then kivi2). Requests: ``m`` new events, or ``m+C``: m
+events plus C ranking candidates scored as extra query events (the candidates' keys join the
+request's own keys; ``model.rank`` is not on this branch, so candidates are not isolated from
+each other: the same reads, a few more new keys). All forms are timed interleaved in one
+process (every round calls every form once; medians over rounds). Peak memory: XLA's temp
+bytes of the compiled request (``memory_analysis``) and VmHWM after one call (reset through
+/proc/self/clear_refs before it). Bytes read: every stored leaf of the memory once, per user.
+Where a target of issue 21 is missed the roofline estimate is printed: bytes / measured copy
+bandwidth and FLOPs (XLA cost analysis) / measured matmul rate.
 """
 
 from __future__ import annotations
@@ -60,6 +83,15 @@ _DIM = flags.DEFINE_integer("dim", 64, "Model dimension.")
 _ITEMS = flags.DEFINE_integer("items", 3000, "Item vocabulary (synthetic ids 1..items).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds (median reported).")
 _MEMORY_CALLS = flags.DEFINE_integer("memory_calls", 5, "Memory-path calls per round.")
+_MODE = flags.DEFINE_enum("mode", "recompute", ["recompute", "forms"],
+                          "recompute: memory vs recompute (issue 7); forms: memory forms (21).")
+_HISTORIES = flags.DEFINE_list("histories", ["1024", "4096", "8192"], "forms: history lengths.")
+_REQUESTS = flags.DEFINE_list("requests", ["1", "16", "16+100"],
+                              "forms: request events, or events+candidates.")
+_FORMS = flags.DEFINE_list("forms", ["native", "native_read", "lowrank4", "lowrank8", "kivi2",
+                                     "kivi4", "uniform8", "uniform4", "h2o8", "snapkv8",
+                                     "chain"], "forms: memory forms.")
+_CHUNK = flags.DEFINE_integer("chunk", 512, "forms: slots per chunk of the blocked reads.")
 
 SPEEDUP_TARGET = 0.5  # of the FLOP ratio
 MEMORY_TARGET = 1.5  # peak / bytes held
@@ -111,6 +143,11 @@ def _xla_flops(compiled) -> float:
 
 def main(argv):
   del argv
+  if _MODE.value == "forms":
+    sys.exit(run_forms(batch=_BATCH.value, histories=[int(h) for h in _HISTORIES.value],
+                       requests=_REQUESTS.value, forms=_FORMS.value, layers=_LAYERS.value,
+                       heads=_HEADS.value, dim=_DIM.value, items=_ITEMS.value,
+                       rounds=_ROUNDS.value, chunk=_CHUNK.value))
   B, T, m = _BATCH.value, _HISTORY.value, _NEW.value
   L, H, d = _LAYERS.value, _HEADS.value, _DIM.value
   device = jax.devices()[0]
@@ -210,6 +247,213 @@ def main(argv):
         f"(target <= {MEMORY_TARGET}x) {'ok' if mem_ok else 'MISSED'}: "
         f"{'PASS' if ok else 'FAIL'}")
   sys.exit(0 if ok else 1)
+
+
+# ----------------------------------------------------------------------------------------
+# Memory forms (issue 21).
+
+TARGETS = {"lowrank8": (0.35, None), "h2o8": (0.30, None), "snapkv8": (0.30, None),
+           "kivi2": (0.70, 0.5)}  # form: (latency ratio, peak-memory ratio) to native
+TARGET_CELL = (4096, "16")
+
+
+def synthetic_cache(L, B, H, T, D, seed=0):
+  """A contiguous native Cache of T events per user with random K, V (HSTU: after SiLU)."""
+  from malloc_jax.cache import Cache  # noqa: PLC0415
+  rng = np.random.default_rng(seed)
+  k = jax.nn.silu(jnp.asarray(rng.normal(size=(L, B, H, T, D)), jnp.float32))
+  v = jax.nn.silu(jnp.asarray(rng.normal(size=(L, B, H, T, D)), jnp.float32))
+  pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (L, B, H, T))
+  ts = np.cumsum(rng.integers(1, 3600, (B, T)), axis=1).astype(np.int32)
+  ts = jnp.broadcast_to(jnp.asarray(ts)[None, :, None], (L, B, H, T))
+  return Cache(k=k, v=v, pos=pos, ts=ts, length=jnp.full((B,), T, jnp.int32))
+
+
+def synthetic_signals(L, B, H, T, window=8, seed=1):
+  from malloc_jax.cache import Signals  # noqa: PLC0415
+  rng = np.random.default_rng(seed)
+  acc = jnp.asarray(rng.random((L, B, H, T)), jnp.float32)
+  win = jnp.asarray(rng.random((L, B, H, window, T)), jnp.float32)
+  return Signals(acc_attn=acc, window_attn=win, window_valid=jnp.ones((B, window), bool))
+
+
+def make_form(name, cache, T, D):
+  """Compressor of a form name (None for the two native forms)."""
+  from malloc_jax import compressors as C  # noqa: PLC0415
+  budget = T // 8
+  if name == "native":
+    return None
+  if name == "native_read":
+    return C.native()
+  if name.startswith("lowrank"):
+    sub = cache.replace(k=cache.k[:, :8], v=cache.v[:, :8], pos=cache.pos[:, :8],
+                        ts=cache.ts[:, :8], length=cache.length[:8])
+    return C.lowrank(C.fit_lowrank([sub], rank=D // int(name[len("lowrank"):])))
+  table = {"kivi2": lambda: C.kivi(bits=2, group=32, residual=128),
+           "kivi4": lambda: C.kivi(bits=4, group=32, residual=128),
+           "uniform8": lambda: C.uniform(8), "uniform4": lambda: C.uniform(4),
+           "h2o8": lambda: C.h2o(heavy=budget // 2, recent=budget // 2),
+           "snapkv8": lambda: C.snapkv(budget=budget, window=8),
+           "chain": lambda: C.chain(C.snapkv(budget=budget, window=8),
+                                    C.kivi(bits=2, group=32, residual=128))}
+  if name not in table:
+    raise ValueError(f"--forms: unknown form {name!r}; expected native, native_read, "
+                     f"lowrank<N>, {', '.join(table)}")
+  return table[name]()
+
+
+def _parse_request(spec: str) -> tuple[int, int]:
+  m, _, c = spec.partition("+")
+  try:
+    return int(m), int(c or 0)
+  except ValueError:
+    raise ValueError(f"--requests: {spec!r} must be 'm' or 'm+C' (integers)") from None
+
+
+def copy_bandwidth() -> float:
+  """Bytes per second of an out-of-place copy of 256 MiB (read + write counted)."""
+  x = jnp.ones((64 * 2**20,), jnp.float32)
+  f = jax.jit(lambda x: x + 1.0)
+  jax.block_until_ready(f(x))
+  t = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(x))
+    t.append(time.perf_counter() - t0)
+  return 2 * x.nbytes / statistics.median(t)
+
+
+def matmul_rate() -> float:
+  """FLOP/s of a float32 [1024, 1024] x [1024, 1024] matmul."""
+  a = jnp.ones((1024, 1024), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(f(a))
+  t = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(a))
+    t.append(time.perf_counter() - t0)
+  return 2 * 1024**3 / statistics.median(t)
+
+
+def _malloc_trim() -> None:
+  import ctypes  # noqa: PLC0415
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except OSError:
+    pass
+
+
+def _xla_bytes(compiled) -> float:
+  ca = compiled.cost_analysis()
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0]
+  return float(ca.get("bytes accessed", 0.0))
+
+
+def run_forms(*, batch, histories, requests, forms, layers, heads, dim, items, rounds,
+              chunk) -> int:
+  """Times every memory form side by side; returns 0 if every checked target is met."""
+  import os  # noqa: PLC0415
+
+  from malloc_jax import reads  # noqa: PLC0415
+  B, L, H, D = batch, layers, heads, dim // heads
+  device = jax.devices()[0]
+  on_cpu = device.platform == "cpu"
+  bw, rate = copy_bandwidth(), matmul_rate()
+  print(f"device: {device.device_kind} ({device.platform}); HSTU {L} layers, {H} heads x {D} "
+        f"dims, float32; batch {B}; load average {os.getloadavg()}")
+  print(f"measured copy bandwidth {bw / 1e9:.2f} GB/s, float32 matmul rate "
+        f"{rate / 1e9:.1f} GFLOP/s")
+  reqs = [_parse_request(r) for r in requests]
+  reads.DEFAULT_CHUNK = chunk
+  ok = True
+  rows = []
+  for T in histories:
+    cache = synthetic_cache(L, B, H, T, D)
+    signals = synthetic_signals(L, B, H, T)
+    memories = {}
+    for name in forms:
+      comp = make_form(name, cache, T, D)
+      if comp is None:
+        memories[name] = cache
+      else:
+        memories[name] = jax.block_until_ready(
+            jax.jit(lambda c, s, comp=comp: comp.compress(c, comp.init(c), s)[0])(cache,
+                                                                                   signals))
+    del cache, signals
+    for (m, C_), spec in zip(reqs, requests):
+      n = m + C_
+      model = HSTU(items, dim=dim, heads=H, num_layers=L, max_len=T + n, dropout=0.0,
+                   rngs=nnx.Rngs(0))
+      _, req = synthetic_events(B, T, n, items)
+      req = req.replace(ts=req.ts + 10**9)  # after every history event
+      fn = jax.jit(lambda model, mem, req: model.encode(mem, req))
+      compiled, stats = {}, {}
+      for name in forms:
+        c = fn.lower(model, memories[name], req).compile()
+        compiled[name] = c
+        stats[name] = dict(temp=c.memory_analysis().temp_size_in_bytes,
+                           flops=_xla_flops(c), xbytes=_xla_bytes(c),
+                           read=reads.read_bytes(memories[name]) / B)
+        jax.block_until_ready(c(model, memories[name], req))  # warm up
+      times = {name: [] for name in forms}
+      for _ in range(rounds):
+        for name in forms:
+          t0 = time.perf_counter()
+          jax.block_until_ready(compiled[name](model, memories[name], req))
+          times[name].append(time.perf_counter() - t0)
+      for name in forms:  # peak resident memory of one call, form by form
+        if on_cpu:
+          _malloc_trim()  # return freed arenas, so the call's own pages count
+        if on_cpu and reset_peak_rss():
+          base = _status_kib("VmRSS")
+          jax.block_until_ready(compiled[name](model, memories[name], req))
+          stats[name]["hwm"] = (_status_kib("VmHWM") - base) * 1024
+        else:
+          stats[name]["hwm"] = float("nan")
+      ref = statistics.median(times["native"]) if "native" in times else float("nan")
+      ref_s = stats.get("native")
+      print(f"\n== history {T}, batch {B}, request {spec} ({m} events + {C_} candidates as "
+            f"extra queries); load average {os.getloadavg()[0]:.2f}")
+      print(f"{'form':12s} {'median ms':>10s} {'x native':>9s} {'XLA temp MiB':>13s} "
+            f"{'x native':>9s} {'VmHWM+ MiB':>11s} {'read KiB/user':>14s} {'x native':>9s} "
+            f"{'GFLOP':>8s}")
+      for name in forms:
+        t = statistics.median(times[name])
+        st = stats[name]
+        lat_r = t / ref
+        mem_r = st["temp"] / ref_s["temp"] if ref_s else float("nan")
+        read_r = st["read"] / ref_s["read"] if ref_s else float("nan")
+        print(f"{name:12s} {t * 1e3:10.1f} {lat_r:9.3f} {st['temp'] / 2**20:13.1f} "
+              f"{mem_r:9.3f} {st['hwm'] / 2**20:11.1f} {st['read'] / 1024:14.1f} "
+              f"{read_r:9.3f} {st['flops'] / 1e9:8.2f}")
+        rows.append(dict(history=T, request=spec, form=name, ms=t * 1e3, lat_ratio=lat_r,
+                         temp=st["temp"], temp_ratio=mem_r, hwm=st["hwm"], read=st["read"]))
+        target = TARGETS.get(name)
+        if target and (T, spec) == TARGET_CELL:
+          lat_ok = lat_r <= target[0]
+          mem_ok = target[1] is None or mem_r <= target[1]
+          ok &= lat_ok and mem_ok
+          msg = (f"   target {name}: latency {lat_r:.3f}x (<= {target[0]}) "
+                 f"{'ok' if lat_ok else 'MISSED'}")
+          if target[1] is not None:
+            msg += f"; XLA temp {mem_r:.3f}x (<= {target[1]}) {'ok' if mem_ok else 'MISSED'}"
+          print(msg)
+          if not (lat_ok and mem_ok):
+            est = lambda s: max(s["xbytes"] / bw, s["flops"] / rate)
+            print(f"   roofline: {name} stored {st['read'] * B / 1e6:.1f} MB / bw = "
+                  f"{st['read'] * B / bw * 1e3:.2f} ms, XLA bytes accessed "
+                  f"{st['xbytes'] / 1e6:.0f} MB / bw = {st['xbytes'] / bw * 1e3:.1f} ms, "
+                  f"{st['flops'] / 1e9:.2f} GFLOP / rate = {st['flops'] / rate * 1e3:.1f} ms; "
+                  f"native {ref_s['xbytes'] / bw * 1e3:.1f} ms / "
+                  f"{ref_s['flops'] / rate * 1e3:.1f} ms; roofline ratio "
+                  f"{est(st) / est(ref_s):.3f}")
+      del compiled
+  print(f"\nload average at the end {os.getloadavg()}")
+  print(f"targets at history {TARGET_CELL[0]}, request {TARGET_CELL[1]}: "
+        f"{'PASS' if ok else 'FAIL'}")
+  return 0 if ok else 1
 
 
 if __name__ == "__main__":
