@@ -72,7 +72,7 @@ from absl import app, flags
 from flax import nnx
 
 from malloc_jax import costs
-from malloc_jax.models import HSTU, Events
+from malloc_jax.models import HSTU, Events, SASRec
 
 _BATCH = flags.DEFINE_integer("batch", 64, "Users per batch.")
 _HISTORY = flags.DEFINE_integer("history", 1024, "History events per user (T).")
@@ -92,6 +92,7 @@ _FORMS = flags.DEFINE_list("forms", ["native", "native_read", "lowrank4", "lowra
                                      "kivi4", "uniform8", "uniform4", "h2o8", "snapkv8",
                                      "chain"], "forms: memory forms.")
 _CHUNK = flags.DEFINE_integer("chunk", 512, "forms: slots per chunk of the blocked reads.")
+_BACKBONE = flags.DEFINE_enum("backbone", "hstu", ["hstu", "sasrec"], "forms: backbone.")
 
 SPEEDUP_TARGET = 0.5  # of the FLOP ratio
 MEMORY_TARGET = 1.5  # peak / bytes held
@@ -147,7 +148,7 @@ def main(argv):
     sys.exit(run_forms(batch=_BATCH.value, histories=[int(h) for h in _HISTORIES.value],
                        requests=_REQUESTS.value, forms=_FORMS.value, layers=_LAYERS.value,
                        heads=_HEADS.value, dim=_DIM.value, items=_ITEMS.value,
-                       rounds=_ROUNDS.value, chunk=_CHUNK.value))
+                       rounds=_ROUNDS.value, chunk=_CHUNK.value, backbone=_BACKBONE.value))
   B, T, m = _BATCH.value, _HISTORY.value, _NEW.value
   L, H, d = _LAYERS.value, _HEADS.value, _DIM.value
   device = jax.devices()[0]
@@ -351,8 +352,51 @@ def _xla_bytes(compiled) -> float:
   return float(ca.get("bytes accessed", 0.0))
 
 
+def _timed(f, *args, reps=3) -> float:
+  jax.block_until_ready(f(*args))
+  t = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    t.append(time.perf_counter() - t0)
+  return statistics.median(t)
+
+
+def profile_parts(B, H, m, T, D, memories) -> None:
+  """Times the parts of one HSTU layer's read at these shapes (where the time goes)."""
+  from malloc_jax import reads  # noqa: PLC0415
+  from malloc_jax.models.hstu import HSTULayer  # noqa: PLC0415
+  layer = HSTULayer(H * D, H, D, D, T + m, 128, 0.0, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(B, H, m, D)), jnp.float32)
+  q_pos = jnp.broadcast_to(T + jnp.arange(m, dtype=jnp.int32), (B, m))
+  q_ts = jnp.full((B, m), 10**9, jnp.int32)
+  kpos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, H, T))
+  kts = kpos * 1000
+  k = jnp.asarray(rng.normal(size=(B, H, T, D)), jnp.float32)
+  parts = {
+      "rab bias [B,H,m,T] (time bucket log + 2 table gathers)": (jax.jit(
+          lambda layer, a, b, c, d: jnp.sum(layer.bias(a, b, c, d))), layer, q_pos, q_ts, kpos,
+          kts),
+      "scores + A.V matmuls over T (dense K, V)": (jax.jit(
+          lambda q, k: jnp.sum(jnp.einsum("bhmt,bhtd->bhmd", jax.nn.silu(
+              jnp.einsum("bhmd,bhtd->bhmt", q, k)), k))), q, k),
+  }
+  if "kivi2" in memories:
+    def kivi_decode(mem):
+      pos, _ = reads._index_full(mem.index, 0, H, T)
+      counts = reads._kivi_split(pos, mem.spec.residual, mem.spec.key_residual)
+      k, v = reads._kivi_chunk(mem, 0, 0, T, counts)
+      return jnp.sum(k) + jnp.sum(v)
+    parts["KIVI-2 decode of one layer (all chunks, no attention)"] = (
+        jax.jit(kivi_decode), memories["kivi2"])
+  print("profile of one layer's read (median of 3, ms):")
+  for name, (f, *args) in parts.items():
+    print(f"   {name:58s} {_timed(f, *args) * 1e3:8.1f}")
+
+
 def run_forms(*, batch, histories, requests, forms, layers, heads, dim, items, rounds,
-              chunk) -> int:
+              chunk, backbone="hstu") -> int:
   """Times every memory form side by side; returns 0 if every checked target is met."""
   import os  # noqa: PLC0415
 
@@ -361,7 +405,7 @@ def run_forms(*, batch, histories, requests, forms, layers, heads, dim, items, r
   device = jax.devices()[0]
   on_cpu = device.platform == "cpu"
   bw, rate = copy_bandwidth(), matmul_rate()
-  print(f"device: {device.device_kind} ({device.platform}); HSTU {L} layers, {H} heads x {D} "
+  print(f"device: {device.device_kind} ({device.platform}); {backbone} {L} layers, {H} heads x {D} "
         f"dims, float32; batch {B}; load average {os.getloadavg()}")
   print(f"measured copy bandwidth {bw / 1e9:.2f} GB/s, float32 matmul rate "
         f"{rate / 1e9:.1f} GFLOP/s")
@@ -384,8 +428,12 @@ def run_forms(*, batch, histories, requests, forms, layers, heads, dim, items, r
     del cache, signals
     for (m, C_), spec in zip(reqs, requests):
       n = m + C_
-      model = HSTU(items, dim=dim, heads=H, num_layers=L, max_len=T + n, dropout=0.0,
-                   rngs=nnx.Rngs(0))
+      if backbone == "hstu":
+        model = HSTU(items, dim=dim, heads=H, num_layers=L, max_len=T + n, dropout=0.0,
+                     rngs=nnx.Rngs(0))
+      else:
+        model = SASRec(items, dim=dim, heads=H, num_layers=L, max_len=T + n, dropout=0.0,
+                       rngs=nnx.Rngs(0))
       _, req = synthetic_events(B, T, n, items)
       req = req.replace(ts=req.ts + 10**9)  # after every history event
       fn = jax.jit(lambda model, mem, req: model.encode(mem, req))
@@ -449,6 +497,8 @@ def run_forms(*, batch, histories, requests, forms, layers, heads, dim, items, r
                   f"native {ref_s['xbytes'] / bw * 1e3:.1f} ms / "
                   f"{ref_s['flops'] / rate * 1e3:.1f} ms; roofline ratio "
                   f"{est(st) / est(ref_s):.3f}")
+      if (T, spec) == TARGET_CELL and backbone == "hstu":
+        profile_parts(B, H, m, T, D, memories)
       del compiled
   print(f"\nload average at the end {os.getloadavg()}")
   print(f"targets at history {TARGET_CELL[0]}, request {TARGET_CELL[1]}: "
