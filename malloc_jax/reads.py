@@ -409,6 +409,24 @@ def attend_memory(attn: Attention, view: LayerView, q, k, v, q_pos, q_ts, q_vali
   return finish(combine(mem_part, new_part))
 
 
+def serving_view(model, memory):
+  """What ``model.score`` / ``model.encode`` should read: the memory itself where it can.
+
+  The memory as it is when the model is a plain HSTU or SASRec (their layers call
+  :func:`attend_memory`) and the memory's type has a compressed read; otherwise, explicitly,
+  ``memory.materialize()`` (trained variants and their memories have their own layers and
+  read the dense view).
+  """
+  from malloc_jax.models import HSTU, SASRec  # noqa: PLC0415 (models import this module)
+  from malloc_jax.models.hstu import HSTULayer  # noqa: PLC0415
+  from malloc_jax.models.sasrec import SASRecLayer  # noqa: PLC0415
+  plain = type(model) in (HSTU, SASRec) and all(
+      type(layer) in (HSTULayer, SASRecLayer) for layer in model.layers)
+  if plain and type(memory) in _READS:
+    return memory
+  return memory.materialize()
+
+
 def is_view(x) -> bool:
   return isinstance(x, LayerView)
 
@@ -420,4 +438,5 @@ def read_bytes(memory) -> int:
 
 __all__ = ["Attention", "LayerView", "Partial", "attend_memory", "block_partial",
            "blocked_read", "cache_read", "combine", "dense_read", "finish", "is_view",
-           "lowrank_read", "memory_length", "read_bytes", "read_memory", "weights"]
+           "lowrank_read", "memory_length", "read_bytes", "read_memory", "serving_view",
+           "weights"]

@@ -47,6 +47,7 @@ import numpy as np
 
 from malloc_jax import compressors as comp_lib
 from malloc_jax import costs as costs_lib
+from malloc_jax import reads
 from malloc_jax.compressors.budget import cache_spec, memory_bytes, params_for_ratio, ratio_table
 from malloc_jax.compressors.registry import FACTORIES, make_compressor
 from malloc_jax.config_validation import validate_config
@@ -330,7 +331,7 @@ def _compress_batch(cache, signals, *, compressor):
 @jax.jit
 def _score_batch(model, memory, req, target, candidates):
   """Stage 3: read the memory; (ranks [B], candidate logits [B, C], finite [B])."""
-  h = model.user_embedding(memory.materialize(), req)  # [B, d]
+  h = model.user_embedding(reads.serving_view(model, memory), req)  # [B, d]
   ranks = target_rank(model.logits(h), target)
   return ranks, model.logits(h, candidates), jnp.all(jnp.isfinite(h), axis=-1)
 
@@ -339,7 +340,7 @@ def _score_batch(model, memory, req, target, candidates):
 def _stream_batch(model, prefix, req, target, *, compressor, requests, window):
   """The streaming protocol with r = ``requests``: (ranks [B], memory, finite [B])."""
   memory, _ = stream_memory(model, prefix, compressor, requests, window)
-  h = model.user_embedding(memory.materialize(), req)
+  h = model.user_embedding(reads.serving_view(model, memory), req)
   return target_rank(model.logits(h), target), memory, jnp.all(jnp.isfinite(h), axis=-1)
 
 

@@ -150,3 +150,11 @@ def test_unknown_memory_type_is_an_error():
   with pytest.raises(TypeError, match="no compressed read for dict"):
     reads.read_memory(reads.Attention("softmax"), reads.LayerView({}, 0), None, None, None,
                       None)
+
+
+def test_serving_view_reads_plain_models_and_materializes_variants(setup):
+  model, memories = setup
+  assert reads.serving_view(model, memories["kivi2"]) is memories["kivi2"]
+  variant = random_model("hstu_gqa", dim=16, heads=4, max_len=64)
+  view = reads.serving_view(variant, memories["kivi2"])
+  assert type(view).__name__ == "Cache"
