@@ -11,7 +11,7 @@ attentions split exactly over disjoint key sets:
 :func:`read_memory` returns the memory's :class:`Partial`, read in the form the memory stores:
 
 * ``DenseMemory`` (native, or the kept slots after eviction: its own, already small capacity),
-  one block over its slots, nothing scattered back to the full capacity;
+  chunks of its slots, nothing scattered back to the full capacity;
 * ``LowRankMemory``: scores in the projected space, s = (q·B_k)·c_kᵀ + q·μ_k, and values
   o = (a·c_v)·B_vᵀ + (Σa)·μ_v, so r numbers per event are read instead of D;
 * ``KiviMemory`` / ``UniformMemory`` / ``IntactKVMemory``: a ``lax.scan`` over chunks of the
@@ -272,6 +272,26 @@ def chunk_size(memory, capacity: int, target: int) -> int:
   return best
 
 
+def _scan(attn: Attention, capacity: int, c: int, shape, chunk_partial) -> Partial:
+  """Combines chunk_partial(start) over chunks of c slots (a lax.scan when more than one).
+
+  shape: (B, H, m, Dv) of the accumulator.
+  """
+  B, H, m, _ = shape
+  init = Partial(jnp.zeros(shape, jnp.float32))
+  if attn.kind == "softmax":
+    init = Partial(init.acc, jnp.full((B, H, m), -jnp.inf, jnp.float32),
+                   jnp.zeros((B, H, m), jnp.float32))
+
+  def body(carry, j):
+    return combine(carry, chunk_partial(j * c)), None
+
+  if capacity == c:
+    return body(init, 0)[0]
+  out, _ = jax.lax.scan(body, init, jnp.arange(capacity // c, dtype=jnp.int32))
+  return out
+
+
 def blocked_read(attn: Attention, view: LayerView, q, q_pos, q_ts, q_valid) -> Partial:
   """Partial over a quantized (or dense) memory layer, decoding one chunk at a time.
 
@@ -300,25 +320,14 @@ def blocked_read(attn: Attention, view: LayerView, q, q_pos, q_ts, q_valid) -> P
   if c < 0:  # KIVI whose capacity is not a multiple of G: keys are stored padded to Tp
     raise ValueError(f"blocked_read: KIVI capacity {T} is not a multiple of group "
                      f"{mem.spec.group}; compress to a capacity that is")
-  n_chunks = T // c
   q = q.astype(jnp.float32)
 
-  def body(carry, j):
-    start = j * c
+  def chunk_partial(start):
     k, v = decode(mem, layer, start, c, counts)
     kpos, kts = _index_chunk(mem.index, layer, H, start, c)
-    p = block_partial(attn, q, k, v, kpos, kts, q_pos, q_ts, q_valid)
-    return combine(carry, p), None
+    return block_partial(attn, q, k, v, kpos, kts, q_pos, q_ts, q_valid)
 
-  dv = _value_dim(mem)
-  init = Partial(jnp.zeros((B, H, m, dv), jnp.float32))
-  if attn.kind == "softmax":
-    init = Partial(init.acc, jnp.full((B, H, m), -jnp.inf, jnp.float32),
-                   jnp.zeros((B, H, m), jnp.float32))
-  if n_chunks == 1:
-    return body(init, 0)[0]
-  out, _ = jax.lax.scan(body, init, jnp.arange(n_chunks, dtype=jnp.int32))
-  return out
+  return _scan(attn, T, c, (B, H, m, _value_dim(mem)), chunk_partial)
 
 
 def _index_full(index, layer, heads, capacity):
@@ -336,24 +345,35 @@ def _value_dim(mem) -> int:
 def lowrank_read(attn: Attention, view: LayerView, q, q_pos, q_ts, q_valid) -> Partial:
   """Partial over a low-rank memory layer, computed in the r-dim projected space.
 
-  s = (q·B_k)·c_kᵀ + q·μ_k [B,H,m,T]; acc = (w·c_v)·B_vᵀ + (Σ_t w_t)·μ_v. Empty slots are
-  masked, so their coordinates never count.
+  Per chunk of slots: s = (q·B_k)·c_kᵀ + q·μ_k [B,H,m,c]; the scan accumulates Σ w c_v and
+  Σ w in r + 1 numbers per query, and only the result is projected back:
+  acc = (Σ w c_v)·B_vᵀ + (Σ w)·μ_v. Empty slots are masked, so their coordinates never count.
 
   References: Chang et al., "Palu: Compressing KV-Cache with Low-Rank Projection" (2024).
   """
   mem, i = view.memory, view.layer
   b = mem.bases
-  H = q.shape[1]
+  B, H, m, _ = q.shape
+  T, r = mem.ck.shape[3], mem.ck.shape[4]
   q = q.astype(jnp.float32)
   qk = jnp.einsum("bhmd,hdr->bhmr", q, b.k_basis[i])  # [B, H, m, r]
-  qmu = jnp.einsum("bhmd,hd->bhm", q, b.k_mean[i])  # [B, H, m]
-  s = jnp.einsum("bhmr,bhtr->bhmt", qk, mem.ck[i].astype(jnp.float32)) + qmu[..., None]
-  kpos, kts = _index_full(mem.index, i, H, mem.ck.shape[3])
-  w, mx = weights(attn, s, q_pos, q_ts, q_valid, kpos, kts)
-  wc = jnp.einsum("bhmt,bhtr->bhmr", w, mem.cv[i].astype(jnp.float32))
-  tot = jnp.sum(w, axis=-1)  # [B, H, m]
+  qmu = jnp.einsum("bhmd,hd->bhm", q, b.k_mean[i])[..., None]  # [B, H, m, 1]
+  c = chunk_size(mem, T, view.chunk or DEFAULT_CHUNK)
+
+  def chunk_partial(start):
+    ck = _slice(mem.ck[i], start, c).astype(jnp.float32)  # [B, H, c, r]
+    cv = _slice(mem.cv[i], start, c).astype(jnp.float32)
+    cv = jnp.concatenate([cv, jnp.ones(cv.shape[:-1] + (1,), jnp.float32)], -1)  # Σw column
+    kpos, kts = _index_chunk(mem.index, i, H, start, c)
+    s = jnp.einsum("bhmr,bhtr->bhmt", qk, ck) + qmu
+    w, mx = weights(attn, s, q_pos, q_ts, q_valid, kpos, kts)
+    acc = jnp.einsum("bhmt,bhtr->bhmr", w, cv)  # [B, H, m, r + 1]
+    return Partial(acc) if mx is None else Partial(acc, mx, jnp.sum(w, axis=-1))
+
+  p = _scan(attn, T, c, (B, H, m, r + 1), chunk_partial)
+  wc, tot = p.acc[..., :r], p.acc[..., r]
   acc = jnp.einsum("bhmr,hdr->bhmd", wc, b.v_basis[i]) + tot[..., None] * b.v_mean[i][:, None]
-  return Partial(acc) if mx is None else Partial(acc, mx, tot)
+  return Partial(acc, p.mx, p.den)
 
 
 def dense_read(attn: Attention, view: LayerView, q, q_pos, q_ts, q_valid) -> Partial:
@@ -371,7 +391,7 @@ def cache_read(attn: Attention, cache: Cache, layer: int, q, q_pos, q_ts, q_vali
                        cache.pos[layer], cache.ts[layer], q_pos, q_ts, q_valid)
 
 
-_READS = {DenseMemory: dense_read, LowRankMemory: lowrank_read, KiviMemory: blocked_read,
+_READS = {DenseMemory: blocked_read, LowRankMemory: lowrank_read, KiviMemory: blocked_read,
           UniformMemory: blocked_read, IntactKVMemory: blocked_read}
 
 
