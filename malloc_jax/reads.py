@@ -206,11 +206,19 @@ def _kivi_chunk(mem: KiviMemory, layer: int, start, size: int, counts):
 
 
 def _overlay(x, res, rel, count):
-  """Slots with 0 <= rel < count (rel [B,H,c]) of x [B,H,c,D] replaced by res [B,H,R',D][rel]."""
+  """Slots with 0 <= rel < count (rel [B,H,c]) of x [B,H,c,D] replaced by res [B,H,R',D][rel].
+
+  The residual covers at most R' slots per row, so most chunks hold none of it: the gather
+  runs only in chunks where some row has a residual slot (a runtime branch).
+  """
   use = (rel >= 0) & (rel < count[..., None])
-  idx = jnp.clip(rel, 0, res.shape[-2] - 1)
-  r = jnp.take_along_axis(res.astype(jnp.float32), idx[..., None], axis=-2)
-  return jnp.where(use[..., None], r, x)
+
+  def put(x):
+    idx = jnp.clip(rel, 0, res.shape[-2] - 1)
+    r = jnp.take_along_axis(res.astype(jnp.float32), idx[..., None], axis=-2)
+    return jnp.where(use[..., None], r, x)
+
+  return jax.lax.cond(jnp.any(use), put, lambda x: x, x)
 
 
 def _uniform_chunk(mem: UniformMemory, layer: int, start, size: int, counts):
