@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from malloc_jax.cache import Cache
 from malloc_jax.compressors.base import DenseIndex, DenseMemory, SparseIndex
@@ -437,6 +438,16 @@ def attend_memory(attn: Attention, view: LayerView, q, k, v, q_pos, q_ts, q_vali
   return finish(combine(mem_part, new_part))
 
 
+def reads_compressed(model, memory) -> bool:
+  """Whether ``model`` reads ``memory`` in its stored form (see :func:`serving_view`)."""
+  from malloc_jax.models import HSTU, SASRec  # noqa: PLC0415 (models import this module)
+  from malloc_jax.models.hstu import HSTULayer  # noqa: PLC0415
+  from malloc_jax.models.sasrec import SASRecLayer  # noqa: PLC0415
+  plain = type(model) in (HSTU, SASRec) and all(
+      type(layer) in (HSTULayer, SASRecLayer) for layer in model.layers)
+  return plain and type(memory) in _READS
+
+
 def serving_view(model, memory):
   """What ``model.score`` / ``model.encode`` should read: the memory itself where it can.
 
@@ -445,14 +456,30 @@ def serving_view(model, memory):
   ``memory.materialize()`` (trained variants and their memories have their own layers and
   read the dense view).
   """
-  from malloc_jax.models import HSTU, SASRec  # noqa: PLC0415 (models import this module)
-  from malloc_jax.models.hstu import HSTULayer  # noqa: PLC0415
-  from malloc_jax.models.sasrec import SASRecLayer  # noqa: PLC0415
-  plain = type(model) in (HSTU, SASRec) and all(
-      type(layer) in (HSTULayer, SASRecLayer) for layer in model.layers)
-  if plain and type(memory) in _READS:
-    return memory
-  return memory.materialize()
+  return memory if reads_compressed(model, memory) else memory.materialize()
+
+
+def read_costs(model, memory, request, *, warmup: int = 2, iters: int = 20) -> dict:
+  """Latency and activation memory of serving ``request`` [B, m] through :func:`serving_view`.
+
+  The sweep's latency and peak-memory columns (XLA's FLOP counts stay with the dense
+  reference in ``costs.serving_costs``: XLA's cost analysis counts a scanned read's loop
+  body once).
+
+  Returns:
+    {"latency_p50_ms", "latency_p99_ms", "users_per_s", "serving_temp_bytes" (XLA's temp
+     bytes of the compiled request), "compressed_read" (bool)}.
+  """
+  from malloc_jax import costs  # noqa: PLC0415 (costs imports the models)
+  fn = jax.jit(lambda mdl, mem, req: mdl.score(serving_view(mdl, mem), req))
+  compiled = fn.lower(model, memory, request).compile()
+  times = costs.time_compiled(compiled, (model, memory, request), warmup=warmup, iters=iters)
+  B = request.items.shape[0]
+  return {"latency_p50_ms": float(np.percentile(times, 50) * 1e3),
+          "latency_p99_ms": float(np.percentile(times, 99) * 1e3),
+          "users_per_s": float(B / times.mean()),
+          "serving_temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
+          "compressed_read": reads_compressed(model, memory)}
 
 
 def is_view(x) -> bool:
@@ -466,5 +493,6 @@ def read_bytes(memory) -> int:
 
 __all__ = ["Attention", "LayerView", "Partial", "attend_memory", "block_partial",
            "blocked_read", "cache_read", "combine", "dense_read", "finish", "is_view",
-           "lowrank_read", "memory_length", "read_bytes", "read_memory", "serving_view",
+           "lowrank_read", "memory_length", "read_bytes", "read_costs", "read_memory",
+           "reads_compressed", "serving_view",
            "weights"]

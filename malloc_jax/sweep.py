@@ -508,6 +508,8 @@ def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
     row["shared_bytes"] = comp_lib.shared_nbytes(mem)
     row.update(costs_lib.serving_costs(model, mem, req_events, closed_form=True,
                                        warmup=c.warmup, iters=c.iters).row())
+    # Latency and peak-memory columns from the compressed read (issue 21).
+    row.update(reads.read_costs(model, mem, req_events, warmup=c.warmup, iters=c.iters))
     stream = np.concatenate(stream, axis=1)
     for j, r in enumerate(requests):
       for k, v in retrieval_metrics(stream[j], ks).items():

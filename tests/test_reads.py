@@ -158,3 +158,11 @@ def test_serving_view_reads_plain_models_and_materializes_variants(setup):
   variant = random_model("hstu_gqa", dim=16, heads=4, max_len=64)
   view = reads.serving_view(variant, memories["kivi2"])
   assert type(view).__name__ == "Cache"
+
+
+def test_read_costs_times_the_compressed_read(setup):
+  model, memories = setup
+  req = random_events(4, 5, REQ, seed=7)
+  out = reads.read_costs(model, memories["kivi2"], req, warmup=1, iters=2)
+  assert out["compressed_read"] is True
+  assert out["latency_p50_ms"] > 0 and out["serving_temp_bytes"] > 0
