@@ -385,21 +385,6 @@ def lowrank_read(attn: Attention, view: LayerView, q, q_pos, q_ts, q_valid) -> P
   return Partial(acc, p.mx, p.den)
 
 
-def dense_read(attn: Attention, view: LayerView, q, q_pos, q_ts, q_valid) -> Partial:
-  """Partial over a DenseMemory layer (native or kept slots after eviction), one block."""
-  mem, i = view.memory, view.layer
-  H = q.shape[1]
-  kpos, kts = _index_full(mem.index, i, H, mem.k.shape[3])
-  return block_partial(attn, q.astype(jnp.float32), mem.k[i], mem.v[i], kpos, kts, q_pos, q_ts,
-                       q_valid)
-
-
-def cache_read(attn: Attention, cache: Cache, layer: int, q, q_pos, q_ts, q_valid) -> Partial:
-  """Partial over one layer of a dense Cache (the reference read of a materialized memory)."""
-  return block_partial(attn, q.astype(jnp.float32), cache.k[layer], cache.v[layer],
-                       cache.pos[layer], cache.ts[layer], q_pos, q_ts, q_valid)
-
-
 _READS = {DenseMemory: blocked_read, LowRankMemory: lowrank_read, KiviMemory: blocked_read,
           UniformMemory: blocked_read, IntactKVMemory: blocked_read}
 
@@ -492,7 +477,7 @@ def read_bytes(memory) -> int:
 
 
 __all__ = ["Attention", "LayerView", "Partial", "attend_memory", "block_partial",
-           "blocked_read", "cache_read", "combine", "dense_read", "finish", "is_view",
+           "blocked_read", "combine", "finish", "is_view",
            "lowrank_read", "memory_length", "read_bytes", "read_costs", "read_memory",
            "reads_compressed", "serving_view",
            "weights"]
