@@ -160,9 +160,9 @@ def get_config(arg: str | None = None):
     raise ValueError(f"config argument methods: {unknown} unknown; expected labels from "
                      f"{sorted(METHODS)} or 'all'")
   c.methods = ml_collections.ConfigDict({m: METHODS[m] for m in wanted})
-  c.ratios = tuple(float(r) for r in split(args.ratios))
-  c.seeds = tuple(int(s) for s in split(args.seeds))
-  c.stream_requests = tuple(int(r) for r in split(args.requests))
+  c.ratios = common.split_list("ratios", args.ratios, float, minimum=1.0)
+  c.seeds = common.split_list("seeds", args.seeds, int, minimum=0)
+  c.stream_requests = common.split_list("requests", args.requests, int, minimum=1)
   c.ranking = ml_collections.ConfigDict(dict(num_negatives=20 if args.runlocal else 99, seed=0))
   # Each backbone's native caches of the eval users are kept for all its cells up to this
   # many bytes (else every cell prefills again; see sweep._Backbone.prefilled).

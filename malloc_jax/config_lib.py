@@ -7,16 +7,23 @@ converts each value to the type of its default and rejects unknown keys.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 ARG_DEFAULTS = dict(model="hstu", steps=-1, data="synthetic", path="", runlocal=False,
                     seed=0, max_len=-1, loader="raw", data_dir="")
+# Smallest value an argument may be given (its default may be a "not given" sentinel below).
+ARG_MINIMUM = dict(steps=0, max_len=2, seed=0)
+# Arguments that only mean something for data files (data != "synthetic").
+FILE_ONLY_ARGS = ("path", "loader", "data_dir")
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses ``"a=1,b=x"`` into a ConfigDict typed like ``ARG_DEFAULTS`` plus ``defaults``."""
   spec = dict(ARG_DEFAULTS, **defaults)
   out = dict(spec)
+  given = set()
   for part in filter(None, (arg or "").split(",")):
     if "=" not in part:
       raise ValueError(f"config argument {part!r}: expected key=value")
@@ -33,7 +40,43 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         out[key] = kind(value)
     except ValueError:
       raise ValueError(f"config argument {key}={value!r}: expected {kind.__name__}") from None
+    given.add(key)
+  _check_given(out, spec, given)
   return ml_collections.ConfigDict(out)
+
+
+def _check_given(out: dict, spec: dict, given: set[str]) -> None:
+  """Rejects given arguments that would otherwise be ignored silently.
+
+  A value equal to the default (``steps=-1``, ``path=``) means "not given" and passes.
+  """
+  for key, lo in ARG_MINIMUM.items():
+    if key in given and out[key] < lo and out[key] != spec[key]:
+      raise ValueError(f"config argument {key}={out[key]}: expected an integer >= {lo} "
+                       f"({spec[key]}: the config's default)")
+  if out.get("data") == "synthetic":
+    for key in FILE_ONLY_ARGS:
+      if key in given and out[key] != spec[key]:
+        raise ValueError(f"config argument {key}={out[key]!r} is only used with a data file "
+                         "(data=ml-100k, ml-1m, recbole or sasrec), not data=synthetic")
+
+
+def split_list(arg: str, value: str, kind: type = str, minimum=None) -> tuple:
+  """Parses a ``+``-joined list argument (``ratios=2+4+8``), naming the argument on error."""
+  out = []
+  for x in filter(None, value.split("+")):
+    try:
+      v = kind(x)
+    except ValueError:
+      what = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+      raise ValueError(f"config argument {arg}={value!r}: {x!r} is not {what}; expected "
+                       "values joined with '+'") from None
+    if kind is float and not math.isfinite(v):
+      raise ValueError(f"config argument {arg}={value!r}: {x!r} is not finite")
+    if minimum is not None and v < minimum:
+      raise ValueError(f"config argument {arg}={value!r}: {x!r} is below {minimum}")
+    out.append(v)
+  return tuple(out)
 
 
 def base_config(arg: str | None = None, **extra_defaults) -> ml_collections.ConfigDict:

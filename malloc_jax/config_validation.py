@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from malloc_jax.models import BACKBONES
 
 SYNTHETIC_KINDS = ("lag", "topics")
@@ -32,6 +34,8 @@ def _num(config, field: str, lo: float, hi: float | None = None, open_lo: bool =
     node = node[part]
   if isinstance(node, bool) or not isinstance(node, int | float):
     _fail(field, node, "a number")
+  if not math.isfinite(node):
+    _fail(field, node, "a finite number")
   if node < lo or (open_lo and node == lo) or (hi is not None and node > hi):
     _fail(field, node, f"a number in {'(' if open_lo else '['}{lo}, {hi if hi is not None else 'inf'}]")
   return node
@@ -101,7 +105,35 @@ def validate_config(config) -> None:
   _int(config, "eval.calibration_users", 1)
   if not e.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in e.ks):
     _fail("eval.ks", tuple(e.ks), "positive integers")
+  _check_reported_ks(e.ks)
+  _check_more_ranges(config)
   _validate_compressors(config, max_len)
+
+
+def _check_more_ranges(config) -> None:
+  """Fields that otherwise give wrong data or fail late without naming themselves."""
+  if "eval_users" in config.train:
+    _int(config, "train.eval_users", 0)  # 0: every validation user
+  if config.data.source != "synthetic":
+    return
+  syn = config.data.synthetic
+  if syn.min_len > syn.max_len:
+    _fail("data.synthetic.min_len", syn.min_len,
+          f"at most data.synthetic.max_len={syn.max_len}")
+  if "zipf" in syn:
+    _num(config, "data.synthetic.zipf", -float("inf"))  # NaN would draw one item only
+  if "mean_gap" in syn:
+    gap = _num(config, "data.synthetic.mean_gap", 0.0, None, open_lo=True)
+    if gap * syn.max_len >= 2**27:  # event times must fit the model's int32 time axis
+      _fail("data.synthetic.mean_gap", gap, f"a number with mean_gap * data.synthetic.max_len "
+            f"({syn.max_len}) below 2**27 seconds (event times are int32)")
+
+
+def _check_reported_ks(ks) -> None:
+  """The tables, early stopping and the sweep report HR@10 / NDCG@10, so ks must hold 10."""
+  if 10 not in tuple(ks):
+    _fail("eval.ks", tuple(ks), "positive integers including 10 (the result tables, early "
+          "stopping and the sweep report HR@10 and NDCG@10)")
 
 
 def _validate_compressors(config, max_len: int) -> None:

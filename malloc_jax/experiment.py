@@ -13,6 +13,8 @@ every host runs this same function on the same config.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from malloc_jax import checkpoint as ckpt_lib
 from malloc_jax import compressors as comp_lib
@@ -88,11 +91,83 @@ def _check_workdir(workdir: Path, config) -> None:
                        f"(differs in: {', '.join(diffs)}); use another --workdir or delete it")
   else:
     ckpt_lib.write_json_atomic(path, current)
+  _check_data_files(workdir, config)
+
+
+def _check_data_files(workdir: Path, config) -> None:
+  """Refuses a workdir trained on data files that have changed since (same path, new content).
+
+  ``workdir/data_files.json`` keeps each raw file's size, mtime and SHA-256
+  (``parsers.fingerprint``); a file whose size or hash differs is named. Synthetic data are
+  determined by the config (checked above) and by :func:`_check_dataset`.
+  """
+  if config.data.source == "synthetic":
+    return
+  from malloc_jax.data import parsers
+  path = workdir / "data_files.json"
+  current = parsers.fingerprint(config.data.source, config.data.path)
+  if not path.exists():
+    ckpt_lib.write_json_atomic(path, current)
+    return
+  saved = {f["path"]: f for f in json.loads(path.read_text())}
+  for f in current:
+    old = saved.get(f["path"])
+    if old is not None and (old["size"], old["sha256"]) != (f["size"], f["sha256"]):
+      raise ValueError(
+          f"data file {f['path']} has changed since workdir {workdir} was trained on it "
+          f"(size {old['size']} -> {f['size']} bytes, sha256 {old['sha256'][:12]} -> "
+          f"{f['sha256'][:12]}, modified {time.ctime(old['mtime_ns'] / 1e9)} -> "
+          f"{time.ctime(f['mtime_ns'] / 1e9)}); its model would be evaluated on other data. "
+          "Use another --workdir, or delete this one to retrain")
+  if {f["path"] for f in current} != set(saved):
+    raise ValueError(f"workdir {workdir} was trained on data files {sorted(saved)}, not "
+                     f"{sorted(f['path'] for f in current)}; use another --workdir")
+
+
+def _check_dataset(workdir: Path, data: SequenceDataset) -> None:
+  """Refuses a workdir whose model was trained on another dataset (users, items, content).
+
+  ``workdir/dataset.json`` keeps the dataset's size and a SHA-256 of its arrays, so a changed
+  dataset (edited files, another parser version, a changed generator) is reported as such
+  before any checkpoint is read, not as an unreadable checkpoint.
+  """
+  h = hashlib.sha256()
+  for a in (data.train.items, data.train.ts, data.train.length, data.test.items, data.test.ts,
+            data.test.length, data.test.target, data.valid.target, data.popularity):
+    h.update(np.ascontiguousarray(a).tobytes())
+  current = {"users": len(data.test), "num_items": int(data.num_items), "sha256": h.hexdigest()}
+  path = workdir / "dataset.json"
+  if not path.exists():
+    ckpt_lib.write_json_atomic(path, current)
+    return
+  saved = json.loads(path.read_text())
+  if saved != current:
+    diffs = [f"{k} {saved.get(k)} -> {current[k]}" for k in ("users", "num_items")
+             if saved.get(k) != current[k]] or ["same sizes, different events"]
+    raise ValueError(f"dataset {data.name} differs from the one workdir {workdir} was trained "
+                     f"on ({'; '.join(diffs)}); use another --workdir, or delete this one to "
+                     "retrain")
+
+
+def _locked_workdir(fn):
+  """Runs ``fn(config, workdir, ...)`` holding ``workdir``'s lock (one run per workdir)."""
+
+  @functools.wraps(fn)
+  def wrapper(config, workdir, *args, **kwargs):
+    if workdir is None or not str(workdir).strip():
+      raise ValueError(f"workdir={workdir!r}: expected a directory (--workdir=<dir>); an empty "
+                       "one would write into the current directory")
+    validate_config(config)
+    with ckpt_lib.workdir_lock(workdir, fn.__name__):
+      return fn(config, workdir, *args, **kwargs)
+
+  return wrapper
 
 
 def train_model(config, workdir: Path, data: SequenceDataset, print_fn=print):
   """Trains (or resumes, or reloads) the backbone; returns (model, training info)."""
   workdir = Path(workdir)
+  _check_dataset(workdir, data)
   model = build_model(config, data.num_items)
   t = config.train
   trainer = Trainer(model, make_optimizer(t.lr, t.weight_decay), t.num_negatives,
@@ -183,6 +258,7 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+@_locked_workdir
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, print_fn=print) -> dict:
   """Runs the whole job; returns the results dict also written to ``workdir/results.json``."""
   validate_config(config)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from malloc_jax import experiment
+from malloc_jax import experiment, logging_setup
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
@@ -20,6 +20,7 @@ _WORKDIR = flags.DEFINE_string(
 
 
 def main(argv):
+  logging_setup.setup()  # quiet by default; --verbosity=0 for INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
@@ -29,7 +30,6 @@ def main(argv):
     name = Path(spec.split(":")[0]).stem
     suffix = spec.split(":", 1)[1].replace(",", "_").replace("=", "-") if ":" in spec else ""
     workdir = os.path.join("runs", name + (f"_{suffix}" if suffix else ""))
-  logging.set_verbosity(logging.WARNING)
   experiment.train_and_evaluate(config, workdir)
 
 

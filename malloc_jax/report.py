@@ -112,22 +112,22 @@ def markdown(rows: list[dict], metric: str = "NDCG@10") -> str:
                    f"{rs[0].get('num_users', '?')} users.\n")
     head = (["granularity", "model", "method", "params", metric, "HR@10"]
             + [f"r={k[len('stream'):].split('/')[0]} {metric}" for k in skeys]
-            + ["AUC", "GAUC", "logloss", "bytes/user", "ratio", "10^9 users", "FLOPs/req",
+            + ["AUC", "GAUC", "logloss", "stored B/user", "buffer B/user", "ratio", "10^9 users", "FLOPs/req",
                "XLA/closed", "p50 ms", "p99 ms", "users/s", "seeds"])
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     order = {g: i for i, g in enumerate(GRANULARITY_ORDER)}
     rs = sorted(rs, key=lambda r: (order.get(r.get("granularity"), len(order)),
-                                   r["model"], r.get("bytes_per_user") or 0))
+                                   r["model"], _bytes(r) or 0))
     for r in rs:
       std = r.get(f"{metric}_std")
       cells = [r.get("granularity", "?"), r["model"], r["method"], _params(r.get("params")),
                _fmt(r.get(metric)) + (f" ± {std:.4f}" if std is not None else ""),
                _fmt(r.get("HR@10"))]
       cells += [_fmt(r.get(k)) for k in skeys]
-      b = r.get("bytes_per_user")
+      b = _bytes(r)
       cells += [_fmt(r.get("AUC")), _fmt(r.get("GAUC")), _fmt(r.get("logloss")),
-                _fmt(b, ",.0f"),
+                _fmt(b, ",.0f"), _fmt(r.get("buffer_bytes"), ",.0f"),
                 _fmt(r.get("compression_ratio"), ".2f") + ("x" if r.get("compression_ratio")
                                                           else ""),
                 projection(b) if b and r.get("stores_memory", True) else "-",
@@ -138,6 +138,13 @@ def markdown(rows: list[dict], metric: str = "NDCG@10") -> str:
       lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
   return "\n".join(lines)
+
+
+def _bytes(r: dict):
+  """A row's bytes per user for ratios, plots and budgets: ``stored_bytes`` (what the user's
+  memory needs in a variable-length store). Rows written before that field existed carry
+  only the static buffer figure ``bytes_per_user``, which is used for them."""
+  return r.get("stored_bytes", r.get("bytes_per_user"))
 
 
 def pareto_front(bytes_: np.ndarray, metric: np.ndarray) -> np.ndarray:
@@ -156,7 +163,7 @@ def pareto_front(bytes_: np.ndarray, metric: np.ndarray) -> np.ndarray:
 
 
 def _candidates(rows: list[dict], metric: str) -> list[dict]:
-  return [r for r in rows if r.get("stores_memory", True) and _num(r.get("bytes_per_user"))
+  return [r for r in rows if r.get("stores_memory", True) and _num(_bytes(r))
           and _num(r.get(metric)) and not math.isnan(r[metric])]
 
 
@@ -186,7 +193,7 @@ def pareto_plot(rows: list[dict], path: str | os.PathLike, metric: str = "NDCG@1
     rs = [r for r in cands if r["dataset"] == dataset]
     if not rs:
       continue
-    x = np.array([r["bytes_per_user"] for r in rs], np.float64)
+    x = np.array([_bytes(r) for r in rs], np.float64)
     y = np.array([r[metric] for r in rs], np.float64)
     for i, r in enumerate(rs):
       ax.scatter(x[i], y[i], marker=marker[family(r)], color=colour[r["model"]], s=42,
@@ -214,7 +221,7 @@ def best_under(rows: list[dict], budget_bytes: float, metric: str = "NDCG@10") -
   """{dataset: the row with the best metric among memories of <= budget_bytes per user}."""
   out = {}
   for r in _candidates(rows, metric):
-    if r["bytes_per_user"] <= budget_bytes:
+    if _bytes(r) <= budget_bytes:
       cur = out.get(r["dataset"])
       if cur is None or r[metric] > cur[metric]:
         out[r["dataset"]] = r
@@ -226,9 +233,9 @@ def projection_lines(rows: list[dict], users: float = 1e9) -> list[str]:
   lines = []
   for dataset in dict.fromkeys(r["dataset"] for r in rows):
     rs = [r for r in rows if r["dataset"] == dataset and r.get("stores_memory", True)
-          and _num(r.get("bytes_per_user"))]
-    rs.sort(key=lambda r: -r["bytes_per_user"])
-    parts = [f"{r['model']}/{r['method']} {projection(r['bytes_per_user'], users)}" for r in rs]
+          and _num(_bytes(r))]
+    rs.sort(key=lambda r: -_bytes(r))
+    parts = [f"{r['model']}/{r['method']} {projection(_bytes(r), users)}" for r in rs]
     lines.append(f"projection {dataset}, 10^{round(math.log10(users))} users: "
                  + ", ".join(parts))
   return lines
@@ -265,7 +272,7 @@ def write_report(workdir: str | os.PathLike, out: str | os.PathLike | None = Non
         print_fn(f"best under {budget_bytes:,.0f} bytes/user on {dataset}: none fits")
       else:
         print_fn(f"best under {budget_bytes:,.0f} bytes/user on {dataset}: {r['model']}/"
-                 f"{r['method']} {metric} {r[metric]:.4f} at {r['bytes_per_user']:,.0f} "
+                 f"{r['method']} {metric} {r[metric]:.4f} at {_bytes(r):,.0f} "
                  f"bytes/user {_params(r.get('params'))}")
   for line in projection_lines(rows):
     print_fn(line)
@@ -276,6 +283,9 @@ def write_report(workdir: str | os.PathLike, out: str | os.PathLike | None = Non
 def main(argv):
   from absl import flags
 
+  from malloc_jax import logging_setup
+
+  logging_setup.setup()  # quiet by default; --verbosity=0 for INFO
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS

@@ -118,12 +118,12 @@ def load_results(path: str | os.PathLike, repair: bool = True) -> list[dict]:
     offset = end
     if not raw.strip():
       continue
-    row = None
-    if has_newline:
-      try:
-        row = json.loads(raw)
-      except (json.JSONDecodeError, UnicodeDecodeError):
-        row = None
+    try:  # a last row without its newline is kept when it parses (only "\n" was lost)
+      row = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      row = None
+    if isinstance(row, dict) and not has_newline and repair:
+      _end_with_newline(path)
     if not isinstance(row, dict):
       if i == last:  # a write that did not complete (killed, or lost in a crash)
         logging.warning("%s: line %d is incomplete (an interrupted write); ignoring it",
@@ -136,6 +136,16 @@ def load_results(path: str | os.PathLike, repair: bool = True) -> list[dict]:
     rows.append(row)
     good_end = end
   return rows
+
+
+def _end_with_newline(path: Path) -> None:
+  """Appends the newline a complete last row lacks, so the next append starts a new line."""
+  fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+  try:
+    os.write(fd, b"\n")
+    os.fsync(fd)
+  finally:
+    os.close(fd)
 
 
 def append_result(path: str | os.PathLike, row: dict) -> None:
@@ -309,6 +319,45 @@ def expand_cells(config, print_fn=print) -> list[Cell]:
   return cells
 
 
+def validate_cells(cells: list[Cell], config) -> None:
+  """Checks every cell's settings before any training (bad ones would fail after it).
+
+  Builds each cell's compressors with ``make_compressor`` (cheap: no data, no model), checks
+  budgets against the history window and the streaming / ranking settings.
+
+  Raises:
+    ValueError: naming the config field (``config.methods.<label>``, ``config.stream_requests``).
+  """
+  for r in config.stream_requests:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+      raise ValueError(f"config.stream_requests={tuple(config.stream_requests)!r}: expected "
+                       "integers >= 1 (requests of the streaming protocol)")
+  for r in config.get("ratios", ()):
+    if isinstance(r, bool) or not isinstance(r, int | float) or not 1 <= r < float("inf"):
+      raise ValueError(f"config.ratios={tuple(config.ratios)!r}: expected finite numbers >= 1")
+  neg = config.ranking.num_negatives
+  if isinstance(neg, bool) or not isinstance(neg, int) or neg < 1:
+    raise ValueError(f"config.ranking.num_negatives={neg!r}: expected an integer >= 1")
+  for cell in cells:
+    field = f"config.methods.{cell.method.split('@')[0]}"
+    max_len = cell.run.data.max_len
+    for name, params in cell.steps:
+      params = dict(params)
+      for key in ("budget", "heavy", "recent", "sinks", "window"):
+        if isinstance(params.get(key), int) and params[key] > max_len:
+          raise ValueError(f"{field}.{key}={params[key]}: expected at most data.max_len="
+                           f"{max_len} (cell {cell.label})")
+      if name == "lowrank":
+        rank = params.get("rank")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+          raise ValueError(f"{field}.rank={rank!r}: expected an integer >= 1 (cell {cell.label})")
+        continue
+      try:
+        make_compressor(name, **params)
+      except (TypeError, ValueError) as err:
+        raise ValueError(f"{field} ({name}, cell {cell.label}): {err}") from None
+
+
 # ------------------------------------------------------------------------------------------
 # Running one cell.
 
@@ -417,6 +466,12 @@ def reference_bytes(run) -> float:
   return memory_bytes("native", cache_spec(m.num_layers, 1, run.data.max_len, d, d))
 
 
+def reference_spec(run):
+  """Abstract cache of the native HSTU / SASRec memory of :func:`reference_bytes`."""
+  m = run.model
+  return cache_spec(m.num_layers, 1, run.data.max_len, m.dim, m.dim)
+
+
 def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
   """Runs one cell; returns its result row (metrics, bytes, costs, timings)."""
   t0 = time.time()
@@ -433,6 +488,7 @@ def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
   ranks, logits, stream = [], [], []
   first = None
   stages = dict.fromkeys(("prefill", "compress", "score", "stream"), 0.0)
+  ub = []  # per user: stored, buffer, native stored bytes (compressors.cell_bytes)
   if comp is None:
     for _start, idx, real in padded_batches(n, bs):
       args = (jnp.asarray(split.items[idx]), jnp.asarray(split.ts[idx]),
@@ -453,6 +509,7 @@ def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
       t = time.time()
       mem = jax.block_until_ready(_compress_batch(cache, signals, compressor=comp))
       t1 = time.time()
+      ub.append(comp_lib.cell_bytes(mem, comp, reference_spec(run))[:, real])
       r, c, ok = jax.block_until_ready(_score_batch(model, mem, req, target, cand))
       t2 = time.time()
       s_ranks, smem = [], []
@@ -501,10 +558,12 @@ def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
   if comp is None:
     full = Events(args[0], args[1], args[2])
     row["bytes_per_user"] = costs_lib.events_bytes_per_user(full)
+    row["stored_bytes"] = float(np.mean(comp_lib.events_stored_bytes(*args[:3])))
     row["shared_bytes"] = 0
     row.update(costs_lib.recompute_costs(model, full, warmup=c.warmup, iters=c.iters).row())
   else:
     row["bytes_per_user"] = comp_lib.bytes_per_user(mem)
+    row.update(comp_lib.cell_bytes_row(np.concatenate(ub, axis=1)))
     row["shared_bytes"] = comp_lib.shared_nbytes(mem)
     row.update(costs_lib.serving_costs(model, mem, req_events, closed_form=True,
                                        warmup=c.warmup, iters=c.iters).row())
@@ -515,11 +574,14 @@ def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
       for k, v in retrieval_metrics(stream[j], ks).items():
         row[f"stream{r}/{k}"] = v
       row[f"stream{r}/bytes_per_user"] = comp_lib.bytes_per_user(smem[j])
+      row[f"stream{r}/stored_bytes"] = float(np.mean(comp_lib.stored_bytes(
+          smem[j], comp_lib.state_shape(comp, smem[j]))))
   stages["costs"] = time.time() - t_costs
   row.update({f"{k}_seconds": v for k, v in stages.items()})
   row["reference_bytes_per_user"] = ref
   row["stores_memory"] = comp is not None  # recompute keeps only the raw events
-  row["compression_ratio"] = ref / row["bytes_per_user"] if comp is not None else None
+  row["compression_ratio"] = (row["reference_stored_bytes"] / row["stored_bytes"]
+                              if comp is not None else None)  # stored bytes, same users
   row["train_seconds"] = backbone.info.get("train_seconds")
   row["best_valid_ndcg10"] = backbone.info.get("best_valid_ndcg10")
   row["eval_seconds"] = eval_seconds
@@ -570,6 +632,7 @@ def run_sweep(config, workdir: str | os.PathLike, print_fn=print) -> list[dict]:
 def _run_locked(config, workdir: Path, print_fn) -> list[dict]:
   path = workdir / RESULTS
   cells = expand_cells(config, print_fn)
+  validate_cells(cells, config)
   ids = [c.id for c in cells]
   if len(set(ids)) != len(ids):
     dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -638,11 +701,12 @@ def stage_summary(rows: list[dict]) -> str:
 
 def main(argv):
   from absl import flags
-  from absl import logging as absl_logging
 
+  from malloc_jax import logging_setup
+
+  logging_setup.setup()  # quiet by default; --verbosity=0 for INFO
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
-  absl_logging.set_verbosity(absl_logging.WARNING)
   run_sweep(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

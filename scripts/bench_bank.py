@@ -1,28 +1,39 @@
-r"""Memory bank throughput: write and read back 100,000 users' compressed memories by id.
+r"""Memory bank throughput: write and read back 100,000 users' compressed memories by id,
+with the TensorStore bank and, side by side in the same run, the hand-written bank it replaced.
 
-  python scripts/bench_bank.py [--users 100000] [--batch 256] [--shards 16] [--dir /tmp]
-                               [--nofsync]
+  python scripts/bench_bank.py [--users 100000] [--batch 256] [--dir /tmp] [--nofsync]
+                               [--old_commit b512db6] [--noold]
 
 Memories are real low-rank compressions at the default config's ``lowrank_4x`` setting of
 HSTU as configured by default (2 layers, 2 heads, dim 64 so head dim 32, history 128):
 rank 8, float32. Each batch is a random contiguous cache of 96-128 events per user (the
 synthetic data's history lengths), compressed by ``compressors.lowrank`` with bases fitted
 once on another random cache (the bases are shared: stored once, not per user). Per user:
-ck, cv [2, 2, 128, 8] float32 + index ts [128] int32 + length int32 = 33,284 bytes.
+ck, cv [2, 2, 128, 8] float32 + index ts [128] int32 + length int32 = 33,284 bytes of
+buffer; the user's real events need fewer (``stored_bytes`` below).
 
-The bank (``malloc_jax.bank``) is created in a fresh directory under ``--dir`` (default: the
-system temp dir) and removed at the end. Users are written in a random order in batches of
-``--batch`` (one ``write`` each, fsync'ed unless ``--nofsync``; generating the memories is not
-timed), then read back in another random order in batches of ``--batch`` with checksums
-verified (timed). Every user read is compared, outside the timer, with a 64-bit hash of
-what was written for it. Reads come from the OS page cache (the bank was just written).
-Prints users/s written and read, bytes on disk per user against in-memory bytes per user,
-and their ratio last.
+Each bank is created in a fresh directory under ``--dir`` (default: the system temp dir) and
+removed at the end. Users are written in a random order in batches of ``--batch`` (one
+``write`` each, fsync'ed unless ``--nofsync``; generating the memories is not timed), then
+read back in another random order in batches of ``--batch`` (timed; checksums verified).
+Every user read is compared, outside the timer, with a 64-bit hash of what was written for
+it. Reads come from the OS page cache (the bank was just written).
+
+The old bank (``malloc_jax/bank.py`` at ``--old_commit``, a hand-written shard format) is
+loaded from git into a temporary module for this run only and runs first, on the same
+memories (same seeds), then the TensorStore bank; the load average is printed before each.
+Prints users/s written and read of both, their ratios (new / old), the CPU time per user (all
+threads of the process: steadier than wall time on a shared machine), and disk bytes per user
+against stored bytes per user.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,14 +43,16 @@ import numpy as np
 from absl import app, flags
 
 from malloc_jax import compressors as C
+from malloc_jax import logging_setup
 from malloc_jax.bank import MemoryBank, default_user_axes
 from malloc_jax.cache import Cache
 
 _USERS = flags.DEFINE_integer("users", 100_000, "Users written and read.")
 _BATCH = flags.DEFINE_integer("batch", 256, "Users per write and per read.")
-_SHARDS = flags.DEFINE_integer("shards", 16, "Shards of the bank.")
-_DIR = flags.DEFINE_string("dir", None, "Parent of the bank's temporary directory.")
+_DIR = flags.DEFINE_string("dir", None, "Parent of the banks' temporary directories.")
 _FSYNC = flags.DEFINE_boolean("fsync", True, "fsync every write (durable against power loss).")
+_OLD = flags.DEFINE_boolean("old", True, "Also run the old hand-written bank, first.")
+_OLD_COMMIT = flags.DEFINE_string("old_commit", "b512db6", "Commit of the old bank.py.")
 L, H, T, DK, RANK, MIN_LEN = 2, 2, 128, 32, 8, 96
 
 
@@ -73,52 +86,6 @@ def user_digests(memory, axes: dict, weights: np.ndarray) -> np.ndarray:
   return (words * weights[:words.shape[1]]).sum(axis=1, dtype=np.uint64)
 
 
-def run(users: int, batch: int, shards: int, directory: str | None, fsync: bool) -> dict:
-  """Writes and reads back ``users`` memories; returns throughputs and sizes."""
-  rng = np.random.default_rng(0)
-  bases = C.fit_lowrank([random_cache(rng, 16)], rank=RANK)
-  comp = C.lowrank(bases)
-  compress = jax.jit(lambda cache: comp.compress(cache, None)[0])
-  make = lambda: jax.device_get(compress(random_cache(rng, batch)))
-  example = make()
-  axes = default_user_axes(example)
-  weights = rng.integers(0, 2**63, size=example_words(example, axes), dtype=np.uint64) * 2 + 1
-  root = Path(tempfile.mkdtemp(prefix="bench_bank_", dir=directory))
-  try:
-    bank = MemoryBank.create(root / "bank", example, num_users=users, num_shards=shards,
-                             fsync=fsync)
-    digests = np.zeros(users, np.uint64)
-    write_s = 0.0
-    order = rng.permutation(users)
-    for start in range(0, users, batch):
-      ids = order[start:start + batch]
-      memory = make()
-      if len(ids) < batch:
-        memory = _take(memory, len(ids), axes)
-      t0 = time.perf_counter()
-      bank.write(ids, memory)
-      write_s += time.perf_counter() - t0
-      digests[ids] = user_digests(memory, axes, weights)
-    bank.close()
-
-    bank = MemoryBank.open(root / "bank")
-    read_s, bad = 0.0, 0
-    order = rng.permutation(users)
-    for start in range(0, users, batch):
-      ids = order[start:start + batch]
-      t0 = time.perf_counter()
-      memory = bank.read(ids)
-      read_s += time.perf_counter() - t0
-      bad += int((user_digests(memory, axes, weights) != digests[ids]).sum())
-    result = dict(write_s=write_s, read_s=read_s, mismatches=bad, disk=bank.bytes_on_disk(),
-                  per_user=bank.bytes_per_user, record=bank.record_nbytes,
-                  reference=C.bytes_per_user(example), shared=C.shared_nbytes(example))
-    bank.close()
-  finally:
-    shutil.rmtree(root)
-  return result
-
-
 def example_words(memory, axes: dict) -> int:
   """Number of 64-bit words of one user's per-user bytes (rounded up)."""
   n = sum(np.asarray(leaf).nbytes // np.shape(leaf)[axes[".".join(k.name for k in path)]]
@@ -137,25 +104,112 @@ def _take(memory, n: int, axes: dict):
   return jax.tree.unflatten(treedef, out)
 
 
+def old_bank_class(commit: str):
+  """The old bank's MemoryBank, loaded from git at ``commit`` into a temporary module."""
+  root = Path(__file__).resolve().parent.parent
+  source = subprocess.run(["git", "-C", str(root), "show", f"{commit}:malloc_jax/bank.py"],
+                          check=True, capture_output=True, text=True).stdout
+  tmp = Path(tempfile.mkdtemp(prefix="old_bank_"))
+  (tmp / "old_bank.py").write_text(source)
+  spec = importlib.util.spec_from_file_location("old_bank", tmp / "old_bank.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules["old_bank"] = module
+  spec.loader.exec_module(module)
+  shutil.rmtree(tmp)
+  return module.MemoryBank
+
+
+def run(kind: str, users: int, batch: int, directory: str | None, fsync: bool) -> dict:
+  """Writes and reads back ``users`` memories with one bank kind ("old" or "new")."""
+  rng = np.random.default_rng(0)
+  bases = C.fit_lowrank([random_cache(rng, 16)], rank=RANK)
+  comp = C.lowrank(bases)
+  compress = jax.jit(lambda cache: comp.compress(cache, None)[0])
+  make = lambda: jax.device_get(compress(random_cache(rng, batch)))
+  example = make()
+  axes = default_user_axes(example)
+  weights = rng.integers(0, 2**63, size=example_words(example, axes), dtype=np.uint64) * 2 + 1
+  root = Path(tempfile.mkdtemp(prefix=f"bench_bank_{kind}_", dir=directory))
+  load = os.getloadavg()[0]
+  try:
+    if kind == "old":
+      Bank = old_bank_class(_OLD_COMMIT.value)
+      bank = Bank.create(root / "bank", example, num_users=users, num_shards=16, fsync=fsync)
+    else:
+      Bank = MemoryBank
+      bank = Bank.create(root / "bank", example, num_users=users, fsync=fsync)
+    digests = np.zeros(users, np.uint64)
+    stored = np.zeros(users, np.int64)
+    write_s = write_cpu = 0.0
+    order = rng.permutation(users)
+    for start in range(0, users, batch):
+      ids = order[start:start + batch]
+      memory = make()
+      if len(ids) < batch:
+        memory = _take(memory, len(ids), axes)
+      t0, c0 = time.perf_counter(), time.process_time()
+      bank.write(ids, memory)
+      write_s += time.perf_counter() - t0
+      write_cpu += time.process_time() - c0
+      digests[ids] = user_digests(memory, axes, weights)
+      stored[ids] = C.stored_bytes(memory)
+    bank.close()
+
+    bank = Bank.open(root / "bank")
+    read_s, read_cpu, bad = 0.0, 0.0, 0
+    order = rng.permutation(users)
+    for start in range(0, users, batch):
+      ids = order[start:start + batch]
+      t0, c0 = time.perf_counter(), time.process_time()
+      memory = bank.read(ids)
+      read_s += time.perf_counter() - t0
+      read_cpu += time.process_time() - c0
+      bad += int((user_digests(memory, axes, weights) != digests[ids]).sum())
+    result = dict(write_s=write_s, read_s=read_s, write_cpu=write_cpu, read_cpu=read_cpu,
+                  mismatches=bad, disk=bank.bytes_on_disk(),
+                  per_user=bank.bytes_per_user, stored=int(stored.sum()),
+                  reference=C.bytes_per_user(example), shared=C.shared_nbytes(example),
+                  load=load)
+    bank.close()
+  finally:
+    shutil.rmtree(root)
+  return result
+
+
 def main(argv):
   del argv
+  logging_setup.setup()  # quiet by default; --verbosity=0 for INFO
   users, batch = _USERS.value, _BATCH.value
-  r = run(users, batch, _SHARDS.value, _DIR.value, _FSYNC.value)
-  mb = users * r["per_user"] / 1e6
+  kinds = (["old"] if _OLD.value else []) + ["new"]
+  results = {}
+  for kind in kinds:
+    results[kind] = r = run(kind, users, batch, _DIR.value, _FSYNC.value)
+    print(f"[{kind}] load average at start {r['load']:.2f}; write "
+          f"{users / r['write_s']:,.0f} users/s ({r['write_s']:.2f} s); read "
+          f"{users / r['read_s']:,.0f} users/s ({r['read_s']:.2f} s); CPU time per user "
+          f"(all threads) write {r['write_cpu'] / users * 1e6:.0f} us, read "
+          f"{r['read_cpu'] / users * 1e6:.0f} us; bit-exact "
+          f"{users - r['mismatches']}/{users}; disk {r['disk'] / users:,.1f} B/user", flush=True)
+  r = results["new"]
   print(f"memory: lowrank rank {RANK} float32 of HSTU (L={L}, H={H}, T={T}, head dim {DK}); "
-        f"{r['per_user']} B per user (compressors.bytes_per_user: {r['reference']:.0f}), "
-        f"shared bases {r['shared']} B once")
-  print(f"bank: {users} users, {_SHARDS.value} shards, batches of {batch}, "
-        f"fsync={_FSYNC.value}, record {r['record']} B")
-  print(f"write: {users / r['write_s']:,.0f} users/s ({mb / r['write_s']:,.0f} MB/s, "
-        f"{r['write_s']:.2f} s)")
-  print(f"read (random order, checksums verified): {users / r['read_s']:,.0f} users/s "
-        f"({mb / r['read_s']:,.0f} MB/s, {r['read_s']:.2f} s)")
-  print(f"read back bit-exact: {users - r['mismatches']}/{users} users")
-  print(f"bytes per user: on disk {r['disk'] / users:,.1f}, in memory {r['per_user']:,}")
-  print(f"disk / memory bytes per user: {r['disk'] / users / r['per_user']:.4f}")
-  if r["mismatches"]:
-    raise SystemExit(f"{r['mismatches']} users read back differently")
+        f"{r['per_user']} B per user of buffer (compressors.bytes_per_user: "
+        f"{r['reference']:.0f}), shared bases {r['shared']} B once")
+  print(f"users {users}, batches of {batch}, fsync={_FSYNC.value}; load average now "
+        f"{os.getloadavg()[0]:.2f} (machine shared with other jobs)")
+  print(f"stored bytes per user (compressors.stored_bytes): "
+        f"{r['stored'] / users:,.1f}")
+  for kind in kinds:
+    k = results[kind]
+    print(f"{kind}: disk {k['disk'] / users:,.1f} B/user = {k['disk'] / k['stored']:.4f} x stored"
+          f", {k['disk'] / users / k['per_user']:.4f} x buffer")
+  if "old" in results:
+    o = results["old"]
+    print(f"write new/old: {o['write_s'] / r['write_s']:.2f}x; read new/old: "
+          f"{o['read_s'] / r['read_s']:.2f}x (throughput); CPU time per user new/old: write "
+          f"{r['write_cpu'] / o['write_cpu']:.2f}x, read {r['read_cpu'] / o['read_cpu']:.2f}x")
+  bad = {k: v["mismatches"] for k, v in results.items() if v["mismatches"]}
+  if bad:
+    raise SystemExit(f"users read back differently: {bad}")
 
 
 if __name__ == "__main__":

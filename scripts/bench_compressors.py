@@ -24,6 +24,7 @@ import numpy as np
 from absl import app, flags
 
 from malloc_jax import compressors as C
+from malloc_jax import logging_setup
 from malloc_jax.cache import Cache, Signals
 
 _BATCH = flags.DEFINE_integer("batch", 16, "Users per compressed batch.")
@@ -47,6 +48,7 @@ def make_cache(batch: int, seed: int = 0):
 
 def main(argv):
   del argv
+  logging_setup.setup()  # quiet by default; --verbosity=0 for INFO
   B, reps = _BATCH.value, _REPEATS.value
   cache, signals = make_cache(B)
   cache_bytes = cache.k.nbytes + cache.v.nbytes

@@ -72,7 +72,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from malloc_jax import costs
+from malloc_jax import costs, logging_setup
 from malloc_jax.models import HSTU, Events, SASRec
 
 _BATCH = flags.DEFINE_integer("batch", 64, "Users per batch.")
@@ -145,6 +145,7 @@ def _xla_flops(compiled) -> float:
 
 def main(argv):
   del argv
+  logging_setup.setup()  # quiet by default; --verbosity=0 for INFO
   if _MODE.value == "forms":
     sys.exit(run_forms(batch=_BATCH.value, histories=[int(h) for h in _HISTORIES.value],
                        requests=_REQUESTS.value, forms=_FORMS.value, layers=_LAYERS.value,

@@ -31,6 +31,7 @@ from absl import app, flags
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from malloc_jax import logging_setup  # noqa: E402
 from malloc_jax.sweep import RESULTS, load_results, stage_summary  # noqa: E402
 
 VARIANTS = "+".join(["hstu", "hstu_gqa", "hstu_mqa", "hstu_mla", "hstu_linformer", "hstu_lsh",
@@ -45,6 +46,7 @@ _LIMIT = flags.DEFINE_float("limit_minutes", 30.0, "Target wall time.")
 
 def main(argv):
   del argv
+  logging_setup.setup()  # quiet by default; --verbosity=0 for INFO
   workdir = Path(_WORKDIR.value)
   if (workdir / RESULTS).exists() and load_results(workdir / RESULTS, repair=False):
     raise SystemExit(f"{workdir / RESULTS} already holds results: a resumed sweep is not a "

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from malloc_jax import logging_setup
 from malloc_jax.models import make_model
 from malloc_jax.train import Trainer, make_optimizer
 
@@ -71,6 +72,7 @@ def new_trainer() -> Trainer:
 
 def main(argv):
   del argv
+  logging_setup.setup()  # quiet by default; --verbosity=0 for INFO
   if _STEPS.value < 20:
     raise ValueError(f"--steps={_STEPS.value}: the compile check needs >= 20 steps")
   print(f"device: {jax.devices()[0].device_kind}; HSTU ML-100K config: 2 layers, 1 head, "

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from malloc_jax import costs
+from malloc_jax import costs, logging_setup
 from malloc_jax.evaluate import split_request
 from malloc_jax.experiment import build_model, load_data
 
@@ -46,6 +46,7 @@ def check(model, *, window: int, query_len: int, batch: int) -> dict:
 
 def main(argv):
   del argv
+  logging_setup.setup()  # quiet by default; --verbosity=0 for INFO
   config = _CONFIG.value
   print(f"{'backbone':18s} {'dataset':10s} {'XLA flops':>12s} {'closed form':>12s} "
         f"{'XLA/closed':>10s}")

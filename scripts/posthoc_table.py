@@ -10,6 +10,7 @@ each compressed memory and prints a Markdown table (also written to --out as JSO
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -22,7 +23,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from malloc_jax import compressors as C
-from malloc_jax.checkpoint import write_json_atomic
+from malloc_jax import logging_setup
+from malloc_jax.checkpoint import workdir_lock, write_json_atomic
 from malloc_jax.compressors.budget import cache_spec, memory_bytes, ratio_table
 from malloc_jax.compressors.registry import make_compressor
 from malloc_jax.config_validation import validate_config
@@ -37,6 +39,7 @@ from malloc_jax.metrics import retrieval_metrics, target_rank
 from malloc_jax.sweep import _prefill_batch
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.")
+_LOCKS = contextlib.ExitStack()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (reused).")
 _OUT = flags.DEFINE_string("out", None, "JSON output path (default workdir/posthoc.json).")
 _METHODS = flags.DEFINE_list(
@@ -71,7 +74,7 @@ class Prefilled:
       self.batches.append((cache, signals, req, jnp.asarray(split.target[idx]), real))
 
   def evaluate(self, comp, ks=(10, 50, 200)):
-    ranks, memory, t0 = [], None, time.time()
+    ranks, memory, t0, ub = [], None, time.time(), []
     for b, (cache, signals, req, target, real) in enumerate(self.batches):
       r, memory, finite = _compress_score(self.model, cache, signals, req, target,
                                           compressor=comp)
@@ -81,16 +84,20 @@ class Prefilled:
             f"non-finite scores for {bad.size} user(s), first user index "
             f"{b * len(real) + bad[0]}; refusing to report metrics")
       ranks.append(np.asarray(r)[real])
+      ub.append(C.cell_bytes(memory, comp, cache)[:, real])  # stored, buffer, native stored
     return {**retrieval_metrics(np.concatenate(ranks), ks),
+            **C.cell_bytes_row(np.concatenate(ub, axis=1)),
             "bytes_per_user": C.bytes_per_user(memory), "shared_bytes": C.shared_nbytes(memory),
             "eval_seconds": time.time() - t0, "num_users": self.n}
 
 
 def main(argv):
   del argv
+  logging_setup.setup()  # quiet by default; --verbosity=0 for INFO
   config = _CONFIG.value
   validate_config(config)
   workdir = Path(_WORKDIR.value)
+  _LOCKS.enter_context(workdir_lock(workdir, "posthoc_table"))  # held until exit
   _check_workdir(workdir, config)
   data = load_data(config)
   print(data.summary(), flush=True)
@@ -163,20 +170,26 @@ def main(argv):
       res = evaluate(model, split, comp, batch_size=config.eval.batch_size,
                      window=config.eval.window,
                      max_users=config.eval.max_users or None).row()
-    row = {"method": label, "family": method, "params": params, **res,
-           "compression_ratio": native_bytes / res["bytes_per_user"]}
+    # Stored bytes of the same users (native over method) when measured (--reuse), else the
+    # full-user buffer ratio of before.
+    ratio = (res["reference_stored_bytes"] / res["stored_bytes"] if "stored_bytes" in res
+             else native_bytes / res["bytes_per_user"])
+    row = {"method": label, "family": method, "params": params, **res, "compression_ratio": ratio}
     rows.append(row)
     print(f"[{i + 1}/{len(todo)}] {label}: NDCG@10 {row['NDCG@10']:.4f} HR@10 "
-          f"{row['HR@10']:.4f} bytes/user {row['bytes_per_user']:,.0f} "
+          f"{row['HR@10']:.4f} stored B/user {row.get('stored_bytes', float('nan')):,.0f} "
+          f"buffer {row['bytes_per_user']:,.0f} "
           f"({row['compression_ratio']:.2f}x)  {time.time() - t0:.0f}s", flush=True)
   out = Path(_OUT.value) if _OUT.value else workdir / "posthoc.json"
   write_json_atomic(out, {"dataset": data.summary(), "model": config.model.to_dict(),
                           "train": info, "rows": rows})
-  print("\n| method | params | NDCG@10 | HR@10 | bytes/user | ratio |\n|---|---|---|---|---|---|")
+  print("\n| method | params | NDCG@10 | HR@10 | stored B/user | buffer B/user | ratio |\n"
+        "|---|---|---|---|---|---|---|")
   for r in rows:
     p = json.dumps(r["params"], sort_keys=True).replace("|", "/")
     print(f"| {r['method']} | `{p}` | {r['NDCG@10']:.4f} | {r['HR@10']:.4f} | "
-          f"{r['bytes_per_user']:,.0f} | {r['compression_ratio']:.2f}x |")
+          f"{r.get('stored_bytes', float('nan')):,.0f} | {r['bytes_per_user']:,.0f} | "
+          f"{r['compression_ratio']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ rerun skips them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -23,8 +24,8 @@ import ml_collections
 from absl import app, flags
 
 from malloc_jax import compressors as C
-from malloc_jax import config_lib
-from malloc_jax.checkpoint import write_json_atomic
+from malloc_jax import config_lib, logging_setup
+from malloc_jax.checkpoint import workdir_lock, write_json_atomic
 from malloc_jax.config_validation import validate_config
 from malloc_jax.evaluate import evaluate, split_request
 from malloc_jax.experiment import _check_workdir, load_data, train_model
@@ -33,6 +34,7 @@ _DATA = flags.DEFINE_string("data", "synthetic", "synthetic | ml-100k | ... (con
 _PATH = flags.DEFINE_string("path", "", "Data file for real datasets.")
 _LONG = flags.DEFINE_bool("long", False, "Synthetic histories of length 1024.")
 _STEPS = flags.DEFINE_integer("steps", 400, "Training steps for every variant.")
+_LOCKS = contextlib.ExitStack()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for runs and variants.json.")
 _VARIANTS = flags.DEFINE_list(
     "variants", "hstu,hstu_gqa,hstu_mqa,hstu_mla,hstu_linformer,hstu_lsh,hstu_longformer,"
@@ -81,6 +83,7 @@ def config_for(name: str) -> ml_collections.ConfigDict:
 
 def main(argv):
   del argv
+  logging_setup.setup()  # quiet by default; --verbosity=0 for INFO
   out_dir = Path(_WORKDIR.value)
   out_dir.mkdir(parents=True, exist_ok=True)
   out = out_dir / "variants.json"
@@ -94,6 +97,7 @@ def main(argv):
     config = config_for(name)
     validate_config(config)
     workdir = out_dir / name
+    _LOCKS.enter_context(workdir_lock(workdir, "variants_table"))  # held until exit
     _check_workdir(workdir, config)
     data = data or load_data(config)
     t0 = time.time()

@@ -1,10 +1,12 @@
-"""Memory bank: exact round trips by user id, overwrites, errors, corruption and crashes."""
+"""Memory bank on TensorStore: exact round trips by user id, overwrites, errors, corruption,
+crafted metadata, crashes and concurrent processes; on a local directory (OCDBT) and memory://."""
 
 from __future__ import annotations
 
 import functools
 import json
-import os
+import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -14,13 +16,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorstore as ts
 
+from malloc_jax import bank as bank_lib
 from malloc_jax import compressors as C
-from malloc_jax.bank import BankCorruptedError, BankLockedError, MemoryBank, default_user_axes
+from malloc_jax.bank import BankCorruptedError, MemoryBank, default_user_axes
 from malloc_jax.cache import Cache, Signals
 
 L, H, T, D = 2, 2, 8, 8
-NUM_USERS, SHARDS = 40, 3
+NUM_USERS = 40
+STORAGES = ["file", "memory"]
 KINDS = ["cache", "native", "sparse", "kivi2", "uniform4", "lowrank"]
 COMPILED_BATCH = 12  # compressors run on one batch shape (one compile each); tests take rows
 
@@ -101,19 +106,44 @@ def assert_same(got, want):
     assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), path[0]  # bit-exact
 
 
+_memory_banks = iter(range(10**9))
+
+
+def location(tmp_path, storage: str, name: str):
+  """A fresh bank location: a local directory (OCDBT) or a unique prefix of memory://."""
+  if storage == "file":
+    return tmp_path / name
+  return {"driver": "memory", "path": f"{tmp_path.name}_{name}_{next(_memory_banks)}/"}
+
+
+@pytest.fixture(params=STORAGES)
+def storage(request):
+  return request.param
+
+
 @pytest.fixture
-def bank_of(tmp_path):
+def bank_of(tmp_path, storage):
   banks = []
 
   def make(kind, example=None, **kw):
     example = make_memory(kind, 4, 0) if example is None else example
-    kw = dict(num_users=NUM_USERS, num_shards=SHARDS) | kw
-    banks.append(MemoryBank.create(tmp_path / f"bank_{kind}", example, **kw))
+    kw = dict(num_users=NUM_USERS) | kw
+    banks.append(MemoryBank.create(location(tmp_path, storage, f"bank_{kind}"), example, **kw))
     return banks[-1]
 
   yield make
   for b in banks:
     b.close()
+
+
+def where(bank):
+  """What reopens a bank: its directory, or its kvstore spec."""
+  return bank.path if bank.path is not None else bank.spec
+
+
+def raw_kv(bank) -> ts.KvStore:
+  """The bank's key-value store, opened independently (to tamper with it)."""
+  return ts.KvStore.open(bank.spec, context=bank_lib._ROOT_CONTEXT).result()
 
 
 # ----------------------------------------------------------------------------------------
@@ -135,7 +165,7 @@ def test_default_user_axes_follow_the_documented_layout():
 def test_round_trip_random_order_is_bit_exact(bank_of, kind):
   bank = bank_of(kind)
   a, b = make_memory(kind, 6, 1), make_memory(kind, 5, 2)
-  ids_a = np.array([5, 17, 0, 33, 8, 21])  # every shard
+  ids_a = np.array([5, 17, 0, 33, 8, 21])
   ids_b = np.array([39, 1, 2, 30, 14])
   bank.write(ids_a, a)
   bank.write(ids_b, b)
@@ -153,9 +183,9 @@ def test_round_trip_random_order_is_bit_exact(bank_of, kind):
     assert bank.bytes_per_user == C.bytes_per_user(a)
     if kind == "lowrank":
       assert got.bases.k_basis.shape == a.bases.k_basis.shape
-  # Reopened from disk (another process would see the same).
+  # Reopened (another process would see the same).
   bank.close()
-  again = MemoryBank.open(bank.path)
+  again = MemoryBank.open(where(bank))
   assert_same(again.read(ids), want)
   again.close()
 
@@ -169,7 +199,7 @@ def _concat(parts):
   return jax.tree.unflatten(jax.tree.structure(parts[0]), leaves)
 
 
-def test_overwrite_keeps_other_users_and_reuses_slots(bank_of):
+def test_overwrite_keeps_other_users(bank_of):
   bank = bank_of("kivi2")
   a, b = make_memory("kivi2", 3, 1), make_memory("kivi2", 3, 2)
   bank.write([1, 2, 3], a)
@@ -178,33 +208,86 @@ def test_overwrite_keeps_other_users_and_reuses_slots(bank_of):
   assert_same(got, _concat([select(a, [0]), select(b, [0]), select(b, [1]), select(b, [2])]))
   assert len(bank) == 4
   assert list(bank.contains([1, 4, 5, -1, 99])) == [True, True, False, False, False]
-  # Repeated overwrites reuse freed slots: each shard holds at most live users + one batch.
-  for seed in range(10):
-    bank.write([2, 3, 4], make_memory("kivi2", 3, seed))
-  slots = sum(os.path.getsize(p) for p in (bank.path / "shards").glob("*.slots"))
-  assert slots <= (4 + 3) * bank.record_nbytes
-  assert bank.bytes_on_disk() >= 4 * bank.bytes_per_user
+  zero = _filled(a, 0)  # all-zero users are stored too (not mistaken for never written)
+  bank.write([5, 6, 7], zero)
+  assert_same(bank.read([5, 6, 7]), zero)
+  assert len(bank) == 7
 
 
-def test_explicit_user_axes(bank_of, tmp_path):
+def test_a_users_record_is_its_leaves_bytes_little_endian_8_byte_aligned(tmp_path, storage):
+  """The stored record of a user, read as raw bytes, equals its leaves' little-endian bytes
+  in leaf order, each padded with zeros to a multiple of 8 (reference built by hand)."""
+  rng = np.random.default_rng(3)
+  mem = {"a": rng.integers(-9, 9, size=(4, 3)).astype(np.int8),  # users on axis 0: 3 bytes
+         "b": rng.normal(size=(2, 4, 3)).astype(np.float32),  # users on axis 1: 2x3x4 bytes
+         "c": rng.random(4) < 0.5, "w": np.ones(2, np.float16)}  # bool users; w shared
+  axes = {"a": 0, "b": 1, "c": 0, "w": None}
+  with MemoryBank.create(location(tmp_path, storage, "rec"), mem, num_users=6,
+                         user_axes=axes) as bank:
+    bank.write([5, 0, 3, 1], mem)
+    assert bank.record_bytes == 8 + 24 + 8  # 3 -> 8, 24, 1 -> 8
+    stored = bank._arrays[bank_lib.RECORDS][[5, 0, 3, 1]].read().result()  # uint8 [4, 40]
+  for u in range(4):
+    want = bytearray(40)
+    want[0:3] = mem["a"][u].tobytes()
+    want[8:32] = mem["b"][:, u].astype("<f4").tobytes()
+    want[32:33] = mem["c"][u:u + 1].tobytes()
+    assert stored[u].tobytes() == bytes(want), u
+
+
+def test_explicit_user_axes(tmp_path, storage):
   # A plain dict memory: users on axis 2 of "x" (bfloat16), axis 0 of "n"; "w" shared.
   rng = np.random.default_rng(0)
   mem = {"x": np.asarray(jnp.asarray(rng.normal(size=(3, 2, 5)), jnp.bfloat16)),
          "n": np.arange(5, dtype=np.int32), "w": np.ones(4, np.float16)}
   axes = {"x": 2, "n": 0, "w": None}
-  with MemoryBank.create(tmp_path / "dict", mem, num_users=10, num_shards=2,
-                         user_axes=axes) as bank:
+  loc = location(tmp_path, storage, "dict")
+  with MemoryBank.create(loc, mem, num_users=10, user_axes=axes) as bank:
     bank.write([9, 0, 4, 5, 2], mem)
-  with MemoryBank.open(tmp_path / "dict") as bank:
+  with MemoryBank.open(loc) as bank:
     got = bank.read([5, 9])
     assert got["x"].dtype == jnp.bfloat16
     assert np.array_equal(got["x"].view(np.uint16), mem["x"][:, :, [3, 0]].view(np.uint16))
     assert np.array_equal(got["n"], [3, 0]) and np.array_equal(got["w"], mem["w"])
     assert bank.bytes_per_user == 3 * 2 * 2 + 4
+  bad = location(tmp_path, storage, "bad")
   with pytest.raises(ValueError, match="no entry for leaf 'w'"):
-    MemoryBank.create(tmp_path / "bad", mem, num_users=10, num_shards=2, user_axes={"x": 2, "n": 0})
+    MemoryBank.create(bad, mem, num_users=10, user_axes={"x": 2, "n": 0})
   with pytest.raises(ValueError, match="leaf 'x' has 2 users on axis 1 but leaf 'n' has 5"):
-    MemoryBank.create(tmp_path / "bad", mem, num_users=10, num_shards=2, user_axes={"x": 1, "n": 0, "w": None})
+    MemoryBank.create(bad, mem, num_users=10, user_axes={"x": 1, "n": 0, "w": None})
+  with pytest.raises(FileExistsError):
+    MemoryBank.create(loc, mem, num_users=10, user_axes=axes)
+
+
+def test_variable_length_users_pay_for_their_events_not_the_capacity(tmp_path):
+  """A user with 40 kept events of 1,024 zeroed slots costs about 40 events on disk."""
+  L_, H_, T_, D_ = 2, 2, 1024, 16
+  rng = np.random.default_rng(0)
+
+  def memory(n):  # native memory of users with n[b] events, zeros in the empty slots
+    B = len(n)
+    valid = np.arange(T_)[None] < n[:, None]  # [B, T]
+    k = np.where(valid[None, :, None, :, None], rng.normal(size=(L_, B, H_, T_, D_)), 0)
+    v = np.where(valid[None, :, None, :, None], rng.normal(size=(L_, B, H_, T_, D_)), 0)
+    ts_ = np.where(valid, 60 * np.arange(T_)[None] + 1_700_000_000, 0).astype(np.int32)
+    index = C.DenseIndex(ts=ts_, length=n.astype(np.int32))
+    return C.DenseMemory(index=index, k=k.astype(np.float32), v=v.astype(np.float32))
+
+  def disk_per_user(n, users=64):
+    path = tmp_path / f"b{n}"
+    with MemoryBank.create(path, memory(np.full(4, n)), num_users=users) as bank:
+      for start in range(0, users, 16):
+        bank.write(np.arange(start, start + 16), memory(np.full(16, n)))
+      empty = bank.bytes_on_disk()
+      assert_same(bank.read([3]), bank.read([3]))
+    return empty / users
+
+  # The events' own bytes (float64 reference of the count): k, v float32 and ts int32.
+  per_event = 2 * L_ * H_ * D_ * 4 + 4
+  full, short = disk_per_user(T_), disk_per_user(40)
+  assert full >= T_ * per_event * 0.9  # random floats barely compress
+  assert short <= 40 * per_event * 1.25 + 2048, (short, 40 * per_event)
+  assert short < full / 15
 
 
 # ----------------------------------------------------------------------------------------
@@ -216,6 +299,8 @@ def test_unknown_and_out_of_range_ids(bank_of):
   bank.write([0, 1, 2, 3], make_memory("native", 4, 1))
   with pytest.raises(KeyError, match="user 7 was never written"):
     bank.read([0, 7])
+  with pytest.raises(KeyError, match="user 23 was never written"):
+    bank.read([23])
   with pytest.raises(KeyError, match=f"user {NUM_USERS} is not in the bank"):
     bank.read([NUM_USERS])
   with pytest.raises(ValueError, match="user 3 appears more than once"):
@@ -224,6 +309,18 @@ def test_unknown_and_out_of_range_ids(bank_of):
     bank.write([4, 5, 6], make_memory("native", 4, 1))
   with pytest.raises(ValueError, match="user id -1 is outside"):
     bank.write([4, 5, 6, -1], make_memory("native", 4, 1))
+  assert len(bank) == 4
+
+
+def test_writing_zero_users_is_a_no_op(bank_of):
+  bank = bank_of("lowrank")
+  before = sorted(raw_kv(bank).list().result())
+  empty = make_memory("lowrank", 0, 1)
+  bank.write(np.zeros(0, np.int64), empty)
+  bank.write([], empty)
+  assert sorted(raw_kv(bank).list().result()) == before and len(bank) == 0
+  got = bank.read([])  # and reading none gives a memory of 0 users
+  assert_same(got, empty)
 
 
 def test_structure_shape_dtype_and_static_mismatch_name_the_leaf(bank_of):
@@ -250,72 +347,168 @@ def test_structure_shape_dtype_and_static_mismatch_name_the_leaf(bank_of):
   assert len(bank) == len(kivi_bank) == len(low_bank) == 0  # nothing was written
 
 
-def test_one_writer_and_stale_readers(tmp_path):
-  like = make_memory("uniform4", 2, 0)
-  v = [make_memory("uniform4", 2, seed) for seed in (1, 2)]
-  writer = MemoryBank.create(tmp_path / "b", like, num_users=2, num_shards=1)
-  writer.write([0, 1], v[0])  # slots 0, 1
-  reader = MemoryBank.open(tmp_path / "b")
-  with pytest.raises(BankLockedError, match="being written by another process"):
-    reader.write([0], select(v[1], [0]))
-  writer.write([1], select(v[1], [1]))  # to slot 2; slot 1 is freed
-  writer.write([0], select(v[1], [0]))  # reuses slot 1
-  # The reader's index still sends user 1 to slot 1: the checksum fails, it reloads.
-  assert_same(reader.read([1]), select(v[1], [1]))
-  reader.refresh()
-  assert_same(reader.read([0, 1]), select(v[1], [0, 1]))
-  writer.close()
-  reader.write([0], select(v[0], [0]))  # the lock is free now
-  assert_same(reader.read([0, 1]), _concat([select(v[0], [0]), select(v[1], [1])]))
-  reader.close()
+def test_unregistered_types_are_refused_and_registered_ones_stored(tmp_path, storage,
+                                                                    monkeypatch):
+  from flax import struct
+
+  monkeypatch.setattr(bank_lib, "MEMORY_TYPES", dict(bank_lib.MEMORY_TYPES))  # undone after
+
+  @struct.dataclass
+  class MyMemory:
+    x: jax.Array
+    tag: str = struct.field(pytree_node=False, default="a")
+
+  mem = MyMemory(x=np.arange(6, dtype=np.int16).reshape(3, 2), tag="b")
+  with pytest.raises(ValueError, match="MyMemory is not registered"):
+    MemoryBank.create(location(tmp_path, storage, "u"), mem, num_users=4, user_axes={"x": 0})
+  bank_lib.register_memory_type(MyMemory, "test_bank.MyMemory")
+  loc = location(tmp_path, storage, "r")
+  with MemoryBank.create(loc, mem, num_users=4, user_axes={"x": 0}) as bank:
+    bank.write([3, 1, 0], mem)
+  with MemoryBank.open(loc) as bank:
+    got = bank.read([1])
+    assert type(got) is MyMemory and got.tag == "b" and got.x.tolist() == [[2, 3]]
 
 
 # ----------------------------------------------------------------------------------------
-# Integrity.
+# Integrity: every key and every file is checked.
 
 
-def test_corrupted_shard_file_is_named(bank_of):
-  bank = bank_of("kivi2")
-  ids = np.arange(12)
-  bank.write(ids, make_memory("kivi2", 12, 3))
-  bank.close()
-  slots = bank.path / "shards" / "00001.slots"
-  data = bytearray(slots.read_bytes())
-  data[bank.record_nbytes + 100] ^= 0xFF  # one byte of the second record of shard 1
-  slots.write_bytes(bytes(data))
-  bank = MemoryBank.open(bank.path)
-  bank.read([0, 2, 3, 5])  # shards 0 and 2 are intact
-  with pytest.raises(BankCorruptedError,
-                     match=r"shard 1 file .*shards/00001\.slots checksum mismatch \(user \d+"):
-    bank.read(ids)
-  bank.read(ids, verify=False)  # unchecked reads still work
-  bank.close()
-  [index] = (bank.path / "shards").glob("00002.index.[0-9]*")  # shard 2's current index
-  assert index.name == "00002.index.0000000001"  # created at commit 0, written once
-  data = bytearray(index.read_bytes())
-  data[40] ^= 0x01
-  index.write_bytes(bytes(data))
-  with pytest.raises(BankCorruptedError,
-                     match=r"shard 2 file .*00002\.index\.0000000001 checksum mismatch"):
-    MemoryBank.open(bank.path)
-  index.unlink()
-  with pytest.raises(BankCorruptedError, match=r"shard 2 file .*00002\.index\.\* is missing"):
-    MemoryBank.open(bank.path)
+def _flip(data: bytes, pos: int) -> bytes:
+  out = bytearray(data)
+  out[pos] ^= 0x01
+  return bytes(out)
+
+
+def _open_and_read(loc, ids):
+  with MemoryBank.open(loc) as bank:
+    return bank.read(ids)
+
+
+def test_flipped_byte_in_any_key_raises_naming_it(tmp_path):
+  """memory://: every key (bank.json, each zarr.json, each chunk), three positions each."""
+  like = make_memory("kivi2", 4, 0)
+  loc = location(tmp_path, "memory", "flip")
+  ids = np.array([3, 0, 7, 12])
+  with MemoryBank.create(loc, like, num_users=16) as bank:
+    bank.write(ids, like)
+    kv = raw_kv(bank)
+  keys = kv.list().result()
+  assert len(keys) == 1 + 1 + 4  # bank.json; the records' zarr.json; 4 users (10 leaves each)
+  for key in keys:
+    data = kv.read(key).result().value
+    for pos in sorted({0, len(data) // 2, len(data) - 1}):
+      kv.write(key, _flip(data, pos)).result()
+      with pytest.raises(BankCorruptedError, match=re.escape(key.decode())):
+        _open_and_read(loc, ids)
+      kv.write(key, data).result()
+  assert_same(_open_and_read(loc, ids[[2, 0, 3, 1]]), select(like, [2, 0, 3, 1]))
+
+
+def test_flipped_byte_in_any_file_is_detected(tmp_path):
+  """A local OCDBT bank: a flipped byte anywhere in any file raises an error naming the file
+  or the bank (a chunk's key), or, where it hits bytes no longer referenced (superseded
+  B+tree nodes of the log-structured store), the read-back is still bit-exact."""
+  like = make_memory("uniform4", 6, 0)
+  path = tmp_path / "bank"
+  with MemoryBank.create(path, like, num_users=8) as bank:
+    bank.write([0, 1, 2], select(like, [0, 1, 2]))
+    bank.write([5, 4, 3], select(like, [5, 4, 3]))
+  files = sorted(p for p in path.rglob("*") if p.is_file())
+  assert {p.name for p in files} >= {"manifest.ocdbt"}
+  raised = 0
+  for f in files:
+    data = f.read_bytes()
+    for pos in np.unique(np.linspace(0, len(data) - 1, 12).astype(int)):
+      f.write_bytes(_flip(data, pos))
+      try:
+        got = _open_and_read(path, np.arange(6))
+      except BankCorruptedError as e:
+        assert f.name in str(e) or str(path) in str(e), (f, pos, e)
+        raised += 1
+      else:
+        assert_same(got, like)
+      f.write_bytes(data)
+  assert raised >= len(files) * 6
+  assert_same(_open_and_read(path, np.arange(6)), like)
+
+
+def _tamper_metadata(kv, edit):
+  """Rewrites bank.json through ``edit(body) -> body`` with a matching checksum (an attacker
+  who knows the format)."""
+  doc = json.loads(kv.read(bank_lib.METADATA_KEY).result().value)
+  body = json.dumps(edit(json.loads(doc["body"])))
+  doc |= {"body": body, "sha256": bank_lib._sha256(body.encode())}
+  kv.write(bank_lib.METADATA_KEY, json.dumps(doc).encode()).result()
+
+
+def test_crafted_metadata_cannot_run_code(tmp_path, storage, monkeypatch):
+  def no_pickle(*args, **kw):
+    raise AssertionError("the bank unpickled something")
+
+  for name in ("loads", "load", "Unpickler"):
+    monkeypatch.setattr(pickle, name, no_pickle)
+  like = make_memory("kivi2", 3, 0)
+  loc = location(tmp_path, storage, "crafted")
+  with MemoryBank.create(loc, like, num_users=4) as bank:
+    bank.write([0, 2, 3], like)
+    kv = raw_kv(bank)
+  assert_same(_open_and_read(loc, [0, 2, 3]), like)  # open + read, with pickle disabled
+  original = kv.read(bank_lib.METADATA_KEY).result().value
+
+  def as_type(name):
+    def edit(body):
+      body["tree"]["type"] = name
+      return body
+    return edit
+
+  def static(value):
+    def edit(body):
+      body["tree"]["static"]["spec"] = value
+      return body
+    return edit
+
+  def dtype(body):
+    body["leaves"][2]["dtype"] = "object"
+    return body
+
+  cases = [(as_type("os.system"), "unknown memory type 'os.system'"),
+           (as_type("builtins.eval"), "unknown memory type"),
+           (static({"__reduce__": ["os.system", ["echo hacked"]]}), "cannot decode"),
+           (static({"QuantSpec": {"bits": {"exec": "print(1)"}}}), "cannot decode"),
+           (dtype, "dtype 'object'")]
+  for edit, message in cases:
+    _tamper_metadata(kv, edit)
+    with pytest.raises(BankCorruptedError, match=re.escape(message)):
+      MemoryBank.open(loc)
+    kv.write(bank_lib.METADATA_KEY, original).result()
+  # A checksum that does not match the body is refused before the body is parsed.
+  doc = json.loads(original)
+  kv.write(bank_lib.METADATA_KEY, json.dumps(doc | {"body": doc["body"].replace(
+      '"num_users": 4', '"num_users": 5')}).encode()).result()
+  with pytest.raises(BankCorruptedError, match="bank.json checksum mismatch"):
+    MemoryBank.open(loc)
+  kv.write(bank_lib.METADATA_KEY, original).result()
+  assert_same(_open_and_read(loc, [3]), select(like, [2]))
 
 
 def test_format_version_is_checked(bank_of):
   bank = bank_of("native")
-  bank.close()
-  manifest = bank.path / "MANIFEST.json"
-  m = json.loads(manifest.read_text())
-  assert m["format_version"] == 1
-  manifest.write_text(json.dumps(m | {"format_version": 99}))
-  with pytest.raises(ValueError, match="format version 99, this code reads version 1"):
-    MemoryBank.open(bank.path)
+  kv = raw_kv(bank)
+  doc = json.loads(kv.read(bank_lib.METADATA_KEY).result().value)
+  assert doc["format_version"] == 3
+  kv.write(bank_lib.METADATA_KEY, json.dumps(doc | {"format_version": 99}).encode()).result()
+  with pytest.raises(ValueError, match="format version 99, this code reads version 3"):
+    MemoryBank.open(where(bank))
+
+
+def test_open_of_nothing_is_not_found(tmp_path, storage):
+  with pytest.raises(FileNotFoundError, match="not a memory bank"):
+    MemoryBank.open(location(tmp_path, storage, "none"))
 
 
 # ----------------------------------------------------------------------------------------
-# Crashes.
+# Crashes and processes.
 
 
 def _filled(like, value):
@@ -336,48 +529,27 @@ def _versions(bank) -> np.ndarray:
   return version
 
 
-class _Crash(BaseException):
-  pass
-
-
-@pytest.mark.parametrize("point", ["mid_record", "before_commit", "after_two_shards"])
-def test_crash_points_leave_old_or_new(tmp_path, monkeypatch, point):
-  """A crash at a chosen point (simulated in-process: the half-done bank is abandoned)."""
+def test_failed_write_commits_nothing(bank_of, monkeypatch):
+  """A write that fails after its records are staged (before the commit) leaves every user
+  old."""
   like = make_memory("kivi2", 12, 0)
-  with MemoryBank.create(tmp_path / "b", like, num_users=12, num_shards=4) as bank:
-    bank.write(np.arange(12), _filled(like, 1))
-  bank = MemoryBank.open(tmp_path / "b")
-  calls = {"pwrite": 0, "replace": 0}
-  real_pwrite, real_replace = os.pwrite, os.replace
+  bank = bank_of("kivi2", example=like, num_users=12)
+  bank.write(np.arange(12), _filled(like, 1))
+  real = bank_lib.MemoryBank._run
+  calls = []
 
-  def pwrite(fd, data, offset):
-    calls["pwrite"] += 1
-    if point == "mid_record" and calls["pwrite"] == 3:
-      real_pwrite(fd, bytes(data)[:len(data) // 2], offset)  # half of a run of records
-      raise _Crash
-    return real_pwrite(fd, data, offset)
+  def fail_at_commit(self, fn, path):
+    calls.append(path)
+    if path == "<commit>":
+      raise RuntimeError("disk full")
+    return real(self, fn, path)
 
-  def replace(src, dst):
-    calls["replace"] += 1
-    if point == "before_commit" or (point == "after_two_shards" and calls["replace"] == 3):
-      raise _Crash
-    return real_replace(src, dst)
-
-  monkeypatch.setattr(os, "pwrite", pwrite)
-  monkeypatch.setattr(os, "replace", replace)
-  with pytest.raises(_Crash):
+  monkeypatch.setattr(bank_lib.MemoryBank, "_run", fail_at_commit)
+  with pytest.raises(RuntimeError, match="disk full"):
     bank.write(np.arange(12)[::-1], _filled(like, 2))
   monkeypatch.undo()
-  bank.close()  # drop the lock; its in-memory state is never used again
-  bank = MemoryBank.open(tmp_path / "b")
-  version = _versions(bank)
-  if point == "after_two_shards":  # shards 0 and 1 committed, in order
-    np.testing.assert_array_equal(version, np.where(np.arange(12) % 4 < 2, 2, 1))
-  else:
-    np.testing.assert_array_equal(version, 1)
-  bank.write(np.arange(12), _filled(like, 3))  # and the bank still takes writes
-  np.testing.assert_array_equal(_versions(bank), 3)
-  bank.close()
+  assert calls == [bank_lib.RECORDS, "<commit>"]  # staged, then failed
+  np.testing.assert_array_equal(_versions(MemoryBank.open(where(bank))), 1)
 
 
 _WRITER = r"""
@@ -386,33 +558,40 @@ import numpy as np
 import jax
 from malloc_jax.bank import MemoryBank
 
-path, version, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, version, batch, first, stride = sys.argv[1], *map(int, sys.argv[2:6])
+rounds = int(sys.argv[6]) if len(sys.argv) > 6 else None
 bank = MemoryBank.open(path)
 like = bank.read(np.arange(batch))
-rng = np.random.default_rng(version)
+rng = np.random.default_rng(version + first)
 print("writing", flush=True)
-while True:
+while rounds is None or rounds > 0:
   mem = jax.tree.map(lambda x: np.full_like(x, version), like)
-  for ids in rng.permutation(bank.num_users).reshape(-1, batch):
+  for ids in rng.permutation(np.arange(first, bank.num_users, stride)).reshape(-1, batch):
     bank.write(ids, mem)
   print("done", version, flush=True)
   version += 1
+  rounds = None if rounds is None else rounds - 1
 """
+
+
+def _writer(path, version, batch, first=0, stride=1, rounds=None):
+  args = [sys.executable, "-c", _WRITER, str(path), str(version), str(batch), str(first),
+          str(stride)] + ([] if rounds is None else [str(rounds)])
+  return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
 
 
 def test_sigkill_mid_update_leaves_every_user_old_or_new(tmp_path):
   """A writer process updating all users version after version is SIGKILLed at random times."""
   num_users, batch = 256, 32
-  like, _ = random_cache(batch, 0, t=64, d=32)  # native caches: 64 KiB records
+  like, _ = random_cache(batch, 0, t=64, d=32)  # native caches: 64 KiB per user
   path = tmp_path / "bank"
-  with MemoryBank.create(path, like, num_users=num_users, num_shards=8) as bank:
+  with MemoryBank.create(path, like, num_users=num_users) as bank:
     for ids in np.arange(num_users).reshape(-1, batch):
       bank.write(ids, _filled(like, 0))
   version = 1  # the version the next writer starts with; every user holds version - 1
   rng = np.random.default_rng(0)
   for delay in (0.05, 0.3, 0.8):
-    child = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(version), str(batch)],
-                             stdout=subprocess.PIPE, text=True)
+    child = _writer(path, version, batch)
     assert child.stdout.readline().strip() == "writing"
     time.sleep(delay + rng.uniform(0, 0.05))
     child.send_signal(signal.SIGKILL)
@@ -426,3 +605,27 @@ def test_sigkill_mid_update_leaves_every_user_old_or_new(tmp_path):
         bank.write(ids, _filled(like, current + 1))
       np.testing.assert_array_equal(_versions(bank), current + 1)
     version = current + 2
+
+
+def test_two_writer_processes_and_a_reader(tmp_path):
+  """Two processes write disjoint users (even, odd ids) concurrently, 3 versions each, while
+  this process reads: every read sees each user whole, and at the end all hold version 3."""
+  num_users, batch = 64, 8
+  like = make_memory("uniform4", batch, 0)
+  path = tmp_path / "bank"
+  with MemoryBank.create(path, like, num_users=num_users) as bank:
+    bank.write(np.arange(batch), _filled(like, 0))
+    for ids in np.arange(num_users).reshape(-1, batch):
+      bank.write(ids, _filled(like, 0))
+  reader = MemoryBank.open(path)  # opened before the writers start
+  writers = [_writer(path, 1, batch, first, 2, rounds=3) for first in (0, 1)]
+  seen = set()
+  while any(w.poll() is None for w in writers):
+    seen |= set(np.unique(_versions(reader)).tolist())  # raises if a user mixes versions
+  for w in writers:
+    out, _ = w.communicate()
+    assert w.returncode == 0 and out.split() == ["writing", "done", "1", "done", "2", "done",
+                                                 "3"]
+  np.testing.assert_array_equal(_versions(reader), 3)  # the reader sees the last commits
+  assert seen <= {0, 1, 2, 3}
+  reader.close()

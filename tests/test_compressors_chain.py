@@ -211,18 +211,25 @@ NATIVE = 2 * 2 * 64 * 16 * 4 * 2 + 64 * 4 + 4  # k, v float32 + DenseIndex ts [1
 
 
 def test_memory_bytes_are_the_built_memory_bytes():
+  """memory_bytes (abstract, full user) equals stored_bytes of a real memory of a full user
+  (user 0 holds T events), state included; figure="buffer" equals its buffer_bytes."""
   assert C.memory_bytes("native", SPEC) == NATIVE
+  assert C.memory_bytes("native", SPEC, figure="buffer") == NATIVE
   cache, sig = make_cache(5)
+  assert int(cache.length[0]) == T
   for name, p in [("snapkv", dict(budget=5, window=2)), ("kivi", dict(bits=2, group=4,
                                                                      residual=4)),
                   ("intactkv", dict(bits=4, pivots=2)), ("uniform", dict(bits=4)),
-                  ("h2o", dict(heavy=3, recent=3))]:
+                  ("h2o", dict(heavy=3, recent=3)), ("merge_evicted", dict(heavy=2, recent=2)),
+                  ("random", dict(budget=4)), ("native", {})]:
     comp = C.make_compressor(name, **p)
-    memory, _ = jax.jit(comp.compress)(cache, comp.init(cache), sig)
-    assert C.memory_bytes(name, cache, **p) == C.bytes_per_user(memory), name
+    memory, state = jax.jit(comp.compress)(cache, comp.init(cache), sig)
+    assert C.memory_bytes(name, cache, **p) == C.stored_bytes(memory, state)[0], name
+    assert C.memory_bytes(name, cache, figure="buffer", **p) == C.buffer_bytes(memory, state)[0]
   bases = C.fit_lowrank([cache], rank=3)
   memory, _ = C.lowrank(bases).compress(cache, None, None)
-  assert C.memory_bytes("lowrank", cache, rank=3) == C.bytes_per_user(memory)
+  assert C.memory_bytes("lowrank", cache, rank=3) == C.stored_bytes(memory)[0]
+  assert C.memory_bytes("lowrank", cache, figure="buffer", rank=3) == C.bytes_per_user(memory)
 
 
 @pytest.mark.parametrize("method", ["h2o", "snapkv", "streaming", "random", "merge_evicted",
@@ -269,15 +276,27 @@ def test_ratio_table():
   assert all(s <= NATIVE / r for s, r in zip(sizes, (2, 4, 8), strict=True))
   assert sizes[0] > sizes[1] > sizes[2]
   assert C.params_for_ratio("uniform", SPEC, 2) == {"bits": 8}
-  # KIVI per layer and head (T = 64, D = 16, G = R = 16): codes 64 * 2b bytes for K and for
-  # V, key scale + min [4, 16], value scale + min [64, 1], two exact 16 x 16 residuals.
-  kivi_bytes = lambda bits: 4 * (2 * 64 * 2 * bits + 2 * 4 * 16 * 4 + 2 * 64 * 4 +
-                                 2 * 16 * 16 * 4) + 64 * 4 + 4
+  # KIVI stored bytes of a full user (4 rows of T = 64 events, D = 16, G = R = 16): all 64
+  # keys quantized (64 mod 16 = 0): codes 64 * 16 * b / 8, scale + min for 4 groups x 16
+  # channels; 48 values quantized: codes 48 * 16 * b / 8, scale + min per event (one group
+  # of 16 channels); the 16 newest values exact; index: 64 time stamps + length.
+  kivi_bytes = lambda bits: 4 * (64 * 16 * bits // 8 + 2 * 4 * 16 * 4 + 48 * 16 * bits // 8
+                                 + 2 * 48 * 4 + 16 * 16 * 4) + 64 * 4 + 4
   for bits in (2, 4):
     assert C.memory_bytes("kivi", SPEC, bits=bits, group=16, residual=16) == kivi_bytes(bits)
-  assert kivi_bytes(2) <= NATIVE / 2 < kivi_bytes(4)
+  assert NATIVE / 4 < kivi_bytes(2) < kivi_bytes(4) <= NATIVE / 2
   kivi = C.ratio_table("kivi", SPEC, group=16, residual=16)
-  assert kivi == {2: {"group": 16, "residual": 16, "bits": 2}, 4: None, 8: None}
+  assert kivi == {2: {"group": 16, "residual": 16, "bits": 4}, 4: None, 8: None}
+  # Ratios beyond 8 are accepted; those no setting reaches are None ("out of reach").
+  ratios = (2, 4, 8, 16, 32, 64, 128)
+  table = C.ratio_table("snapkv", SPEC, ratios)
+  assert list(table) == list(ratios)
+  for r in ratios:
+    if table[r] is not None:
+      assert C.memory_bytes("snapkv", SPEC, **table[r]) <= NATIVE / r
+  # snapkv's smallest setting (1 kept event per head + index) is 4 * (2*16*4 + 8) + 4 = 548
+  # bytes: reachable at 32x (33028 / 32 = 1032), out of reach at 64x (516).
+  assert table[32] == {"budget": 1, "window": 1} and table[64] is None and table[128] is None
 
 
 def test_budget_is_abstract_for_large_caches():

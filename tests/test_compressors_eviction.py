@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from malloc_jax import compressors as C
 from malloc_jax.cache import Cache, Signals, append
+from malloc_jax.compressors.eviction import hash32
 
 L, B, H, T, D, W = 2, 3, 2, 12, 8, 4  # the tiny HSTU below has the same shapes
 SETTINGS = settings(max_examples=12, deadline=None)
@@ -127,12 +128,27 @@ def _np_hash32(x):
   return x ^ (x >> 16)
 
 
-def ref_random_scores(seed, shape, call=0):
+def ref_fingerprint(cache):
+  """[B] uint64: the documented per-user fingerprint, in NumPy."""
+  pos = np.asarray(cache.pos)[0, :, 0].astype(np.int64)  # [B, T]
+  ts = np.asarray(cache.ts)[0, :, 0].astype(np.int64) & 0xFFFFFFFF
+  k0 = np.asarray(cache.k, np.float32)[0, :, 0, :, 0]
+  kbits = np.where(np.isnan(k0), 0x7FC00000, k0.view(np.uint32)).astype(np.uint64)
+  event = _np_hash32(_np_hash32(pos & 0xFFFFFFFF) ^ ts.astype(np.uint64) ^ _np_hash32(kbits))
+  total = np.where(pos >= 0, event, 0).sum(axis=-1) & 0xFFFFFFFF
+  length = np.asarray(cache.length).astype(np.uint64)
+  return _np_hash32((total + _np_hash32(length)) & 0xFFFFFFFF)
+
+
+def ref_random_scores(seed, shape, call=0, fingerprint=None):
+  """Scores [L, B, H, T]: hash32(key ^ hash32(hash32(i) ^ f_b)), i the slot within the user."""
+  Ls, Bs, Hs, Ts = shape
   key = _np_hash32(seed)
   for _ in range(call):
     key = _np_hash32(key + 0x9E3779B9)
-  flat = np.arange(int(np.prod(shape)), dtype=np.uint64).reshape(shape)
-  return (_np_hash32(key ^ _np_hash32(flat)) >> 8).astype(np.float64)
+  i = np.arange(Ls * Hs * Ts, dtype=np.uint64).reshape(Ls, 1, Hs, Ts)
+  f = np.asarray(fingerprint, np.uint64)[None, :, None, None]
+  return (_np_hash32(key ^ _np_hash32(_np_hash32(i) ^ f)) >> 8).astype(np.float64)
 
 
 def ref_merge(pos, k, v, acc, heavy, recent):
@@ -252,7 +268,7 @@ def test_random_matches_reference(budget, seed, sparse):
   pos_padded = np.pad(pos, [(0, 0)] * 3 + [(0, cap - T)], constant_values=-1)
   for call in range(2):
     memory, state = f(cache, state, None)
-    score = ref_random_scores(7, (L, B, H, cap), call)
+    score = ref_random_scores(7, (L, B, H, cap), call, ref_fingerprint(cache))
 
     def expected(l, b, h):
       ev = sorted((-score[l, b, h, i], int(p)) for i, p in enumerate(pos_padded[l, b, h])
@@ -266,11 +282,14 @@ def test_random_matches_reference(budget, seed, sparse):
 
 
 def test_random_is_uniform_over_real_events():
-  """256 rows of 10 real events (+ 2 padding slots), budget 5: each event kept w.p. 1/2."""
+  """256 users of 10 real events (+ 2 padding slots), budget 5: each event kept w.p. 1/2
+  (over users: each user gets its own draw)."""
   rows, n = 256, 10
   pos = jnp.where(jnp.arange(T) < n, jnp.arange(T), -1).astype(jnp.int32)
   pos = jnp.broadcast_to(pos, (1, rows, 1, T))
-  cache = Cache(k=jnp.ones((1, rows, 1, T, 2)), v=jnp.ones((1, rows, 1, T, 2)), pos=pos,
+  k = jnp.broadcast_to(jnp.arange(rows, dtype=jnp.float32)[None, :, None, None, None],
+                       (1, rows, 1, T, 2))  # users differ only in their keys
+  cache = Cache(k=k, v=jnp.ones((1, rows, 1, T, 2)), pos=pos,
                 ts=jnp.maximum(pos, 0), length=jnp.full((rows,), n, jnp.int32), contiguous=False)
   comp = C.random(budget=5, seed=0)
   memory, _ = jax.jit(comp.compress)(cache, comp.init(cache), None)
@@ -278,6 +297,29 @@ def test_random_is_uniform_over_real_events():
   assert np.all(kept >= 0) and np.all(kept < n)
   counts = np.bincount(kept.ravel(), minlength=n)
   assert np.all(np.abs(counts - rows / 2) < 6 * np.sqrt(rows / 4)), counts  # 6 sigma
+
+
+def test_random_draws_differ_between_users_and_not_with_batch_place():
+  """Two users of one batch get different draws; a user's draw does not depend on its place
+  in the batch or on the other users; the same seed reproduces it, another seed changes it."""
+  users = 4
+  rng = np.random.default_rng(3)
+  pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (L, users, H, T))
+  cache = Cache(k=jnp.asarray(rng.normal(size=(L, users, H, T, D)), jnp.float32),
+                v=jnp.asarray(rng.normal(size=(L, users, H, T, D)), jnp.float32), pos=pos,
+                ts=pos * 10, length=jnp.full((users,), T, jnp.int32))
+  f = jax.jit(lambda c, seed: C.random(budget=3, seed=0).compress(
+      c, C.RandomState(hash32(seed)), None)[0])
+  kept = lambda c, seed=0: np.asarray(f(c, jnp.uint32(seed)).index.pos)
+  base = kept(cache)  # [L, users, H, 3]
+  for a in range(users):
+    for b in range(a + 1, users):
+      assert not np.array_equal(base[:, a], base[:, b]), (a, b)
+  perm = np.roll(np.arange(users), 1)
+  moved = jax.tree.map(lambda x: x[:, perm] if x.ndim >= 4 else x[perm], cache)
+  np.testing.assert_array_equal(kept(moved)[:, np.argsort(perm)], base)
+  np.testing.assert_array_equal(kept(cache), base)
+  assert not np.array_equal(kept(cache, 12345), base)
 
 
 @SETTINGS

@@ -309,3 +309,176 @@ def test_vmap_over_stacked_caches(name, params):
     got = jax.tree.map(lambda x: np.asarray(x)[i], (memory, dense))
     for a, b in zip(jax.tree.leaves((one_mem, one_dense)), jax.tree.leaves(got), strict=True):
       np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------
+# Integer codes, scales and minima against a float64 NumPy implementation of the published
+# rules. Tolerance: a code may differ by one only at an exact rounding tie, i.e. where the
+# float64 value (x - min) / scale (or x / scale) lies within 1e-4 of k + 1/2 (float32 and
+# float64 arithmetic may round such a tie either way); everywhere else codes are equal.
+# Scales are (max - min) / (2^b - 1) (resp. max|x| / qmax) rounded to the storage dtype: equal
+# to the float64 value rounded to float32 within 2 ulp; minima are exact.
+
+
+def np_minmax(x, bits):
+  """float64 KIVI rule on a group x [..., m] (members on the last axis): (codes, scale, min,
+  tie mask) with scale and min rounded to float32 as stored."""
+  levels = 2**bits - 1
+  mn = x.min(-1, keepdims=True)
+  scale = np.float32((x.max(-1, keepdims=True) - mn) / levels).astype(np.float64)
+  mn = np.float32(mn).astype(np.float64)
+  y = (x - mn) / np.where(scale > 0, scale, 1.0)
+  codes = np.where(scale > 0, np.clip(np.round(y), 0, levels), 0)
+  tie = np.abs(y - np.floor(y) - 0.5) < 1e-4
+  return codes, scale, mn, tie
+
+
+def check_codes(got, want, tie):
+  diff = np.abs(np.asarray(got, np.int64) - np.asarray(want, np.int64))
+  assert np.all(diff <= 1) and np.all(tie[diff == 1]), (got, want)
+
+
+def test_kivi_codes_on_a_fixed_input():
+  """One channel, G = 4 keys 0, 1, 2, 3 and 2 bits: min 0, scale 1, codes 0, 1, 2, 3; values
+  [0, 1.5, 3, 4.5] per token (G = 4 channels): scale 1.5, codes 0, 1, 2, 3."""
+  t = 8
+  k = np.zeros((1, 1, 1, t, 4), np.float32)
+  k[..., :4, 0] = [0, 1, 2, 3]
+  k[..., :4, 1] = [3, 3, 3, 3]  # a constant channel: scale 0, codes 0, exact
+  v = np.tile(np.array([0, 1.5, 3, 4.5], np.float32), (1, 1, 1, t, 1))
+  pos = np.broadcast_to(np.arange(t, dtype=np.int32), (1, 1, 1, t))
+  cache = Cache(k=jnp.asarray(k), v=jnp.asarray(v), pos=jnp.asarray(pos), ts=jnp.asarray(pos),
+                length=jnp.asarray([t], jnp.int32))
+  mem, _ = C.kivi(bits=2, group=4, residual=4).compress(cache, None, None)
+  codes = np_unpack(np.asarray(mem.k_codes), 2, 4)[0, 0, 0]  # [T, Dk]
+  np.testing.assert_array_equal(codes[:4, 0], [0, 1, 2, 3])
+  np.testing.assert_array_equal(codes[:4, 1], [0, 0, 0, 0])
+  np.testing.assert_array_equal(np.asarray(mem.k_scale)[0, 0, 0, 0, :2], [1, 0])
+  np.testing.assert_array_equal(np.asarray(mem.k_min)[0, 0, 0, 0, :2], [0, 3])
+  vcodes = np_unpack(np.asarray(mem.v_codes), 2, 4)[0, 0, 0]
+  np.testing.assert_array_equal(vcodes[:4], np.tile([0, 1, 2, 3], (4, 1)))  # 4 quantized
+  np.testing.assert_array_equal(np.asarray(mem.v_scale)[0, 0, 0, :4, 0], 1.5)
+
+
+@pytest.mark.parametrize("bits,group,residual,rule", [(2, 4, 4, "block"), (4, 3, 6, "block"),
+                                                      (2, 4, 4, "sliding")])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kivi_codes_scales_minima_match_numpy(bits, group, residual, rule, seed):
+  cache, _ = make_cache(seed)
+  d = D if D % group == 0 else 6
+  if d != D:
+    cache = cache.replace(k=cache.k[..., :d], v=cache.v[..., :d])
+  mem, _ = run("kivi", cache, bits=bits, group=group, residual=residual, key_residual=rule)
+  k, v = np.float64(cache.k), np.float64(cache.v)
+  kc = np_unpack(np.asarray(mem.k_codes), bits, d)
+  vc = np_unpack(np.asarray(mem.v_codes), bits, d)
+  gv = min(group, d)
+  for l in range(L):
+    for b in range(B):
+      for h in range(H):
+        n = int(cache.length[b])
+        tail = min(n, residual)
+        q_k = n - (n % residual if rule == "block" else tail)
+        q_v = n - tail
+        for gi, g0 in enumerate(range(0, q_k, group)):
+          blk = k[l, b, h, g0:min(g0 + group, q_k)].T  # [d, m]: channel groups along time
+          codes, scale, mn, tie = np_minmax(blk, bits)
+          np.testing.assert_allclose(mem.k_scale[l, b, h, gi], scale[:, 0], rtol=2.5e-7)
+          np.testing.assert_array_equal(mem.k_min[l, b, h, gi], mn[:, 0])
+          check_codes(kc[l, b, h, g0:g0 + blk.shape[1]].T, codes, tie)
+        if q_v:
+          seg = v[l, b, h, :q_v].reshape(q_v, d // gv, gv)
+          codes, scale, mn, tie = np_minmax(seg, bits)
+          np.testing.assert_allclose(mem.v_scale[l, b, h, :q_v], scale[..., 0], rtol=2.5e-7)
+          np.testing.assert_array_equal(mem.v_min[l, b, h, :q_v], mn[..., 0])
+          check_codes(vc[l, b, h, :q_v].reshape(q_v, d // gv, gv), codes, tie)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_uniform_codes_and_scales_match_numpy(bits, seed):
+  cache, _ = make_cache(seed)
+  mem, _ = run("uniform", cache, bits=bits)
+  qmax = 2 ** (bits - 1) - 1
+  for x, stored, sc in ((cache.k, mem.k_codes, mem.k_scale), (cache.v, mem.v_codes, mem.v_scale)):
+    x = np.float64(x)
+    valid = np.asarray(cache.pos) >= 0
+    scale = np.float32(np.abs(x).max(-1) / qmax).astype(np.float64)  # [L, B, H, T]
+    y = x / np.where(scale > 0, scale, 1.0)[..., None]
+    want = np.clip(np.round(y), -qmax, qmax)
+    tie = np.abs(np.abs(y) - np.floor(np.abs(y)) - 0.5) < 1e-4
+    if bits == 8:
+      got = np.asarray(stored, np.int64)
+    else:
+      u = np_unpack(np.asarray(stored), 4, D).astype(np.int64)
+      got = np.where(u >= 8, u - 16, u)
+    np.testing.assert_allclose(np.where(valid, sc, 0), np.where(valid, scale, 0), rtol=2.5e-7)
+    check_codes(got[valid], want[valid], tie[valid])
+  # A fixed input: absmax 2.54 at 8 bits: scale 0.02, codes 127, -64, 0, 1.
+  x = jnp.asarray([[2.54, -1.28, 0.0, 0.02]], jnp.float32)
+  q, s = C.quantization.absmax_quantize(x, jnp.asarray([True]), 8, jnp.float32)
+  np.testing.assert_allclose(s, [0.02], rtol=1e-6)
+  np.testing.assert_array_equal(q, [[127, -64, 0, 1]])
+
+
+# ----------------------------------------------------------------------------------------
+# Non-finite inputs survive quantization (the serving guards see them).
+
+NAN_COMPS = [("kivi2", dict(bits=2, group=4, residual=4)), ("kivi4s", dict(
+    bits=4, group=4, residual=4, key_residual="sliding")),
+    ("intactkv4", dict(bits=4, pivots=2, sinks=1)), ("intactkv8g", dict(bits=8, pivots=0,
+                                                                         sinks=0, group=4)),
+    ("uniform8", dict(bits=8)), ("uniform4", dict(bits=4))]
+
+
+@pytest.mark.parametrize("name,params", NAN_COMPS, ids=[c[0] for c in NAN_COMPS])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_non_finite_event_makes_its_user_non_finite(name, params, dtype):
+  """A NaN / inf key or value of one real event, wherever it falls (quantized group, residual,
+  pivot), makes that user's dequantized memory non-finite and no other user's. (At these
+  shapes XLA's CPU max reduction drops NaN: without the explicit check every NaN was lost.)"""
+  method = name.rstrip("0123456789gs")
+  rng = np.random.default_rng(0)
+  t_cap, n = 40, np.array([40, 5, 33, 1])
+  pos = np.where(np.arange(t_cap)[None] < n[:, None], np.arange(t_cap)[None], -1)
+  pos = np.broadcast_to(pos[None, :, None, :], (L, 4, H, t_cap))
+  cache = Cache(k=jnp.asarray(rng.normal(size=pos.shape + (D,)), jnp.float32),
+                v=jnp.asarray(rng.normal(size=pos.shape + (D,)), jnp.float32),
+                pos=jnp.asarray(pos, jnp.int32), ts=jnp.asarray(np.maximum(pos, 0), jnp.int32),
+                length=jnp.asarray(n, jnp.int32))
+  sig = Signals(acc_attn=jnp.asarray(rng.random(pos.shape), jnp.float32),
+                window_attn=jnp.zeros((L, 4, H, 1, t_cap)), window_valid=jnp.ones((4, 1), bool))
+  f = _jitted(method, tuple(sorted(params.items())))
+  for trial in range(12):
+    b = int(rng.integers(4))
+    t, c = int(rng.integers(n[b])), int(rng.integers(D))
+    l, h, which = int(rng.integers(L)), int(rng.integers(H)), trial % 2
+    value = [np.nan, np.inf, -np.inf][trial % 3]
+    x = np.array(cache.k if which == 0 else cache.v)
+    x[l, b, h, t, c] = value
+    bad = cache.replace(**{"k" if which == 0 else "v": jnp.asarray(x)})
+    bad = bad.replace(k=bad.k.astype(dtype), v=bad.v.astype(dtype))
+    _, dense = f(bad, sig)
+    ok = (np.isfinite(np.asarray(dense.k, np.float32)).all(axis=(0, 2, 3, 4))
+          & np.isfinite(np.asarray(dense.v, np.float32)).all(axis=(0, 2, 3, 4)))
+    np.testing.assert_array_equal(ok, np.arange(4) != b, err_msg=f"{value} at {l, b, h, t, c}")
+
+
+@pytest.mark.parametrize("comp", [C.kivi(bits=2, group=4, residual=4),
+                                  C.intactkv(bits=4, pivots=2, sinks=1), C.uniform(bits=4)],
+                         ids=["kivi2", "intactkv4", "uniform4"])
+def test_sweep_guard_flags_a_nan_key_after_quantization(comp):
+  """The sweep's serving step flags exactly the user whose cache had a NaN key, after
+  quantization, as it does for a native memory."""
+  from malloc_jax import sweep
+  from tests.helpers import random_events, random_model
+
+  model = random_model("hstu")
+  ev = random_events(4, 12, [12, 9, 12, 7])
+  cache, signals, _, req = sweep._prefill_batch(model, ev.items, ev.ts, ev.length,
+                                                query_len=1, window=4)
+  cache = cache.replace(k=cache.k.at[1, 2, 0, 3, 5].set(jnp.nan))  # user 2, a quantized key
+  memory = sweep._compress_batch(cache, signals, compressor=comp)
+  target = ev.items[:, 0]
+  *_, finite = sweep._score_batch(model, memory, req, target, jnp.tile(target[:, None], (1, 3)))
+  np.testing.assert_array_equal(np.asarray(finite), [True, True, False, True])

@@ -16,23 +16,43 @@ from malloc_jax.compressors.base import (
     Signals,
     SparseIndex,
     batch_size,
+    buffer_bytes,
     bytes_per_user,
     cache_from,
     chain,
+    events_stored_bytes,
     identity,
     index_of,
+    index_stored_bytes,
     native,
     nbytes,
+    packed_bytes,
+    row_counts,
     shared_nbytes,
+    state_shape,
+    stored_bytes,
+    user_bytes,
 )
 from malloc_jax.compressors.budget import (
     budget_bytes,
     cache_spec,
+    cell_bytes,
+    cell_bytes_row,
+    full_user,
     memory_bytes,
+    native_stored_bytes,
     params_for_ratio,
     ratio_table,
 )
-from malloc_jax.compressors.eviction import H2OState, RandomState, h2o, random, snapkv, streaming
+from malloc_jax.compressors.eviction import (
+    H2OState,
+    RandomState,
+    h2o,
+    random,
+    snapkv,
+    streaming,
+    user_fingerprint,
+)
 from malloc_jax.compressors.lowrank import LowRankBases, LowRankMemory, fit_lowrank, lowrank
 from malloc_jax.compressors.merging import merge_evicted
 from malloc_jax.compressors.quantization import (
@@ -53,6 +73,9 @@ __all__ = [
     "LowRankMemory", "Signals", "SparseIndex", "batch_size", "bytes_per_user", "cache_from",
     "chain", "fit_lowrank", "identity", "index_of", "lowrank", "native", "nbytes",
     "shared_nbytes",
+    # bytes per user
+    "buffer_bytes", "cell_bytes", "cell_bytes_row", "events_stored_bytes", "full_user", "index_stored_bytes", "native_stored_bytes", "packed_bytes",
+    "row_counts", "state_shape", "stored_bytes", "user_bytes", "user_fingerprint",
     # post-hoc library
     "FACTORIES", "H2OState", "IntactKVMemory", "KiviMemory", "QuantSpec", "RandomState",
     "UniformMemory", "budget_bytes", "cache_spec", "h2o", "intactkv", "kivi", "make_compressor",

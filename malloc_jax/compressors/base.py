@@ -7,10 +7,21 @@ A compressor is a NamedTuple of two pure functions, like ``optax.GradientTransfo
   memory, state = comp.compress(cache, state, signals)
   dense = memory.materialize()       # a Cache again, for the model to read
 
-A *memory* is a registered dataclass whose leaves are exactly what is stored per user.
-``nbytes(memory)`` is the sum of those leaves' ``nbytes`` as stored (packed codes, scales,
-kept positions and time stamps all count); leaves named in ``shared_fields`` (e.g. low-rank
-bases, one copy for all users) are reported separately by ``shared_nbytes``.
+A *memory* is a registered dataclass whose leaves are what a serving batch holds per user.
+Two exact byte figures, per user (see :func:`stored_bytes` and :func:`buffer_bytes`):
+
+* ``stored_bytes(memory, state)`` [B]: what each user's memory needs in a variable-length
+  store: only the user's real kept or quantized events, their packed codes
+  (``ceil(bits * count / 8)``), scales and minima of real groups, positions and time stamps
+  where the index needs them, the residual events only, plus per-user compressor state a
+  later request needs (H2O's accumulated attention). Each memory type owns its closed form
+  (a ``stored_bytes`` method, formula in its docstring). Compression ratios use this figure.
+* ``buffer_bytes(memory, state)`` [B]: the static-capacity buffer of a serving batch, the
+  ``nbytes`` of every per-user leaf (empty slots included) divided by the batch size.
+  ``nbytes``, ``bytes_per_user`` are this buffer figure.
+
+Leaves named in ``shared_fields`` (e.g. low-rank bases, one copy for all users) count in
+neither and are reported by ``shared_nbytes``.
 
 Every compressor works under ``jax.jit`` and ``jax.vmap`` (over a leading users axis of
 stacked caches); capacities are static and lengths are arrays.
@@ -24,6 +35,7 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from malloc_jax.cache import Cache, Signals
@@ -112,6 +124,19 @@ class DenseMemory:
   def materialize(self) -> Cache:
     return cache_from(self.index, self.k, self.v)
 
+  def stored_bytes(self) -> np.ndarray:
+    """[B] int64: stored bytes of each user's kept events.
+
+    With m = the slots a (layer, head) row stores (up to its last occupied slot, see
+    :func:`row_counts`; = the events kept), s_k, s_v the itemsizes::
+
+      sum_rows m * (Dk * s_k + Dv * s_v) + index_stored_bytes
+    """
+    L, _, H = self.k.shape[:3]
+    m = row_counts(self.index, L, H, last_occupied=True)  # [L, B, H]
+    per = self.k.shape[-1] * self.k.dtype.itemsize + self.v.shape[-1] * self.v.dtype.itemsize
+    return m.sum(axis=(0, 2)) * per + index_stored_bytes(self.index, m)
+
 
 # ----------------------------------------------------------------------------------------
 # Bytes.
@@ -143,7 +168,8 @@ def _split_leaves(memory) -> tuple[list, list]:
 
 
 def nbytes(memory) -> int:
-  """Bytes of every per-user leaf of ``memory`` as stored (all users of the batch)."""
+  """Buffer bytes of every per-user leaf of ``memory`` (all users of the batch, empty slots
+  included): ``sum(buffer_bytes(memory))``."""
   return int(sum(x.nbytes for x in _split_leaves(memory)[0]))
 
 
@@ -158,8 +184,136 @@ def batch_size(memory) -> int:
 
 
 def bytes_per_user(memory) -> float:
-  """Per-user bytes of a batched memory: ``nbytes(memory) / batch_size(memory)``."""
+  """Buffer bytes per user of a batched memory: ``nbytes(memory) / batch_size(memory)``.
+
+  The static-capacity figure (``buffer_bytes``); ratios use :func:`stored_bytes`.
+  """
   return nbytes(memory) / batch_size(memory)
+
+
+def row_counts(index, num_layers: int, num_heads: int, last_occupied: bool = False
+               ) -> np.ndarray:
+  """[L, B, H] int64: events each (layer, user, head) row of a memory holds (host NumPy).
+
+  DenseIndex: min(length, T) for every row. SparseIndex: the occupied slots (pos >= 0), or
+  with ``last_occupied`` the slots up to and including the last occupied one. The cache
+  invariant (occupied slots are a prefix) makes both equal; the second also counts per-user
+  slots a model keeps before its events with pos = -1 (Longformer's global tokens).
+  """
+  if isinstance(index, DenseIndex):
+    T = index.ts.shape[-1]
+    n = np.minimum(np.asarray(index.length, np.int64), T)  # [B]
+    return np.broadcast_to(n[None, :, None], (num_layers, n.shape[0], num_heads)).copy()
+  occupied = np.asarray(index.pos) >= 0  # [L, B, H, T]
+  if not last_occupied:
+    return occupied.sum(axis=-1, dtype=np.int64)
+  T = occupied.shape[-1]
+  last = T - np.argmax(occupied[..., ::-1], axis=-1)
+  return np.where(occupied.any(axis=-1), last, 0).astype(np.int64)
+
+
+def index_stored_bytes(index, counts: np.ndarray) -> np.ndarray:
+  """[B] int64: stored bytes of a memory's index for rows holding ``counts`` [L, B, H] events.
+
+  DenseIndex (positions implicit, one time stamp per event, shared by every row):
+  ``n * s_ts + s_len``. SparseIndex (each row keeps its own events):
+  ``sum_rows m * (s_pos + s_ts) + s_len``. The length is one number per user.
+  """
+  s_len = index.length.dtype.itemsize
+  if isinstance(index, DenseIndex):
+    return counts[0, :, 0] * index.ts.dtype.itemsize + s_len
+  per = index.pos.dtype.itemsize + index.ts.dtype.itemsize
+  return counts.sum(axis=(0, 2)) * per + s_len
+
+
+def packed_bytes(count, bits: int):
+  """Bytes of ``count`` codes of ``bits`` bits packed contiguously: ceil(bits * count / 8)."""
+  return -(-(np.asarray(count, np.int64) * bits) // 8)
+
+
+def _is_state_index(index) -> bool:
+  """A fixed-size state's index holds only ``length`` (no positions or time stamps)."""
+  return (dataclasses.is_dataclass(index)
+          and [f.name for f in dataclasses.fields(index)] == ["length"])
+
+
+def _state_nodes(state) -> list:
+  """Compressor states in ``state`` that own per-user bytes (have ``stored_bytes``)."""
+  if state is None:
+    return []
+  if hasattr(state, "stored_bytes"):
+    return [state]
+  if isinstance(state, tuple):
+    return [n for s in state for n in _state_nodes(s)]
+  return []
+
+
+def stored_bytes(memory, state=None) -> np.ndarray:
+  """[B] int64: exact bytes each user's memory needs in a variable-length store.
+
+  The memory's closed form (``memory.stored_bytes()``, formula in each memory type's
+  docstring) plus the per-user part of ``state`` (the compressor state a later request
+  needs: :class:`~malloc_jax.compressors.eviction.H2OState` counts one accumulated-attention
+  number per kept event; pass the state ``compress`` returned, or its abstract shape from
+  ``jax.eval_shape``). Fixed-size memories (an index holding only ``length``, e.g. RWKV
+  states) store their whole buffer, so stored = buffer for them.
+
+  Args:
+    memory: a batched memory with concrete leaves (the index is read on the host).
+    state: the compressor's state, or None (no per-user state counted).
+
+  Returns:
+    int64 [B].
+
+  Raises:
+    TypeError: the memory type has no closed form.
+  """
+  if hasattr(memory, "stored_bytes"):
+    out = np.asarray(memory.stored_bytes(), np.int64)
+  elif _is_state_index(getattr(memory, "index", None)):
+    per_user = nbytes(memory)
+    B = batch_size(memory)
+    if per_user % B:
+      raise TypeError(f"stored_bytes: {type(memory).__name__} leaves do not split evenly "
+                      f"over {B} users")
+    out = np.full((B,), per_user // B, np.int64)
+  else:
+    raise TypeError(f"stored_bytes: {type(memory).__name__} has no stored_bytes() closed "
+                    f"form; add one (see compressors.base)")
+  for node in _state_nodes(state):
+    out = out + np.asarray(node.stored_bytes(memory), np.int64)
+  return out
+
+
+def buffer_bytes(memory, state=None) -> np.ndarray:
+  """[B] float64: static-capacity buffer bytes per user (``bytes_per_user``, the same for
+  every user), plus the buffer of the per-user state if ``state`` is given."""
+  B = batch_size(memory)
+  out = np.full((B,), nbytes(memory) / B, np.float64)
+  for node in _state_nodes(state):
+    out = out + node.buffer_bytes()
+  return out
+
+
+def state_shape(compressor: Compressor, memory):
+  """Abstract state (``jax.ShapeDtypeStruct`` leaves) of ``compressor`` for ``memory``'s batch:
+  what :func:`stored_bytes` needs to count the per-user state without running anything."""
+  return jax.eval_shape(lambda m: compressor.init(m.materialize()), memory)
+
+
+def user_bytes(memory, compressor: Compressor | None = None) -> np.ndarray:
+  """[2, B]: (stored_bytes, buffer_bytes) per user of ``memory``, with the per-user state of
+  ``compressor`` (if given) counted in both. For result rows."""
+  state = None if compressor is None else state_shape(compressor, memory)
+  return np.stack([stored_bytes(memory, state).astype(np.float64),
+                   buffer_bytes(memory, state)])
+
+
+def events_stored_bytes(items, ts, length) -> np.ndarray:
+  """[B] int64: stored bytes of raw histories (what the recompute reference keeps): one item
+  id and one time stamp per real event plus the length, ``n * (s_item + s_ts) + s_len``."""
+  n = np.asarray(length).astype(np.int64)
+  return n * (items.dtype.itemsize + ts.dtype.itemsize) + length.dtype.itemsize
 
 
 # ----------------------------------------------------------------------------------------

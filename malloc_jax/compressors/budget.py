@@ -1,8 +1,10 @@
 """Choosing each method's parameter so that a user's memory fits a byte budget.
 
-Bytes are never estimated: every candidate memory is built abstractly with ``jax.eval_shape``
-(shapes and dtypes only, nothing is computed) and its stored leaves are summed exactly as
-:func:`~malloc_jax.compressors.base.nbytes` sums a real memory's leaves::
+Bytes are never estimated: every candidate memory (and compressor state) is built abstractly
+with ``jax.eval_shape`` (shapes and dtypes only, nothing is computed) and measured with the
+same closed form a real memory uses: :func:`~malloc_jax.compressors.base.stored_bytes` of a
+full user (every slot of the memory holds a real event: n = capacity), the figure ratios
+use; ``figure="buffer"`` gives the static buffer instead::
 
   spec = cache_spec(num_layers=2, heads=2, capacity=200, dk=25)
   budget_bytes("snapkv", spec, target_bytes=40_000)   # -> {"budget": 93, "window": 8}
@@ -18,7 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from malloc_jax.cache import Cache, Signals
-from malloc_jax.compressors.base import nbytes
+from malloc_jax.compressors.base import (
+  DenseIndex,
+  DenseMemory,
+  buffer_bytes,
+  stored_bytes,
+  user_bytes,
+)
 from malloc_jax.compressors.lowrank import LowRankBases, lowrank
 from malloc_jax.compressors.registry import FACTORIES, make_compressor
 
@@ -46,18 +54,37 @@ def _abstract(cache: Cache) -> Cache:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), cache)
 
 
-def memory_bytes(method: str, cache: Cache, **params) -> float:
+def full_user(shapes, length: int):
+  """Zero-stride NumPy views of an abstract memory / state in which every slot is occupied:
+  integer leaves are 0 (a real position / pivot slot), ``length`` leaves are ``length``
+  (the events a full user has seen: the cache's capacity), float leaves 0. No memory is
+  allocated."""
+  T = int(length)
+
+  def view(path, s):
+    name = getattr(path[-1], "name", None) if path else None
+    value = T if name == "length" else 0
+    return np.broadcast_to(np.array(value, s.dtype), s.shape)
+
+  return jax.tree_util.tree_map_with_path(view, shapes)
+
+
+def memory_bytes(method: str, cache: Cache, figure: str = "stored", **params) -> float:
   """Bytes per user of the memory ``make_compressor(method, **params)`` stores for ``cache``.
 
   Args:
     method: a registry name. cache: a Cache or an abstract one (see :func:`cache_spec`).
+    figure: "stored" (``stored_bytes`` of a full user, n = capacity, with the per-user
+      compressor state) or "buffer" (``buffer_bytes``: the static buffer, state included).
     **params: the method's parameters; for "lowrank" give ``rank=`` (abstract bases of that
       rank are used) or ``bases=``.
 
   Returns:
-    ``nbytes(memory) / batch`` of the memory built with ``jax.eval_shape``; shared leaves
-    (low-rank bases) are excluded, as in ``nbytes``.
+    Mean over the batch of the chosen figure, for the memory and state built with
+    ``jax.eval_shape``; shared leaves (low-rank bases) are excluded.
   """
+  if figure not in ("stored", "buffer"):
+    raise ValueError(f"memory_bytes: figure={figure!r} must be 'stored' or 'buffer'")
   cache = _abstract(cache)
   L, B, H, T, dk = cache.k.shape
   dv = cache.v.shape[-1]
@@ -83,13 +110,45 @@ def memory_bytes(method: str, cache: Cache, **params) -> float:
 
   def build(cache, signals, bases):
     comp = make(bases)
-    memory, _ = comp.compress(cache, comp.init(cache), signals)
-    return memory
+    return comp.compress(cache, comp.init(cache), signals)
 
-  shapes = jax.eval_shape(build, cache, signals, bases)
-  # Zero-stride NumPy views report the nbytes of their shape without allocating it.
-  views = jax.tree.map(lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape), shapes)
-  return nbytes(views) / B
+  memory, state = jax.eval_shape(build, cache, signals, bases)
+  if figure == "buffer":
+    return float(np.mean(buffer_bytes(full_user(memory, T), state)))
+  return float(np.mean(stored_bytes(full_user(memory, T), state)))
+
+
+def native_stored_bytes(cache: Cache, lengths) -> np.ndarray:
+  """[len(lengths)] int64: stored bytes of the native memory of users holding ``lengths``
+  events (min(length, capacity)) in caches shaped like ``cache`` (see :func:`cache_spec`):
+  the reference of compression ratios for the same users."""
+  lengths = np.asarray(lengths)
+  L, _, H, T, dk = cache.k.shape
+  dv = cache.v.shape[-1]
+  B = lengths.shape[0]
+  z = lambda shape, dtype: np.broadcast_to(np.zeros((), dtype), shape)
+  index = DenseIndex(ts=z((B, T), cache.ts.dtype), length=lengths.astype(cache.length.dtype))
+  memory = DenseMemory(index=index, k=z((L, B, H, T, dk), cache.k.dtype),
+                       v=z((L, B, H, T, dv), cache.v.dtype))
+  return stored_bytes(memory)
+
+
+def cell_bytes(memory, compressor, reference: Cache) -> np.ndarray:
+  """[3, B] float64 per user of a served batch: stored bytes (with the compressor's per-user
+  state), buffer bytes, and the stored bytes of the native memory shaped like ``reference``
+  (:func:`cache_spec`) for the same users (``memory.index.length`` events each)."""
+  figures = user_bytes(memory, compressor)
+  native = native_stored_bytes(reference, np.asarray(memory.index.length))
+  return np.concatenate([figures, native[None].astype(np.float64)])
+
+
+def cell_bytes_row(figures: np.ndarray) -> dict[str, float]:
+  """Result-row fields from :func:`cell_bytes` of every user of a cell ([3, N]): the means of
+  ``stored_bytes``, ``buffer_bytes`` and ``reference_stored_bytes``; a compression ratio is
+  reference_stored_bytes / stored_bytes (a ratio of totals over the same users)."""
+  stored, buffer, native = np.asarray(figures, np.float64).mean(axis=1)
+  return {"stored_bytes": float(stored), "buffer_bytes": float(buffer),
+          "reference_stored_bytes": float(native)}
 
 
 def _candidates(method: str, cache: Cache, fixed: dict) -> list[dict]:
@@ -174,7 +233,8 @@ def budget_bytes(method: str, cache: Cache, target_bytes: float, **fixed) -> dic
 
 
 def params_for_ratio(method: str, cache: Cache, ratio: float, **fixed) -> dict[str, Any]:
-  """Parameters whose memory is at most the native memory's bytes / ``ratio`` per user."""
+  """Parameters whose memory is at most the native memory's bytes / ``ratio`` per user
+  (stored bytes of a full user, n = capacity, for both)."""
   if not ratio >= 1:
     raise ValueError(f"params_for_ratio: ratio={ratio} must be >= 1")
   target = memory_bytes("native", cache) / ratio
@@ -183,10 +243,11 @@ def params_for_ratio(method: str, cache: Cache, ratio: float, **fixed) -> dict[s
 
 def ratio_table(method: str, cache: Cache, ratios=(2, 4, 8),
                 **fixed) -> dict[float, dict | None]:
-  """``{ratio: params}`` for the usual 2x / 4x / 8x reductions (see :func:`params_for_ratio`).
+  """``{ratio: params}`` for reductions such as 2x / 4x / 8x (any ratios >= 1, e.g. 2..128;
+  see :func:`params_for_ratio`).
 
-  A ratio the method cannot reach (e.g. KIVI's full-precision residual alone exceeds it) maps
-  to None.
+  A ratio the method cannot reach ("out of reach": e.g. KIVI's full-precision residual alone
+  exceeds it) maps to None.
   """
   table = {}
   for r in ratios:

@@ -34,7 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from malloc_jax.cache import Cache, Signals, pad_capacity
-from malloc_jax.compressors.base import Compressor, DenseMemory, EmptyState, SparseIndex
+from malloc_jax.compressors.base import (
+  Compressor,
+  DenseMemory,
+  EmptyState,
+  SparseIndex,
+  row_counts,
+)
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
 
@@ -235,6 +241,18 @@ class H2OState(NamedTuple):
 
   acc: jax.Array
 
+  def stored_bytes(self, memory) -> np.ndarray:
+    """[B] int64: one accumulated-attention number per kept event a later request ranks:
+    ``s_acc * sum_rows m``, m = events each (layer, head) row of ``memory`` holds (the
+    kept events; token-level steps come first in a chain, so ``memory``'s rows are them)."""
+    L, _, H = self.acc.shape[:3]
+    m = row_counts(memory.index, L, H)
+    return m.sum(axis=(0, 2)) * np.dtype(self.acc.dtype).itemsize
+
+  def buffer_bytes(self) -> float:
+    """Static buffer of the state per user: acc [L, B, H, budget]."""
+    return int(np.prod(self.acc.shape)) * np.dtype(self.acc.dtype).itemsize / self.acc.shape[1]
+
 
 def h2o_select(cache: Cache, acc: jax.Array, heavy: int, recent: int):
   """H2O rule on a cache of capacity >= heavy + recent: (sel, picked) as in :func:`top_slots`."""
@@ -410,7 +428,7 @@ def streaming(sinks: int, recent: int) -> Compressor:
 
 
 class RandomState(NamedTuple):
-  """uint32 key of the next ``compress`` (advanced on every call)."""
+  """uint32 key of the next ``compress`` (advanced on every call); one for all users."""
 
   key: jax.Array
 
@@ -428,15 +446,31 @@ def hash32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
+def user_fingerprint(cache: Cache) -> jax.Array:
+  """[B] uint32: a hash of each user's own history (its length, and the position, time stamp
+  and first key channel of every event of layer 0, head 0), independent of the user's place
+  in the batch: users with different histories get different fingerprints (but for hash
+  collisions), the same user gets the same one in any batch."""
+  pos, ts = cache.pos[0, :, 0], cache.ts[0, :, 0]  # [B, T]
+  kbits = jax.lax.bitcast_convert_type(cache.k[0, :, 0, :, 0].astype(jnp.float32), jnp.uint32)
+  kbits = jnp.where(jnp.isnan(cache.k[0, :, 0, :, 0]), jnp.uint32(0x7FC00000), kbits)
+  event = hash32(hash32(pos.astype(jnp.uint32)) ^ ts.astype(jnp.uint32) ^ hash32(kbits))
+  total = jnp.sum(jnp.where(pos >= 0, event, jnp.uint32(0)), axis=-1, dtype=jnp.uint32)
+  return hash32(total + hash32(cache.length.astype(jnp.uint32)))
+
+
 def random(budget: int, seed: int = 0) -> Compressor:
   """Keeps ``budget`` events per layer, user and head drawn uniformly among the real events.
 
-  A floor for the attention-aware methods. Every slot of the [L, B, H, T] cache gets the
-  score hash32(key ^ hash32(flat slot index)) and the ``budget`` real events with the largest
-  scores are kept (a uniformly random subset; ties to the smaller position). The key starts
-  at hash32(seed) and advances to hash32(key + 0x9E3779B9) on every call, so results are
-  deterministic given ``seed``, identical on every backend, and cheap to compile (a counter
-  hash instead of threefry, whose CPU compile takes seconds).
+  A floor for the attention-aware methods. Every slot (l, b, h, t) of the [L, B, H, T] cache
+  gets the score hash32(key ^ hash32(hash32(i) ^ f_b)), with i = (l * H + h) * T + t the
+  slot's index within the user and f_b = :func:`user_fingerprint` of user b, and the
+  ``budget`` real events with the largest scores are kept (a uniformly random subset; ties
+  to the smaller position). So every user gets its own draw, which does not depend on the
+  user's place in the batch or on the other users. The key starts at hash32(seed) and
+  advances to hash32(key + 0x9E3779B9) on every call, so results are deterministic given
+  ``seed`` and the user's history, identical on every backend, and cheap to compile (a
+  counter hash instead of threefry, whose CPU compile takes seconds).
 
   Args:
     budget: kept events per head (>= 1). seed: integer seed (>= 0).
@@ -458,8 +492,10 @@ def random(budget: int, seed: int = 0) -> Compressor:
     del signals
     cache = _pad_cache(cache, budget)
     valid = cache.pos >= 0  # [L, B, H, T]
-    flat = jnp.arange(valid.size, dtype=jnp.uint32).reshape(valid.shape)
-    u = hash32(state.key ^ hash32(flat))
+    L, B, H, T = valid.shape
+    i = jnp.arange(L * H * T, dtype=jnp.uint32).reshape(L, 1, H, T)  # slot within the user
+    f = user_fingerprint(cache)[None, :, None, None]  # [1, B, 1, 1]
+    u = hash32(state.key ^ hash32(hash32(i) ^ f))  # [L, B, H, T]
     score = (u >> 8).astype(jnp.float32)  # 24 bits, exact in float32
     sel, picked = top_slots(valid.astype(jnp.int32), score, cache.pos, budget)
     key = hash32(state.key + jnp.uint32(_GOLDEN))

@@ -15,7 +15,14 @@ import numpy as np
 from flax import struct
 
 from malloc_jax.cache import Cache
-from malloc_jax.compressors.base import Compressor, EmptyState, cache_from, index_of
+from malloc_jax.compressors.base import (
+  Compressor,
+  EmptyState,
+  cache_from,
+  index_of,
+  index_stored_bytes,
+  row_counts,
+)
 
 
 @struct.dataclass
@@ -59,6 +66,14 @@ class LowRankMemory:
     empty = (cache.pos < 0)[..., None]
     return cache.replace(k=jnp.where(empty, 0, k), v=jnp.where(empty, 0, v))
 
+  def stored_bytes(self) -> np.ndarray:
+    """[B] int64: with n events per (layer, head) row and s the coordinates' itemsize,
+    ``sum_rows n * r * 2 * s + index_stored_bytes`` (bases are shared, not counted)."""
+    L, _, H, _, r = self.ck.shape
+    n = row_counts(self.index, L, H)
+    per = r * (self.ck.dtype.itemsize + self.cv.dtype.itemsize)
+    return n.sum(axis=(0, 2)) * per + index_stored_bytes(self.index, n)
+
 
 @jax.jit
 def _moments(cache: Cache):
@@ -66,7 +81,7 @@ def _moments(cache: Cache):
   w = cache.valid.astype(jnp.float32)  # [L,B,H,T]
   out = []
   for x in (cache.k, cache.v):
-    x = x.astype(jnp.float32)
+    x = jnp.where(w[..., None] > 0, x.astype(jnp.float32), 0.0)  # padding may hold NaN / inf
     out.append((jnp.einsum("lbht->lh", w), jnp.einsum("lbht,lbhtd->lhd", w, x),
                 jnp.einsum("lbht,lbhtd,lbhte->lhde", w, x, x)))
   return out

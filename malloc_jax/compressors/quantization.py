@@ -14,6 +14,17 @@ code = clip(round((x - min) / scale), 0, 2^bits - 1) with scale and min first ro
 storage dtype, x̂ = code * scale + min (so |x - x̂| <= scale / 2 in float32). A constant group
 has scale 0 and code 0. Symmetric absmax rule (uniform): scale = max|x| / (2^(bits-1) - 1),
 code = clip(round(x / scale), -qmax, qmax), x̂ = code * scale.
+
+Non-finite inputs: a group with a NaN or infinite member gets a NaN scale (and, asymmetric,
+a NaN minimum), so every dequantized member is NaN and the serving guards (finite user
+embeddings / scores) flag that user exactly as they flag a NaN in a native memory.
+
+Stored bytes (``stored_bytes()`` of each memory, the KIVI paper's accounting): codes packed
+contiguously per user and tensor, ceil(bits * count / 8) bytes for ``count`` codes; two
+storage-dtype numbers (scale, minimum) per real quantization group (one, the scale, for
+the symmetric rule); full-precision events only where the method keeps them; the index of
+the user's real events (:func:`~malloc_jax.compressors.base.index_stored_bytes`). The
+memories' leaves hold the static buffer of a serving batch (``buffer_bytes``).
 """
 
 from __future__ import annotations
@@ -22,10 +33,19 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from malloc_jax.cache import Cache
-from malloc_jax.compressors.base import Compressor, EmptyState, cache_from, index_of
+from malloc_jax.compressors.base import (
+  Compressor,
+  EmptyState,
+  cache_from,
+  index_of,
+  index_stored_bytes,
+  packed_bytes,
+  row_counts,
+)
 from malloc_jax.compressors.eviction import (
   check_choice,
   check_int,
@@ -161,8 +181,10 @@ def minmax_codes(x: jax.Array, mask: jax.Array, axis: int, bits: int, dtype):
   mask = mask.reshape((1,) * (x.ndim - mask.ndim) + mask.shape)  # same rank as x
   levels = (1 << bits) - 1
   mn, mx, _ = _masked_min_max(x, mask, axis % x.ndim)
-  scale = ((mx - mn) / levels).astype(dtype)
-  mn = mn.astype(dtype)
+  # A non-finite member poisons its group (min/max reductions need not propagate NaN).
+  bad = jnp.any(mask & ~jnp.isfinite(x), axis=axis % x.ndim, keepdims=True)
+  scale = jnp.where(bad, jnp.nan, (mx - mn) / levels).astype(dtype)
+  mn = jnp.where(bad, jnp.nan, mn).astype(dtype)
   s32, m32 = scale.astype(jnp.float32), mn.astype(jnp.float32)
   q = jnp.round((x - m32) / jnp.where(s32 > 0, s32, 1.0))
   # clip(q, 0, levels) with NaN -> 0 (what the uint8 conversion of a NaN code gives), so
@@ -263,6 +285,34 @@ class KiviMemory:
     k = _overlay(k, self.k_res, slot - q_k[..., None], n - q_k)
     v = _overlay(v, self.v_res, slot - q_v[..., None], n - q_v)
     return _finish(self.index, k, v, self.k_res.dtype)
+
+  def stored_bytes(self) -> np.ndarray:
+    """[B] int64, the KIVI paper's accounting. Per (layer, head) row with n events, q_k
+    quantized keys and q_v quantized values (:func:`kivi`'s split), s = storage itemsize,
+    Gv = value group; sums over the user's rows::
+
+      ceil(bits * Dk * sum q_k / 8)                  key codes
+      + 2 * s * Dk * sum ceil(q_k / G)              key scale + min per channel and group
+      + s * Dk * sum (n - q_k)                      key residual
+      + ceil(bits * Dv * sum q_v / 8)                value codes
+      + 2 * s * (Dv / Gv) * sum q_v                 value scale + min per event and group
+      + s * Dv * sum (n - q_v)                      value residual
+      + index_stored_bytes
+    """
+    s = self.spec
+    L, _, H = self.k_codes.shape[:3]
+    n = row_counts(self.index, L, H)  # [L, B, H]
+    tail = np.minimum(n, s.residual)
+    q_k = n - (n % s.residual if s.key_residual == "block" else tail)
+    q_v = n - tail
+    gk = -(-q_k // s.group)  # real key groups
+    isz = self.k_res.dtype.itemsize
+    per_v = self.v_scale.shape[-1]  # Dv / Gv
+    sum_ = lambda x: x.sum(axis=(0, 2))
+    return (packed_bytes(sum_(q_k) * s.dk, s.bits) + 2 * isz * s.dk * sum_(gk)
+            + isz * s.dk * sum_(n - q_k)
+            + packed_bytes(sum_(q_v) * s.dv, s.bits) + 2 * isz * per_v * sum_(q_v)
+            + isz * s.dv * sum_(n - q_v) + index_stored_bytes(self.index, n))
 
 
 def _kivi_split(pos, residual, key_residual):
@@ -395,6 +445,26 @@ class IntactKVMemory:
                                        self.pivot_v.astype(jnp.float32)), v)
     return _finish(self.index, k, v, self.pivot_k.dtype)
 
+  def stored_bytes(self) -> np.ndarray:
+    """[B] int64. Per (layer, head) row with n events of which p = min(P, n) are pivots
+    (``pivot_slot >= 0``), s = storage itemsize, Gk, Gv the channel groups; sums over rows::
+
+      ceil(bits * Dk * sum (n - p) / 8) + 2 * s * (Dk / Gk) * sum (n - p)     keys
+      + ceil(bits * Dv * sum (n - p) / 8) + 2 * s * (Dv / Gv) * sum (n - p)   values
+      + sum p * (s * (Dk + Dv) + s_slot)       exact pivots and their int32 slot
+      + index_stored_bytes
+    """
+    s = self.spec
+    L, _, H = self.k_codes.shape[:3]
+    n = row_counts(self.index, L, H)  # [L, B, H]
+    p = (np.asarray(self.pivot_slot) >= 0).sum(axis=-1, dtype=np.int64)
+    q = (n - p).sum(axis=(0, 2))
+    isz = self.pivot_k.dtype.itemsize
+    return (packed_bytes(q * s.dk, s.bits) + 2 * isz * self.k_scale.shape[-1] * q
+            + packed_bytes(q * s.dv, s.bits) + 2 * isz * self.v_scale.shape[-1] * q
+            + p.sum(axis=(0, 2)) * (isz * (s.dk + s.dv) + self.pivot_slot.dtype.itemsize)
+            + index_stored_bytes(self.index, n))
+
 
 def intactkv(bits: int = 4, pivots: int = 4, sinks: int = 1, group: int | None = None
              ) -> Compressor:
@@ -472,6 +542,8 @@ def absmax_quantize(x: jax.Array, mask: jax.Array, bits: int, dtype):
   qmax = (1 << (bits - 1)) - 1
   x = x.astype(jnp.float32)
   scale = (jnp.max(jnp.abs(x), axis=-1) / qmax)
+  # A non-finite member poisons the row's scale (max reductions need not propagate NaN).
+  scale = jnp.where(jnp.all(jnp.isfinite(x), axis=-1), scale, jnp.nan)
   scale = jnp.where(mask, scale, 0.0).astype(dtype)
   s32 = scale.astype(jnp.float32)[..., None]
   q = jnp.clip(jnp.round(x / jnp.where(s32 > 0, s32, 1.0)), -qmax, qmax)
@@ -513,6 +585,19 @@ class UniformMemory:
     k = _load_signed(self.k_codes, s.bits, s.dk) * self.k_scale.astype(jnp.float32)[..., None]
     v = _load_signed(self.v_codes, s.bits, s.dv) * self.v_scale.astype(jnp.float32)[..., None]
     return _finish(self.index, k, v, self.k_scale.dtype)
+
+  def stored_bytes(self) -> np.ndarray:
+    """[B] int64. With N = sum over the user's (layer, head) rows of their events and s the
+    scale itemsize::
+
+      ceil(bits * Dk * N / 8) + ceil(bits * Dv * N / 8) + 2 * s * N + index_stored_bytes
+    """
+    s = self.spec
+    L, _, H = self.k_scale.shape[:3]
+    n = row_counts(self.index, L, H)
+    N = n.sum(axis=(0, 2))
+    return (packed_bytes(N * s.dk, s.bits) + packed_bytes(N * s.dv, s.bits)
+            + 2 * self.k_scale.dtype.itemsize * N + index_stored_bytes(self.index, n))
 
 
 def uniform(bits: int = 8) -> Compressor:

@@ -33,7 +33,14 @@ Conventions shared by all parsers:
   and summarized by one ``logging.warning``). If no user remains a ValueError names the file.
 * **Errors.** Malformed input raises ``ValueError`` whose message starts with the file path
   and the 1-based line number (``"<path>: line <n>: ..."``) and says what was expected.
-  Trailing blank lines are ignored; blank lines elsewhere are errors.
+  Trailing blank lines are ignored; blank lines elsewhere are errors. Integers beyond int64
+  (ids, timestamps, float timestamps of 2**63 and more) are errors naming the line.
+* **Truncation.** A last line without a newline whose last field is shorter than that field
+  in every one of the (up to 1,000) lines before it is logged as a warning naming the line: the
+  file was probably cut mid-line (``head -c``, an interrupted copy). MovieLens 100K's
+  ``u.data`` is checked against the user, item and rating counts of the ``u.info`` beside it.
+* **Fingerprints.** :func:`fingerprint` records a data file's size, mtime and SHA-256, which a
+  run directory keeps to refuse resuming on changed data.
 
 Parsing is vectorized (``np.loadtxt``'s C reader plus numpy checks); only when the fast path
 finds a problem does a per-line Python scan run, to report the first offending line.
@@ -43,6 +50,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import itertools
 import logging
@@ -60,16 +68,20 @@ __all__ = [
   "CTRData",
   "CTRSamples",
   "FORMATS",
+  "fingerprint",
+  "Genres",
   "Interactions",
   "Split",
   "leave_one_out",
   "load",
   "parse_fuxictr_csv",
+  "parse_movielens_genres",
   "parse_movielens_100k",
   "parse_movielens_1m",
   "parse_recbole_inter",
   "parse_sasrec_text",
   "popularity",
+  "source_files",
 ]
 
 PathLike = str | Path
@@ -339,16 +351,42 @@ def _read_text(p: Path, expected: str) -> str:
   text = text[:end]
   if not text:
     raise ValueError(f"{p}: empty file, expected {expected}")
+  if not data.rstrip(b" \t\r").endswith(b"\n"):  # the last line has no newline
+    _warn_if_truncated(p, text)
   return text
+
+
+_FIELD_SPLIT = re.compile(r"::|[\t,; ]")
+
+
+def _warn_if_truncated(p: Path, text: str, window: int = 1000) -> None:
+  """Warns when the last line (which has no newline) looks cut short.
+
+  Its last field is compared with the last field of up to ``window`` lines before it: shorter
+  than every one of them (a 3-digit timestamp after 9-digit ones) means the file was probably
+  truncated mid-line, which would otherwise parse as a valid but wrong event.
+  """
+  tail = text[-200 * window:]
+  lines = tail.split("\n")[1 if len(tail) < len(text) else 0:]  # not a line cut by the slice
+  last, before = lines[-1], lines[-window - 1:-1]
+  if len(before) < 2:
+    return
+  widths = [len(_FIELD_SPLIT.split(line.strip())[-1]) for line in before if line.strip()]
+  field = _FIELD_SPLIT.split(last.strip())[-1]
+  if widths and len(field) < min(widths):
+    n = text.count("\n") + 1
+    log.warning("%s: line %d: the last line has no newline and its last field %r is shorter "
+                "than in each of the %d lines before it (at least %d characters): the file "
+                "looks truncated", p, n, field, len(widths), min(widths))
 
 
 def _check_id(s: str, label: str) -> str | None:
   if not s.strip():
     return f"missing {label}"
   if not _INT_RE.fullmatch(s):
-    return f"expected an integer {label}, got {s!r}"
-  if abs(int(s)) > _INT64_MAX:
-    return f"{label} {s.strip()} is out of the int64 range"
+    return f"expected an integer {label}, got {_show(s, 40)}"
+  if _too_many_digits(s) or abs(int(s)) > _INT64_MAX:
+    return f"{label} {_show(s.strip(), 40)} is out of the int64 range"
   return None
 
 
@@ -374,13 +412,20 @@ def _check_time_int(s: str, label: str) -> str | None:
       float(s)
     except ValueError:
       return f"expected a non-negative integer {label}, got non-numeric {s!r}"
-    return f"expected a non-negative integer {label}, got {s!r}"
+    return f"expected a non-negative integer {label}, got {_show(s, 40)}"
+  if _too_many_digits(s):
+    return f"{label} {_show(s.strip(), 40)} is out of the int64 range"
   v = int(s)
   if v < 0:
     return f"expected a non-negative integer {label}, got negative {s.strip()}"
   if v > _INT64_MAX:
-    return f"{label} {s.strip()} is out of the int64 range"
+    return f"{label} {_show(s.strip(), 40)} is out of the int64 range"
   return None
+
+
+def _too_many_digits(s: str) -> bool:
+  """More than int64's 19 significant digits (and so no int() of a 4,300+ digit string)."""
+  return len(s.strip().lstrip("+-").lstrip("0")) > 19
 
 
 def _check_time_float(s: str, label: str) -> str | None:
@@ -391,9 +436,11 @@ def _check_time_float(s: str, label: str) -> str | None:
   except ValueError:
     return f"expected a non-negative numeric {label}, got non-numeric {s!r}"
   if not math.isfinite(v):
-    return f"expected a finite {label}, got {s!r}"
+    return f"expected a finite {label}, got {_show(s, 40)}"
   if v < 0:
     return f"expected a non-negative {label}, got negative {s.strip()}"
+  if v >= 2.0**63:
+    return f"{label} {s.strip()} is out of the int64 range (timestamps are stored as int64)"
   return None
 
 
@@ -522,8 +569,9 @@ def _read_table(table: _Table, body: str) -> dict[str, np.ndarray]:
     v = out[c.role]
     if c.role == "rating" and not np.all(np.isfinite(v)):
       _fail(table, body, f"non-finite {c.label}")
-    if c.role == "timestamp" and (np.any(v < 0) or not np.all(np.isfinite(v))):
-      _fail(table, body, f"negative or non-finite {c.label}")
+    if c.role == "timestamp" and (np.any(v < 0) or not np.all(np.isfinite(v))
+                                  or (v.dtype.kind == "f" and np.any(v >= 2.0**63))):
+      _fail(table, body, f"negative, non-finite or out-of-range {c.label}")
   return out
 
 
@@ -633,8 +681,31 @@ def _movielens(path: PathLike, fmt: str, default_name: str, sep: str, min_events
     _Column("timestamp", 3, "timestamp", _check_time_int, "i8")))
   what = f"{_sep_name(sep)}-separated lines '{layout}' (no header)"
   cols = _read_table(table, _read_text(p, what))
+  if fmt == "ml-100k":
+    _check_u_info(p, cols)
   return _build(p, fmt, cols["user"], cols["item"], cols["timestamp"], cols["rating"],
                 min_events=min_events, min_rating=min_rating)
+
+
+def _check_u_info(p: Path, cols: dict[str, np.ndarray]) -> None:
+  """Checks ``u.data`` against the counts of the ``u.info`` beside it (when both exist).
+
+  ``u.info`` holds ``<n> users``, ``<n> items``, ``<n> ratings``; a mismatch means a
+  truncated or edited ``u.data``. Only a file named ``u.data`` is checked (a subset written
+  next to it is a different file).
+  """
+  info = p.with_name("u.info")
+  if p.name != "u.data" or not info.is_file():
+    return
+  have = {"users": len(np.unique(cols["user"])), "items": len(np.unique(cols["item"])),
+          "ratings": len(cols["user"])}
+  for k, line in enumerate(info.read_text(errors="replace").splitlines()):
+    parts = line.split()
+    if len(parts) == 2 and parts[1] in have and parts[0].isdigit():
+      if int(parts[0]) != have[parts[1]]:
+        raise ValueError(f"{p}: holds {have[parts[1]]} {parts[1]} but {info} line {k + 1} "
+                         f"says {parts[0]}: the file is truncated or was changed (update or "
+                         "remove u.info if the change is intended)")
 
 
 def parse_movielens_100k(path: PathLike, *, min_events: int = 3,
@@ -812,6 +883,49 @@ def load(format: str, path: PathLike, **opts) -> Interactions:
     raise ValueError(f"unknown data format {format!r}; expected one of "
                      f"{', '.join(repr(f) for f in FORMATS)}") from None
   return parser(path, **opts)
+
+
+_DEFAULT_FILES = {"ml-100k": ("u.data", None), "ml-1m": ("ratings.dat", None),
+                  "recbole": (None, "*.inter"), "sasrec": (None, None)}
+
+
+def source_files(format: str, path: PathLike) -> list[Path]:
+  """The raw files that ``load(format, path)`` reads (a directory resolved to its file).
+
+  Raises:
+    ValueError: unknown format. FileNotFoundError: missing path.
+  """
+  if format not in _DEFAULT_FILES:
+    raise ValueError(f"unknown data format {format!r}; expected one of "
+                     f"{', '.join(repr(f) for f in FORMATS)}")
+  name, pattern = _DEFAULT_FILES[format]
+  p = _resolve(path, name, pattern)
+  files = [p]
+  if format == "ml-100k" and p.name == "u.data" and p.with_name("u.info").is_file():
+    files.append(p.with_name("u.info"))
+  return files
+
+
+def fingerprint(format: str, path: PathLike) -> list[dict]:
+  """Size, mtime and SHA-256 of each file ``load(format, path)`` reads.
+
+  The hash covers the whole content (about 0.5 s per 100 MB), so a file rewritten with the
+  same size (permuted ids) is told apart; ``mtime_ns`` is recorded for the message only, so a
+  copy or ``touch`` of unchanged content still matches.
+
+  Returns:
+    One ``{"path", "size", "mtime_ns", "sha256"}`` per file (absolute paths).
+  """
+  out = []
+  for f in source_files(format, path):
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+      for block in iter(lambda: fh.read(1 << 20), b""):
+        h.update(block)
+    st = f.stat()
+    out.append({"path": str(f.absolute()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                "sha256": h.hexdigest()})
+  return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -1057,3 +1171,82 @@ def parse_fuxictr_csv(path: PathLike, *, label_field: str | None = None,
       source=f"fuxictr:{f}")
   return CTRData(splits=splits, user_ids=user_ids, item_ids=vocab, num_items=num_items,
                  label_field=fields[0], history_field=fields[1], source=str(p))
+
+
+# --------------------------------------------------------------------------------------------
+# Item metadata
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Genres:
+  """Genres of MovieLens movies (``movies.dat``).
+
+  Attributes:
+    movie_ids: [M] original movie ids, in file order.
+    names: the G genre names, sorted.
+    multi_hot: [M, G] bool, ``multi_hot[m, g]`` when movie ``movie_ids[m]`` has genre g.
+    source: the file.
+  """
+
+  movie_ids: np.ndarray
+  names: tuple[str, ...]
+  multi_hot: np.ndarray
+  source: str
+
+  def for_items(self, item_ids: np.ndarray) -> np.ndarray:
+    """[V + 1, G] genres of dense item ids (``Interactions.item_ids``); row 0 (padding) is
+    all False. Raises ValueError naming the first item with no line in the file."""
+    row = {int(m): i for i, m in enumerate(self.movie_ids)}
+    out = np.zeros((len(item_ids), len(self.names)), bool)
+    for d in range(1, len(item_ids)):
+      i = row.get(int(item_ids[d]))
+      if i is None:
+        raise ValueError(f"{self.source}: movie id {item_ids[d]} (dense item {d}) has no "
+                         "line in the genre file")
+      out[d] = self.multi_hot[i]
+    return out
+
+
+def parse_movielens_genres(path: PathLike) -> Genres:
+  """Parses MovieLens 1M ``movies.dat``: ``movie_id::title::genre|genre|...`` (latin-1).
+
+  Args:
+    path: the ``movies.dat`` file, or the ``ml-1m`` directory holding it.
+
+  Returns:
+    The :class:`Genres` (every genre named in the file; a movie may have several).
+
+  Raises:
+    ValueError: a line without three ``::`` fields, a bad or repeated movie id, or an empty
+      genre list, naming the file and line.
+  """
+  p = _resolve(path, "movies.dat")
+  layout = "movie_id::title::genre|genre|..."
+  text = p.read_bytes().decode("latin-1").replace("\r\n", "\n").rstrip("\n")
+  if not text.strip():
+    raise ValueError(f"{p}: empty file, expected lines '{layout}'")
+  ids, lists, seen = [], [], {}
+  for n, line in enumerate(text.split("\n"), 1):
+    parts = line.split("::")
+    if len(parts) != 3:
+      raise ValueError(f"{p}: line {n}: {len(parts)} '::'-separated fields, expected 3 "
+                       f"('{layout}'): {_show(line)}")
+    err = _check_id(parts[0].strip(), "movie id")
+    if err is not None:
+      raise ValueError(f"{p}: line {n}: {err} (expected '{layout}'): {_show(line)}")
+    mid = int(parts[0])
+    if mid in seen:
+      raise ValueError(f"{p}: line {n}: movie id {mid} already appeared on line {seen[mid]}")
+    seen[mid] = n
+    genres = [g.strip() for g in parts[2].split("|")]
+    if not all(genres):
+      raise ValueError(f"{p}: line {n}: empty genre in {parts[2]!r} (expected '{layout}')")
+    ids.append(mid)
+    lists.append(genres)
+  names = tuple(sorted({g for gs in lists for g in gs}))
+  col = {g: j for j, g in enumerate(names)}
+  hot = np.zeros((len(ids), len(names)), bool)
+  for i, gs in enumerate(lists):
+    hot[i, [col[g] for g in gs]] = True
+  return Genres(movie_ids=np.asarray(ids, np.int64), names=names, multi_hot=hot, source=str(p))

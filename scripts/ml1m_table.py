@@ -1,0 +1,247 @@
+r"""The ML-1M table: every post-hoc method at 2x..128x with paired bootstrap CIs to native
+and a per-history-length breakdown (issue 17).
+
+Trains the backbone to early stopping (or reuses the checkpoint in --workdir; the validation
+curve is kept in workdir/curve.json), prefills every test user's native memory once, then
+serves the test targets from each compressed memory over all items. Each cell reports
+NDCG@10 / HR@10, bytes per user, the achieved ratio, the paired difference to native over the
+same users with a 95% bootstrap interval (1,000 resamples of users, seeded) and the same per
+history-length bucket (<= 200, 201-512, > 512 events before the target, counted on the full
+history, not the kept window). Then the methods are ordered at each ratio's byte budget with
+significance marks (``stats.order_at_budgets``).
+
+  python scripts/ml1m_table.py --config configs/ml1m.py --workdir runs/ml1m_hstu_c200 \
+      --out runs/ml1m_hstu_c200/table.json
+  python scripts/ml1m_table.py --config configs/ml1m.py:model=sasrec --workdir runs/ml1m_sasrec_c200
+  python scripts/ml1m_table.py --config configs/ml1m.py:runlocal=True --workdir /tmp/ml1m_tiny \
+      --ratios 2,4 --chains snapkv+kivi2            # the CPU smoke test of the device script
+
+Per-user ranks of every cell are saved in the output JSON (``ranks``), so any other paired
+comparison can be made later without serving again.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from malloc_jax import compressors as C
+from malloc_jax import ratio_axis, stats
+from malloc_jax.checkpoint import write_json_atomic
+from malloc_jax.compressors.budget import cache_spec, memory_bytes
+from malloc_jax.compressors.registry import make_compressor
+from malloc_jax.config_validation import validate_config
+from malloc_jax.evaluate import calibration_caches, check_eval_set, padded_batches, split_request
+from malloc_jax.experiment import _check_workdir, load_data, train_model
+from malloc_jax.metrics import popularity_ranks, retrieval_metrics, target_rank
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (configs/ml1m.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (reused).")
+_OUT = flags.DEFINE_string("out", None, "JSON output (default workdir/table.json).")
+_METHODS = flags.DEFINE_list(
+    "methods", "lowrank,h2o,snapkv,streaming,random,merge_evicted",
+    "Methods put on the ratio axis alone.")
+_NATURAL = flags.DEFINE_list("natural", "kivi4,kivi2,uniform8,uniform4,intactkv4,intactkv2",
+                             "Quantizers at their natural sizes (name + bits).")
+_CHAINS = flags.DEFINE_list(
+    "chains", "snapkv+kivi4,snapkv+kivi2,h2o+kivi2,snapkv+uniform8,snapkv+uniform4",
+    "Eviction + quantizer chains put on the ratio axis (ratio_axis.chain_for_ratio).")
+_RATIOS = flags.DEFINE_list("ratios", "2,4,8,16,32,64,128", "Memory reductions.")
+_RESAMPLES = flags.DEFINE_integer("resamples", 1000, "Bootstrap resamples of users.")
+_TRAIN_ONLY = flags.DEFINE_bool("train_only", False,
+                                 "Train and serve native only (seed spread); no other cells.")
+
+
+@functools.partial(jax.jit, static_argnames=("window",))
+def _prefill(model, items, ts, length, *, window):
+  prefix, req = split_request(items, ts, length, 1)
+  cache, signals = model.prefill(prefix, window)
+  return cache, signals, req
+
+
+@functools.partial(jax.jit, static_argnames=("compressor",))
+def _compress_score(model, cache, signals, req, target, *, compressor):
+  memory, _ = compressor.compress(cache, compressor.init(cache), signals)
+  logits = model.score(memory.materialize(), req)
+  return target_rank(logits, target), memory, jnp.all(jnp.isfinite(logits[:, 1:]), axis=1)
+
+
+def _quant(label: str) -> tuple[str, dict]:
+  """"kivi2" -> ("kivi", {"bits": 2, ...}); KIVI groups are one per 25 channels / events."""
+  name = label.rstrip("0123456789")
+  return name, {"bits": int(label[len(name):])}
+
+
+class Served:
+  """Test users' native caches, prefilled once; ``ranks(comp)`` serves every cell."""
+
+  def __init__(self, model, split, batch_size, window, max_users):
+    n = len(split) if not max_users else min(max_users, len(split))
+    check_eval_set(split, model.num_items)
+    self.model, self.n, self.batches = model, n, []
+    for _, idx, real in padded_batches(n, min(batch_size, n)):
+      cache, signals, req = _prefill(model, jnp.asarray(split.items[idx]),
+                                     jnp.asarray(split.ts[idx]),
+                                     jnp.asarray(split.length[idx]), window=window)
+      self.batches.append((cache, signals, req, jnp.asarray(split.target[idx]), real))
+
+  def ranks(self, comp):
+    out, memory = [], None
+    for b, (cache, signals, req, target, real) in enumerate(self.batches):
+      r, memory, finite = _compress_score(self.model, cache, signals, req, target,
+                                          compressor=comp)
+      bad = np.flatnonzero(~np.asarray(finite)[real])
+      if bad.size:
+        raise FloatingPointError(f"non-finite scores for {bad.size} user(s), first user "
+                                 f"index {b * len(real) + bad[0]}; refusing to report")
+      out.append(np.asarray(r)[real])
+    return np.concatenate(out), C.bytes_per_user(memory)
+
+
+def _curve_printer(workdir: Path):
+  """A print_fn for train_model that also appends each validation result to curve.json."""
+  path = workdir / "curve.json"
+  curve = json.loads(path.read_text()) if path.exists() else []
+  state = {"step": 0, "t0": time.time()}
+
+  def print_fn(msg):
+    print(msg, flush=True)
+    if msg.startswith("step "):
+      state["step"] = int(msg.split()[1].split("/")[0])
+    elif "valid NDCG@10" in msg:
+      parts = msg.split()
+      curve.append({"step": state["step"], "NDCG@10": float(parts[2]),
+                    "HR@10": float(parts[4]), "wall_s": time.time() - state["t0"]})
+      write_json_atomic(path, curve)
+
+  return print_fn, curve
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  validate_config(config)
+  workdir = Path(_WORKDIR.value)
+  _check_workdir(workdir, config)
+  t0 = time.time()
+  data = load_data(config)
+  print(data.summary(), flush=True)
+  print_fn, curve = _curve_printer(workdir)
+  model, info = train_model(config, workdir, data, print_fn)
+  steps_per_epoch = max(len(data.train) // config.train.batch_size, 1)
+  info.update(epochs=info["steps"] / steps_per_epoch, best_epoch=info["best_step"] / steps_per_epoch,
+              curve=curve, steps_per_epoch=steps_per_epoch, devices=[str(d) for d in jax.devices()])
+  print(f"trained: {info['steps']} steps ({info['epochs']:.1f} epochs), best valid NDCG@10 "
+        f"{info['best_valid_ndcg10']:.4f} at epoch {info['best_epoch']:.0f}, "
+        f"{info['train_seconds']:.0f}s", flush=True)
+  out = Path(_OUT.value) if _OUT.value else workdir / "table.json"
+  split = data.eval_set(config.eval.split)
+  n = len(split) if not config.eval.max_users else min(config.eval.max_users, len(split))
+  pop = retrieval_metrics(popularity_ranks(data.popularity, split.target[:n]), (10,))
+  result = {"dataset": data.summary(), "model": config.model.to_dict(),
+            "capacity": config.data.max_len, "train": info, "popularity": pop}
+  # Full history lengths (before the capacity cut): the parser's per-user event counts.
+  from malloc_jax.data import parsers
+  inter = parsers.load(config.data.source, config.data.path, min_events=config.data.min_events)
+  lengths = (np.diff(inter.offsets) - (1 if config.eval.split == "test" else 2))[:n]
+
+  heads, dk, dv = model.head_dims()
+  spec = cache_spec(len(model.layers), heads, config.data.max_len, dk, dv)
+  native_bytes = memory_bytes("native", spec)
+  group = max(g for g in range(1, min(32, dv) + 1) if dv % g == 0)
+  qfix = {"kivi": {"group": group, "residual": group}, "intactkv": {}, "uniform": {}}
+  ratios = [float(r) for r in _RATIOS.value]
+  cells = [("native", [])]
+  t_plan = time.time()
+  only_native = _TRAIN_ONLY.value
+  for method in [] if only_native else _METHODS.value:
+    for r in ratios:
+      fixed = {"window": 8} if method == "snapkv" else {}
+      got = ratio_axis.reach_ratio(method, spec, r, **fixed)
+      if got is None:
+        print(f"{method} {r:g}x: out of reach", flush=True)
+        continue
+      cells.append((f"{method} {r:g}x", [(method, got["params"])]))
+  for label in [] if only_native else _NATURAL.value:
+    name, p = _quant(label)
+    cells.append((f"{name} {p['bits']}-bit", [(name, {**p, **qfix[name]})]))
+  for label in [] if only_native else _CHAINS.value:
+    evict, quant = label.split("+")
+    qname, qp = _quant(quant)
+    qp = {**qp, **qfix[qname]}
+    for r in ratios:
+      fixed = {"window": 8} if evict == "snapkv" else {}
+      got = ratio_axis.chain_for_ratio(evict, qname, spec, r, qp, **fixed)
+      if got is None:
+        print(f"{label} {r:g}x: out of reach", flush=True)
+        continue
+      cells.append((f"{label} {r:g}x", got["steps"]))
+  print(f"planned {len(cells)} cells ({time.time() - t_plan:.0f}s)", flush=True)
+
+  t_prefill = time.time()
+  served = Served(model, split, config.eval.batch_size, config.eval.window, n)
+  print(f"prefilled {served.n} users ({time.time() - t_prefill:.0f}s)", flush=True)
+  bases = {}
+
+  def build(steps):
+    built = []
+    for name, params in steps:
+      params = dict(params)
+      if name == "lowrank":
+        rank = int(params.pop("rank"))
+        if rank not in bases:
+          bases[rank] = C.fit_lowrank(calibration_caches(
+              model, data.valid, num_users=config.eval.calibration_users, seed=config.seed), rank)
+        params["bases"] = bases[rank]
+      built.append(make_compressor(name, **params))
+    if not built:
+      return C.native()
+    return built[0] if len(built) == 1 else C.chain(*built)
+
+  rows, ranks = [], {}
+  t_cells = time.time()
+  for i, (label, steps) in enumerate(cells):
+    t = time.time()
+    r, b = served.ranks(build(steps))
+    ranks[label] = r
+    row = {"method": label, "steps": [[m, p] for m, p in steps],
+           **retrieval_metrics(r, (10, 50, 200)), "bytes_per_user": b,
+           "compression_ratio": native_bytes / b, "seconds": time.time() - t}
+    rows.append(row)
+    write_json_atomic(out, {**result, "rows": rows, "partial": True,  # survives a timeout
+                            "ranks": {m: x.tolist() for m, x in ranks.items()},
+                            "lengths": lengths.tolist()})
+    print(f"[{i + 1}/{len(cells)}] {label}: NDCG@10 {row['NDCG@10']:.4f} HR@10 "
+          f"{row['HR@10']:.4f} {row['compression_ratio']:.1f}x ({row['seconds']:.1f}s)",
+          flush=True)
+  per_user = {m: stats.per_user_metric(r, "NDCG@10") for m, r in ranks.items()}
+  cis = stats.ci_columns(per_user, "native", lengths, resamples=_RESAMPLES.value,
+                         seed=config.seed)
+  for row in rows:
+    row["ci"] = cis[row["method"]]
+  order = stats.order_at_budgets(rows, per_user, [native_bytes / r for r in ratios],
+                                 resamples=_RESAMPLES.value, seed=config.seed)
+  result.update(rows=rows, order_at_budgets=order,
+                ranks={m: r.tolist() for m, r in ranks.items()}, lengths=lengths.tolist(),
+                seconds={"plan": t_prefill - t_plan, "cells": time.time() - t_cells,
+                         "total": time.time() - t0})
+  write_json_atomic(out, result)
+  print(stats.markdown_ci(rows, cis))
+  for o in order:
+    items = ", ".join(f"{e['method']} {e['NDCG@10']:.4f}{'' if e['mark'] == 'best' else e['mark']}"
+                      for e in o["order"][:6])
+    print(f"<= {o['budget']:,.0f} B: {items}")
+  print(f"wrote {out} ({time.time() - t0:.0f}s)", flush=True)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -1,0 +1,95 @@
+"""The ratio axis 2x..128x: each ratio is reached within 5% or reported out of reach.
+
+References: bytes of really compressed random caches (``compressors.bytes_per_user`` of the
+memory a real ``compress`` returns) for every chosen setting, and a brute-force scan of every
+eviction budget (bytes from ``budget.memory_bytes``) for the "out of reach" verdicts."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from malloc_jax import compressors as C
+from malloc_jax import ratio_axis as R
+from malloc_jax.cache import Cache, Signals
+from malloc_jax.compressors.budget import cache_spec, memory_bytes
+from malloc_jax.compressors.registry import make_compressor
+
+L, B, H, T, D, W = 2, 2, 1, 96, 8, 8
+KIVI = {"group": 8, "residual": 8}
+
+
+def real_cache(seed=0):
+  """A full random cache (every slot an event) and random attention signals."""
+  rng = np.random.default_rng(seed)
+  pos = np.broadcast_to(np.arange(T)[None, None, None], (L, B, H, T))
+  cache = Cache(k=jnp.asarray(rng.normal(size=(L, B, H, T, D)), jnp.float32),
+                v=jnp.asarray(rng.normal(size=(L, B, H, T, D)), jnp.float32),
+                pos=jnp.asarray(pos, jnp.int32), ts=jnp.asarray(pos, jnp.int32),
+                length=jnp.full((B,), T, jnp.int32), contiguous=True)
+  sig = Signals(acc_attn=jnp.asarray(rng.random((L, B, H, T)), jnp.float32),
+                window_attn=jnp.asarray(rng.random((L, B, H, W, T)), jnp.float32),
+                window_valid=jnp.ones((B, W), bool))
+  return cache, sig
+
+
+def real_bytes(comp, cache, sig):
+  memory, _ = comp.compress(cache, comp.init(cache), sig)
+  return C.bytes_per_user(memory)
+
+
+@pytest.mark.parametrize("ratio", R.RATIOS)
+def test_eviction_reaches_ratio_or_says_out_of_reach(ratio):
+  spec = cache_spec(L, H, T, D, batch=B)
+  cache, sig = real_cache()
+  native = real_bytes(make_compressor("native"), cache, sig)
+  got = R.reach_ratio("snapkv", spec, ratio, window=W)
+  if got is None:  # brute force: no budget lands in [ratio, 1.05 ratio]
+    for b in range(W, T + 1):
+      r = native / memory_bytes("snapkv", spec, budget=b, window=W)
+      assert not ratio <= r <= 1.05 * ratio, b
+    return
+  achieved = native / real_bytes(make_compressor("snapkv", **got["params"]), cache, sig)
+  assert ratio <= achieved <= 1.05 * ratio
+  assert achieved == pytest.approx(got["ratio"], rel=1e-12)
+
+
+@pytest.mark.parametrize("quant,qparams", [("kivi", {"bits": 2, **KIVI}),
+                                           ("uniform", {"bits": 4})])
+def test_chain_reaches_ratio_or_says_out_of_reach(quant, qparams):
+  spec = cache_spec(L, H, T, D, batch=B)
+  cache, sig = real_cache(1)
+  native = real_bytes(make_compressor("native"), cache, sig)
+  reached = 0
+  for ratio in R.RATIOS:
+    got = R.chain_for_ratio("h2o", quant, spec, ratio, qparams)
+    if got is None:
+      continue
+    (e, ep), (q, qp) = got["steps"]
+    comp = C.chain(make_compressor(e, **ep), make_compressor(q, **qp))
+    achieved = native / real_bytes(comp, cache, sig)
+    assert ratio <= achieved <= 1.05 * ratio, (ratio, ep)
+    assert achieved == pytest.approx(got["ratio"], rel=1e-12)
+    reached += 1
+  assert reached >= 2  # the chain reaches ratios that quantization alone cannot (below)
+  assert R.reach_ratio(quant, spec, 32, **{k: v for k, v in qparams.items() if k != "bits"}) \
+      is None
+
+
+def test_chain_out_of_reach_matches_brute_force():
+  spec = cache_spec(L, H, T, D, batch=B)
+  cache, sig = real_cache(2)
+  native = real_bytes(make_compressor("native"), cache, sig)
+  ratio = 128  # 96 events / 128 at 4x smaller codes: less than one event, out of reach
+  got = R.chain_for_ratio("h2o", "uniform", spec, ratio, {"bits": 8})
+  hits = []
+  for b in range(1, T + 1):
+    r = native / R.chain_bytes("h2o", {"heavy": b - b // 2, "recent": b // 2}, "uniform",
+                               {"bits": 8}, spec)
+    if ratio <= r <= 1.05 * ratio:
+      hits.append(b)
+  assert (got is None) == (not hits)
+  assert got is None  # fewer than one event at 128x
+  got = R.chain_for_ratio("h2o", "uniform", spec, 16, {"bits": 8})
+  hits = [b for b in range(1, T + 1) if 16 <= native / R.chain_bytes(
+      "h2o", {"heavy": b - b // 2, "recent": b // 2}, "uniform", {"bits": 8}, spec) <= 16.8]
+  assert hits and got["steps"][0][1]["heavy"] + got["steps"][0][1]["recent"] == max(hits)
