@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from malloc_jax import compressors as comp_lib
-from malloc_jax import parallel
+from malloc_jax import parallel, reads
 from malloc_jax.metrics import target_rank
 from malloc_jax.models.base import Events
 from malloc_jax.streaming import stream_memory
@@ -92,16 +92,20 @@ def _read(model, h, target, candidates):
 
 @jax.jit
 def score_stage(model, memory, req, target, candidates=None):
-  """Stage 3: (target ranks [B], candidate logits [B, C] or None, finite [B])."""
-  return _read(model, model.user_embedding(memory.materialize(), req), target, candidates)
+  """Stage 3: (target ranks [B], candidate logits [B, C] or None, finite [B]).
+
+  The memory is read in its stored form where the model has a compressed read for it
+  (``reads.serving_view``: plain HSTU / SASRec), else through ``materialize()``."""
+  return _read(model, model.user_embedding(reads.serving_view(model, memory), req), target,
+               candidates)
 
 
 @functools.partial(jax.jit, static_argnames=("compressor", "requests", "window"))
 def stream_stage(model, prefix, req, target, *, compressor, requests: int, window: int):
   """Stage 4, the streaming protocol with r = ``requests``: (ranks [B], memory, finite [B])."""
   memory, _ = stream_memory(model, prefix, compressor, requests, window)
-  ranks, _, finite = _read(model, model.user_embedding(memory.materialize(), req), target,
-                           None)
+  ranks, _, finite = _read(model, model.user_embedding(reads.serving_view(model, memory), req),
+                           target, None)
   return ranks, memory, finite
 
 

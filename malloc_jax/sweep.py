@@ -45,7 +45,7 @@ import numpy as np
 
 from malloc_jax import compressors as comp_lib
 from malloc_jax import costs as costs_lib
-from malloc_jax import serving
+from malloc_jax import reads, serving
 from malloc_jax.compressors import registry
 from malloc_jax.compressors.budget import cache_spec, memory_bytes, ratio_table, resolve_params
 from malloc_jax.config_validation import validate_config
@@ -481,7 +481,9 @@ def _bytes_and_costs(model, comp, served: serving.Served, run, c) -> dict:
           "reference_stored_bytes": float(np.mean(comp_lib.native_stored_bytes(
               reference_spec(run), served.lengths))),
           **costs_lib.serving_costs(model, served.memory, b.req, closed_form=True,
-                                    warmup=c.warmup, iters=c.iters).row()}
+                                    warmup=c.warmup, iters=c.iters).row(),
+          # Latency and peak-memory columns from the compressed read (issue 21).
+          **reads.read_costs(model, served.memory, b.req, warmup=c.warmup, iters=c.iters)}
 
 
 # ------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from malloc_jax import cache as cache_lib
+from malloc_jax import reads
 from malloc_jax.cache import Cache, Signals
 
 
@@ -87,13 +88,16 @@ class SequenceRecommender(nnx.Module):
     x = self.embed(events.items, jnp.maximum(q_pos, 0), rngs[0])
     ks, vs, attns = [], [], []
     for i, layer in enumerate(self.layers):
-      x, k, v, a = layer.step(x, q_pos, q_ts, q_valid, cache.k[i], cache.v[i], cache.pos[i],
-                              cache.ts[i], rngs[i + 1])
+      # A compressed memory is read in its own form (malloc_jax.reads); attn is then None.
+      kv = ((cache.k[i], cache.v[i], cache.pos[i], cache.ts[i]) if isinstance(cache, Cache)
+            else (reads.LayerView(cache, i), None, None, None))
+      x, k, v, a = layer.step(x, q_pos, q_ts, q_valid, *kv, rngs[i + 1])
       ks.append(k)
       vs.append(v)
       attns.append(a)
     x = self.output(x)
-    return x, jnp.stack(ks), jnp.stack(vs), jnp.stack(attns), q_pos
+    attn = None if attns[0] is None else jnp.stack(attns)
+    return x, jnp.stack(ks), jnp.stack(vs), attn, q_pos
 
   def empty_cache(self, batch: int, capacity: int = 0) -> Cache:
     h, dk, dv = self.head_dims()
@@ -145,8 +149,12 @@ class SequenceRecommender(nnx.Module):
     return new_cache, Signals(acc_attn=acc, window_attn=win, window_valid=w_valid)
 
   def encode(self, cache: Cache, events: Events) -> jax.Array:
-    """Hidden states [B, m, d] of new events read against the cache (cache unchanged)."""
-    x, *_ = self._run(cache, events, cache.length)
+    """Hidden states [B, m, d] of new events read against the cache (cache unchanged).
+
+    ``cache`` may also be a compressed memory (DenseMemory, LowRankMemory, KiviMemory,
+    UniformMemory, IntactKVMemory): it is then read without materializing (malloc_jax.reads).
+    """
+    x, *_ = self._run(cache, events, reads.memory_length(cache))
     return x
 
   def user_embedding(self, cache: Cache, queries: Events) -> jax.Array:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from malloc_jax import flops
+from malloc_jax import flops, reads
 from malloc_jax.models.base import SequenceRecommender, attention_mask, concat_keys, dropout
 from malloc_jax.models.spec import VariantSpec
 
@@ -57,16 +57,22 @@ class HSTULayer(nnx.Module):
     u, v, q, k = jnp.split(h, [H * dv, 2 * H * dv, 2 * H * dv + H * dqk], axis=-1)
     heads = lambda t, d: t.reshape(B, m, H, d).transpose(0, 2, 1, 3)  # [B, H, m, d]
     q, k, v = heads(q, dqk), heads(k, dqk), heads(v, dv)
-    kk, vv, kpos, kts = concat_keys(ck, cv, cpos, cts, k, v, q_pos, q_ts)
-    s = jnp.einsum("bhmd,bhtd->bhmt", q, kk) + self.bias(q_pos, q_ts, kpos, kts)
-    mask = attention_mask(q_pos, q_valid, kpos)
-    a = jnp.where(mask, nnx.silu(s), 0.0) / self.max_len  # [B, H, m, T+m]
-    o = jnp.einsum("bhmt,bhtd->bhmd", a, vv).transpose(0, 2, 1, 3).reshape(B, m, H * dv)
+    if reads.is_view(ck):  # compressed memory: memory part + new part, summed exactly
+      attn = reads.Attention("pointwise", norm=self.max_len, bias=self.bias)
+      o, a = reads.attend_memory(attn, ck, q, k, v, q_pos, q_ts, q_valid), None
+    else:
+      kk, vv, kpos, kts = concat_keys(ck, cv, cpos, cts, k, v, q_pos, q_ts)
+      s = jnp.einsum("bhmd,bhtd->bhmt", q, kk) + self.bias(q_pos, q_ts, kpos, kts)
+      mask = attention_mask(q_pos, q_valid, kpos)
+      a = jnp.where(mask, nnx.silu(s), 0.0) / self.max_len  # [B, H, m, T+m]
+      o = jnp.einsum("bhmt,bhtd->bhmd", a, vv)
+      a = jnp.abs(a)
+    o = o.transpose(0, 2, 1, 3).reshape(B, m, H * dv)
     y = self.out(u * self.ln_attn(o))
     r1, r2 = (None, None) if rng is None else jax.random.split(rng)
     y = x + dropout(y, self.dropout_rate, r1)
     del r2
-    return y, k, v, jnp.abs(a)
+    return y, k, v, a
 
 
 class HSTU(SequenceRecommender):

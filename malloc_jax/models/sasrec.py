@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from malloc_jax import flops
+from malloc_jax import flops, reads
 from malloc_jax.models.base import SequenceRecommender, attention_mask, concat_keys, dropout
 from malloc_jax.models.spec import VariantSpec
 
@@ -35,12 +35,17 @@ class SASRecLayer(nnx.Module):
     q, k, v = jnp.split(self.qkv(self.ln1(x)), 3, axis=-1)
     heads = lambda t: t.reshape(B, m, H, dh).transpose(0, 2, 1, 3)  # [B, H, m, dh]
     q, k, v = heads(q), heads(k), heads(v)
-    kk, vv, kpos, _ = concat_keys(ck, cv, cpos, cts, k, v, q_pos, q_ts)
-    s = jnp.einsum("bhmd,bhtd->bhmt", q, kk) / (dh ** 0.5)
-    mask = attention_mask(q_pos, q_valid, kpos)
-    s = jnp.where(mask, s, -1e30)
-    a = jnp.where(mask, jax.nn.softmax(s, axis=-1), 0.0)  # [B, H, m, T+m]
-    o = jnp.einsum("bhmt,bhtd->bhmd", a, vv).transpose(0, 2, 1, 3).reshape(B, m, d)
+    if reads.is_view(ck):  # compressed memory: online softmax over memory and new part
+      attn = reads.Attention("softmax", scale=dh ** -0.5)
+      o, a = reads.attend_memory(attn, ck, q, k, v, q_pos, q_ts, q_valid), None
+    else:
+      kk, vv, kpos, _ = concat_keys(ck, cv, cpos, cts, k, v, q_pos, q_ts)
+      s = jnp.einsum("bhmd,bhtd->bhmt", q, kk) / (dh ** 0.5)
+      mask = attention_mask(q_pos, q_valid, kpos)
+      s = jnp.where(mask, s, -1e30)
+      a = jnp.where(mask, jax.nn.softmax(s, axis=-1), 0.0)  # [B, H, m, T+m]
+      o = jnp.einsum("bhmt,bhtd->bhmd", a, vv)
+    o = o.transpose(0, 2, 1, 3).reshape(B, m, d)
     r1, r2 = (None, None) if rng is None else jax.random.split(rng)
     x = x + dropout(self.out(o), self.dropout_rate, r1)
     f = self.ff2(jax.nn.gelu(self.ff1(self.ln2(x))))

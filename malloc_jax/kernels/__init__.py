@@ -1,0 +1,5 @@
+"""Pallas kernels of the compressed reads (see malloc_jax.reads for the jnp versions)."""
+
+from malloc_jax.kernels.pallas_reads import lowrank_read, rows_read, uniform_read
+
+__all__ = ["lowrank_read", "rows_read", "uniform_read"]
