@@ -167,11 +167,26 @@ def _candidates(rows: list[dict], metric: str) -> list[dict]:
           and _num(r.get(metric)) and not math.isnan(r[metric])]
 
 
-def pareto_plot(rows: list[dict], path: str | os.PathLike, metric: str = "NDCG@10") -> None:
+def _yerr(r: dict) -> tuple[float, float] | None:
+  """(below, above) error bar of a row with a paired interval to native ``ci`` (``diff``,
+  ``ci_low``, ``ci_high`` of the row's metric minus native's): native + [low, high]."""
+  ci = r.get("ci")
+  if not ci:
+    return None
+  return ci["diff"] - ci["ci_low"], ci["ci_high"] - ci["diff"]
+
+
+def pareto_plot(rows: list[dict], path: str | os.PathLike, metric: str = "NDCG@10",
+                errorbars: bool = False) -> None:
   """Writes the metric against bytes per user (log x), one panel per dataset.
 
   One marker per method family (a trained variant's native memory counts as the family of its
   model name), one colour per backbone, and the Pareto frontier of each panel as a step line.
+  With ``errorbars``, a row carrying ``ci`` (``stats.ci_columns``: the paired interval of
+  ``metric`` minus native's) gets a vertical bar from native + ci_low to native + ci_high,
+  native's level is a dotted line, and points within 10% of each other's bytes are drawn
+  dodged apart by 5% steps in x, in family order, so that their bars do not overlap (the
+  frontier is computed on the true bytes).
   """
   import matplotlib
 
@@ -195,13 +210,29 @@ def pareto_plot(rows: list[dict], path: str | os.PathLike, metric: str = "NDCG@1
       continue
     x = np.array([_bytes(r) for r in rs], np.float64)
     y = np.array([r[metric] for r in rs], np.float64)
+    xs = x  # drawn positions; with error bars, families at one byte size are dodged apart
+    if errorbars:
+      fam = np.array([families.index(family(r)) for r in rs])
+      offset = np.zeros(len(rs))
+      for i in range(len(rs)):  # rank among the points within 10% of its bytes, centred
+        peers = np.flatnonzero(np.abs(np.log(x / x[i])) < 0.1)
+        peers = peers[np.lexsort((peers, fam[peers]))]
+        offset[i] = np.flatnonzero(peers == i)[0] - (len(peers) - 1) / 2
+      xs = x * 1.05 ** offset
+      for r in rs:
+        if r["family"] == "native" and r["model"] in ("hstu", "sasrec"):
+          ax.axhline(r[metric], color=colour[r["model"]], ls=":", lw=1, alpha=0.7)
     for i, r in enumerate(rs):
-      ax.scatter(x[i], y[i], marker=marker[family(r)], color=colour[r["model"]], s=42,
+      ax.scatter(xs[i], y[i], marker=marker[family(r)], color=colour[r["model"]], s=42,
                  alpha=0.85)
+      err = _yerr(r) if errorbars else None
+      if err is not None:
+        ax.errorbar(xs[i], y[i], yerr=[[err[0]], [err[1]]], fmt="none",
+                    ecolor=colour[r["model"]], elinewidth=1, capsize=2, alpha=0.6)
     front = pareto_front(x, y)
-    ax.step(x[front], y[front], where="post", color="k", lw=1.2, alpha=0.7)
+    ax.step(xs[front], y[front], where="post", color="k", lw=1.2, alpha=0.7)
     for i in front:
-      ax.annotate(f"{rs[i]['model']}/{rs[i]['method']}", (x[i], y[i]), fontsize=7,
+      ax.annotate(f"{rs[i]['model']}/{rs[i]['method']}", (xs[i], y[i]), fontsize=7,
                   xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("bytes per user (stored)")

@@ -5,6 +5,7 @@ import csv
 import numpy as np
 import pytest
 
+from malloc_jax import report
 from malloc_jax.report import best_under, pareto_front, projection_lines, write_report
 from malloc_jax.sweep import RESULTS, append_result
 
@@ -88,3 +89,34 @@ def test_report_draws_the_pareto_plot(tmp_path):
   png = paths["plot"].read_bytes()
   assert paths["plot"] == tmp_path / "pareto.png"
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_pareto_plot_error_bars_from_ci(tmp_path, monkeypatch):
+  """Rows carrying a paired interval to native get a bar from native + ci_low to native +
+  ci_high around their own value; rows without ``ci`` get none; the PNG is written."""
+  from matplotlib.axes import Axes
+
+  native, cells = 0.060, [("h2o@8x", 0.062, 20_000, -0.001, 0.009),
+                          ("random@8x", 0.050, 20_000, -0.018, -0.004)]
+  rows = [_row("ml-1m", "hstu", "native", "native", "none", native, 160_000,
+               ci={"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0})]
+  for method, ndcg, b, lo, hi in cells:
+    rows.append(_row("ml-1m", "hstu", method, method.split("@")[0], "token", ndcg, b,
+                     ci={"diff": ndcg - native, "ci_low": lo, "ci_high": hi}))
+  rows.append(_row("ml-1m", "hstu", "kivi2", "kivi", "precision", 0.059, 44_000))  # no ci
+  calls = []
+  orig = Axes.errorbar
+  monkeypatch.setattr(Axes, "errorbar",
+                      lambda self, x, y, **kw: (calls.append((y, kw["yerr"])),
+                                                orig(self, x, y, **kw))[1])
+  report.pareto_plot(rows, tmp_path / "p.png", errorbars=True)
+  assert (tmp_path / "p.png").stat().st_size > 10_000
+  bars = sorted((float(y), float(e[0][0]), float(e[1][0])) for y, e in calls)
+  # reference: the bar spans [native + lo, native + hi] around the row's value (asymmetric:
+  # h2o 0.003 below, 0.007 above; random 0.008 below, 0.006 above)
+  want = sorted([(native, 0.0, 0.0)] + [(n, n - (native + lo), native + hi - n)
+                                        for _, n, _, lo, hi in cells])
+  np.testing.assert_allclose(bars, want, atol=1e-12)
+  calls.clear()
+  report.pareto_plot(rows, tmp_path / "q.png")  # default: no bars
+  assert calls == [] and (tmp_path / "q.png").exists()
