@@ -77,23 +77,35 @@ class SequenceRecommender(nnx.Module):
 
     Returns (hidden [B, m, d], new k [L,B,H,m,Dk], new v, attn [L,B,H,m,T+m], q_pos [B,m]).
     """
-    B, m = events.items.shape
+    m = events.items.shape[1]
     q_valid = events.valid
     q_pos = jnp.where(q_valid, start[:, None] + jnp.arange(m, dtype=jnp.int32)[None], -1)
     q_ts = jnp.where(q_valid, events.ts, 0)
+    x, k, v, a = self._run_tokens(cache, events.items, q_pos, q_ts, q_valid, train_rng)
+    return x, k, v, a, q_pos
+
+  def _run_tokens(self, cache: Cache, items, q_pos, q_ts, q_valid, train_rng=None,
+                  isolated=None):
+    """Runs tokens [B, m] at explicit positions through all layers against ``cache``.
+
+    ``isolated`` [B, m] bool (or None) marks tokens that must not see one another (ranking
+    candidates, see :func:`attention_mask`). Returns (hidden [B, m, d], k [L,B,H,m,Dk], v,
+    attn [L,B,H,m,T+m]).
+    """
     rngs = [None] * (len(self.layers) + 1)
     if train_rng is not None:
       rngs = list(jax.random.split(train_rng, len(self.layers) + 1))
-    x = self.embed(events.items, jnp.maximum(q_pos, 0), rngs[0])
+    x = self.embed(items, jnp.maximum(q_pos, 0), rngs[0])
+    extra = {} if isolated is None else {"isolated": isolated}
     ks, vs, attns = [], [], []
     for i, layer in enumerate(self.layers):
       x, k, v, a = layer.step(x, q_pos, q_ts, q_valid, cache.k[i], cache.v[i], cache.pos[i],
-                              cache.ts[i], rngs[i + 1])
+                              cache.ts[i], rngs[i + 1], **extra)
       ks.append(k)
       vs.append(v)
       attns.append(a)
     x = self.output(x)
-    return x, jnp.stack(ks), jnp.stack(vs), jnp.stack(attns), q_pos
+    return x, jnp.stack(ks), jnp.stack(vs), jnp.stack(attns)
 
   def empty_cache(self, batch: int, capacity: int = 0) -> Cache:
     h, dk, dv = self.head_dims()
@@ -179,14 +191,96 @@ class SequenceRecommender(nnx.Module):
     return self.logits(self.user_embedding(cache, queries), candidates)
 
 
+  # --- ranking (M-FALCON) ------------------------------------------------------------------
+  def rank_logits(self, h: jax.Array, candidates: jax.Array) -> jax.Array:
+    """The ranking head: logits [B, C] of candidate output states h [B, C, d].
+
+    logit = <h_c, e_c> + w·h_c + b: the dot product of a candidate's top state with its own
+    (raw, unnormalized) input embedding e_c, which reads "does the memory's evidence match this
+    item", plus a learned linear head ``rank_head`` (a global offset that calibrates the
+    binary cross-entropy, and any item-independent evidence in the state).
+    """
+    e = self.item_emb.embedding[...][candidates]  # [B, C, d]
+    return jnp.sum(h * e, axis=-1) + self.rank_head(h)[..., 0]
+
+  def rank(self, cache: Cache, request: Events, candidates: jax.Array,
+           candidate_ts: jax.Array | None = None, *, return_attn: bool = False):
+    """Target-aware ranking: each candidate is a query token reading memory and request.
+
+    One pass over [request events; candidate tokens] against the memory (M-FALCON): the
+    request events attend to the memory and causally to one another, as in ``encode``; each
+    candidate token (its item embedding, the request's time stamp, position = the request's
+    next position) attends to every memory slot, every request event and itself, never to
+    the other candidates (block mask, :func:`attention_mask` with ``isolated``). A candidate's
+    logit is :meth:`rank_logits` of its top-layer state, so it equals the score of a full
+    forward pass over history + request + that candidate alone.
+
+    Args:
+      cache: the (materialized) memory; any fill, compressed or not.
+      request: the request's events [B, m] (right-padded, users may have length 0).
+      candidates: item ids [B, C].
+      candidate_ts: [B] time stamp of the candidates; default the request's last event time
+        (0 when the request is empty).
+      return_attn: also return the candidates' attention over the memory slots.
+
+    Returns:
+      logits [B, C]; with ``return_attn`` (logits, attn [L, B, H, C, T]) where attn is the
+      candidate rows of the layers' attention (softmax probability or |SiLU| / N per slot).
+
+    References: Zhai et al., "Actions Speak Louder than Words", ICML 2024 (M-FALCON);
+      Zhou et al., "Deep Interest Network for Click-Through Rate Prediction", KDD 2018.
+    """
+    B, m = request.items.shape
+    C = candidates.shape[1]
+    start = cache.length
+    r_valid = request.valid
+    r_pos = jnp.where(r_valid, start[:, None] + jnp.arange(m, dtype=jnp.int32)[None], -1)
+    if candidate_ts is None:
+      candidate_ts = request_time(request)
+    c_pos = jnp.broadcast_to((start + request.length)[:, None], (B, C)).astype(jnp.int32)
+    items = jnp.concatenate([request.items, candidates.astype(request.items.dtype)], axis=1)
+    q_pos = jnp.concatenate([r_pos, c_pos], axis=1)
+    q_ts = jnp.concatenate([jnp.where(r_valid, request.ts, 0),
+                            jnp.broadcast_to(candidate_ts[:, None], (B, C)).astype(
+                                request.ts.dtype)], axis=1)
+    q_valid = jnp.concatenate([r_valid, jnp.ones((B, C), bool)], axis=1)
+    isolated = jnp.concatenate([jnp.zeros((B, m), bool), jnp.ones((B, C), bool)], axis=1)
+    x, _, _, attn = self._run_tokens(cache, items, q_pos, q_ts, q_valid, isolated=isolated)
+    logits = self.rank_logits(x[:, m:], candidates)
+    if return_attn:
+      return logits, attn[:, :, :, m:, :cache.capacity]
+    return logits
+
+
+def request_time(request: Events) -> jax.Array:
+  """[B] time stamp of each request's last event (0 for an empty request)."""
+  last = jnp.clip(request.length - 1, 0, request.items.shape[1] - 1)
+  ts = jnp.take_along_axis(request.ts, last[:, None], axis=1)[:, 0]
+  return jnp.where(request.length > 0, ts, 0)
+
+
 def _l2norm(x, eps=1e-6):
   return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
-def attention_mask(q_pos, q_valid, kpos):
-  """[B, H, m, T] bool: key slot holds an event at or before the (real) query's position."""
-  return (kpos[:, :, None, :] >= 0) & (kpos[:, :, None, :] <= q_pos[:, None, :, None]) & (
+def attention_mask(q_pos, q_valid, kpos, isolated=None):
+  """[B, H, m, T + m] bool: key slot holds an event at or before the (real) query's position.
+
+  kpos [B, H, T + m] lists the T cached slots followed by the m new tokens. ``isolated``
+  [B, m] bool (M-FALCON's block mask) additionally hides every isolated new token from every
+  other isolated new token: ranking candidates share one position and see the memory, the
+  request and themselves, never each other.
+  """
+  mask = (kpos[:, :, None, :] >= 0) & (kpos[:, :, None, :] <= q_pos[:, None, :, None]) & (
       q_valid[:, None, :, None])
+  if isolated is None:
+    return mask
+  m = q_pos.shape[1]
+  T = kpos.shape[-1] - m
+  other = ~jnp.eye(m, dtype=bool)[None]  # [1, m, m]
+  hide = isolated[:, :, None] & isolated[:, None, :] & other  # [B, m, m]
+  hide = jnp.pad(hide, ((0, 0), (0, 0), (T, 0)))  # cached slots are never hidden
+  return mask & ~hide[:, None]
 
 
 def concat_keys(ck, cv, cpos, cts, k, v, q_pos, q_ts):

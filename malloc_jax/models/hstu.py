@@ -48,7 +48,7 @@ class HSTULayer(nnx.Module):
     return (self.rab_pos[...][heads, rel] +
             self.rab_time[...][heads, time_bucket(dt, self.num_time_buckets)])
 
-  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None):
+  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None, isolated=None):
     B, m, _ = x.shape
     H, dqk, dv = self.heads, self.dqk, self.dv
     h = nnx.silu(self.uvqk(self.ln(x)))
@@ -57,7 +57,7 @@ class HSTULayer(nnx.Module):
     q, k, v = heads(q, dqk), heads(k, dqk), heads(v, dv)
     kk, vv, kpos, kts = concat_keys(ck, cv, cpos, cts, k, v, q_pos, q_ts)
     s = jnp.einsum("bhmd,bhtd->bhmt", q, kk) + self.bias(q_pos, q_ts, kpos, kts)
-    mask = attention_mask(q_pos, q_valid, kpos)
+    mask = attention_mask(q_pos, q_valid, kpos, isolated)
     a = jnp.where(mask, nnx.silu(s), 0.0) / self.max_len  # [B, H, m, T+m]
     o = jnp.einsum("bhmt,bhtd->bhmd", a, vv).transpose(0, 2, 1, 3).reshape(B, m, H * dv)
     y = self.out(u * self.ln_attn(o))
@@ -90,6 +90,7 @@ class HSTU(SequenceRecommender):
     self.layers = nnx.List([
         HSTULayer(dim, heads, self._kv[1], self._kv[2], max_len, num_time_buckets, dropout,
                   rngs=rngs) for _ in range(num_layers)])
+    self.rank_head = nnx.Linear(dim, 1, rngs=rngs)  # ranking head (see rank_logits)
 
   def head_dims(self):
     return self._kv
