@@ -59,6 +59,100 @@ def sampled_softmax_loss(model, items, ts, length, rng, num_negatives: int, drop
   return loss, count
 
 
+TASKS = ("retrieval", "ranking")
+
+
+@dataclasses.dataclass(frozen=True)
+class RankingSampler:
+  """How ranking impressions are drawn from training windows (``config.task = "ranking"``).
+
+  At one position p per window (uniform in [ceil(min_frac * n), n - 1] of the window's n
+  events) the event at p is the positive and ``uniform + popularity + hard`` negatives are
+  drawn: uniform over items 1..V, from ``popularity`` (training counts, [V + 1]), and
+  "hard" uniform over the other members of the positive's group (``groups`` [G, S] item ids,
+  ``item_group`` [V + 1] group of each item, -1 for none: topics, genres).
+  """
+
+  uniform: int = 10
+  popularity: int = 0
+  hard: int = 9
+  min_frac: float = 0.5
+  item_popularity: Any = None  # [V + 1] counts, needed when popularity > 0
+  groups: Any = None  # [G, S] int, needed when hard > 0
+  item_group: Any = None  # [V + 1] int
+
+  def __post_init__(self):
+    for f in ("uniform", "popularity", "hard"):
+      if getattr(self, f) < 0:
+        raise ValueError(f"train.rank_negatives.{f}={getattr(self, f)}: expected >= 0")
+    if self.uniform + self.popularity + self.hard < 1:
+      raise ValueError("train.rank_negatives: expected at least one negative")
+    if self.popularity and self.item_popularity is None:
+      raise ValueError("train.rank_negatives.popularity > 0 needs item popularity counts")
+    if self.hard and (self.groups is None or self.item_group is None):
+      raise ValueError("train.rank_negatives.hard > 0 needs item groups (topics or genres); "
+                       "this dataset has none")
+    if not 0.0 <= self.min_frac < 1.0:
+      raise ValueError(f"train.rank_min_frac={self.min_frac}: expected in [0, 1)")
+
+  @property
+  def num_negatives(self) -> int:
+    return self.uniform + self.popularity + self.hard
+
+
+def ranking_loss(model, items, ts, length, rng, sampler: RankingSampler, dropout: bool):
+  """Binary cross-entropy of target-aware ranking impressions drawn from training windows.
+
+  One impression per window: the first p events are the request (encoded once, no cache),
+  the event at p is the positive, K negatives come from ``sampler``; the K + 1 candidate
+  tokens read the request through ``model.rank`` (M-FALCON: one pass, candidates isolated),
+  so a window is encoded once per K + 1 candidates. A negative equal to the positive is
+  masked out of the loss.
+
+  Args:
+    model: backbone. items, ts: [B, N + 1] windows; length [B] events in each window.
+    rng: key. sampler: :class:`RankingSampler`. dropout: apply the model's dropout.
+
+  Returns:
+    (mean loss over impressions' candidates, number of candidates counted).
+
+  References: Zhai et al., "Actions Speak Louder than Words", ICML 2024 (ranking with
+    M-FALCON).
+  """
+  B = items.shape[0]
+  r_pos, r_u, r_p, r_h, r_hs, r_d = jax.random.split(rng, 6)
+  n = length
+  lo = jnp.maximum(jnp.ceil(sampler.min_frac * n).astype(jnp.int32), 1)
+  p = lo + jnp.floor(jax.random.uniform(r_pos, (B,)) * jnp.maximum(n - lo, 1)).astype(jnp.int32)
+  p = jnp.clip(p, 1, jnp.maximum(n - 1, 1))  # [B] index of the positive
+  pos_item = jnp.take_along_axis(items, p[:, None], 1)  # [B, 1]
+  pos_ts = jnp.take_along_axis(ts, p[:, None], 1)[:, 0]
+  negs = []
+  V = model.num_items
+  if sampler.uniform:
+    negs.append(jax.random.randint(r_u, (B, sampler.uniform), 1, V + 1))
+  if sampler.popularity:
+    logp = jnp.log(jnp.asarray(sampler.item_popularity, jnp.float32) + 1e-9).at[0].set(-jnp.inf)
+    negs.append(jax.random.categorical(r_p, logp, shape=(B, sampler.popularity)))
+  if sampler.hard:
+    groups = jnp.asarray(sampler.groups)
+    g = jnp.asarray(sampler.item_group)[pos_item[:, 0]]  # [B]
+    S = groups.shape[1]
+    pick = jax.random.randint(r_h, (B, sampler.hard), 0, S)
+    negs.append(groups[jnp.maximum(g, 0)[:, None], pick])
+  cands = jnp.concatenate([pos_item] + [x.astype(items.dtype) for x in negs], axis=1)
+  request = Events(items[:, :-1], ts[:, :-1], jnp.minimum(p, items.shape[1] - 1))
+  cache = model.empty_cache(B)
+  logits = model.rank(cache, request, cands, pos_ts,
+                      train_rng=r_d if dropout else None)  # [B, 1 + K]
+  labels = jnp.zeros_like(logits).at[:, 0].set(1.0)
+  keep = jnp.concatenate([jnp.ones((B, 1), bool), cands[:, 1:] != pos_item], axis=1)
+  keep = keep & (n >= 2)[:, None]
+  bce = optax.sigmoid_binary_cross_entropy(logits, labels)
+  count = jnp.sum(keep)
+  return jnp.sum(jnp.where(keep, bce, 0.0)) / jnp.maximum(count, 1), count
+
+
 @dataclasses.dataclass
 class Trainer:
   """Owns the jitted update of one backbone; the training state is a plain pytree."""
@@ -67,8 +161,14 @@ class Trainer:
   tx: optax.GradientTransformation
   num_negatives: int
   dropout: bool = True
+  task: str = "retrieval"
+  sampler: RankingSampler | None = None  # ranking impressions (task="ranking")
 
   def __post_init__(self):
+    if self.task not in TASKS:
+      raise ValueError(f"task={self.task!r}: expected one of {TASKS}")
+    if self.task == "ranking" and self.sampler is None:
+      raise ValueError("task='ranking' needs a RankingSampler (train.rank_negatives)")
     self.graphdef, params, self.rest = nnx.split(self.model, nnx.Param, ...)
     self.init_state = {"params": params, "opt_state": self.tx.init(params)}
     self.compiles = 0
@@ -81,6 +181,9 @@ class Trainer:
     self.compiles += 1  # runs only while tracing: counts compilations
 
     def loss_fn(params):
+      if self.task == "ranking":
+        return ranking_loss(self.merge(params), items, ts, length, rng, self.sampler,
+                            self.dropout)
       return sampled_softmax_loss(self.merge(params), items, ts, length, rng,
                                   self.num_negatives, self.dropout)
 

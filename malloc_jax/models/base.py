@@ -204,7 +204,8 @@ class SequenceRecommender(nnx.Module):
     return jnp.sum(h * e, axis=-1) + self.rank_head(h)[..., 0]
 
   def rank(self, cache: Cache, request: Events, candidates: jax.Array,
-           candidate_ts: jax.Array | None = None, *, return_attn: bool = False):
+           candidate_ts: jax.Array | None = None, *, return_attn: bool = False,
+           train_rng=None):
     """Target-aware ranking: each candidate is a query token reading memory and request.
 
     One pass over [request events; candidate tokens] against the memory (M-FALCON): the
@@ -222,6 +223,7 @@ class SequenceRecommender(nnx.Module):
       candidate_ts: [B] time stamp of the candidates; default the request's last event time
         (0 when the request is empty).
       return_attn: also return the candidates' attention over the memory slots.
+      train_rng: dropout key (training) or None.
 
     Returns:
       logits [B, C]; with ``return_attn`` (logits, attn [L, B, H, C, T]) where attn is the
@@ -245,7 +247,7 @@ class SequenceRecommender(nnx.Module):
                                 request.ts.dtype)], axis=1)
     q_valid = jnp.concatenate([r_valid, jnp.ones((B, C), bool)], axis=1)
     isolated = jnp.concatenate([jnp.zeros((B, m), bool), jnp.ones((B, C), bool)], axis=1)
-    x, _, _, attn = self._run_tokens(cache, items, q_pos, q_ts, q_valid, isolated=isolated)
+    x, _, _, attn = self._run_tokens(cache, items, q_pos, q_ts, q_valid, train_rng, isolated)
     logits = self.rank_logits(x[:, m:], candidates)
     if return_attn:
       return logits, attn[:, :, :, m:, :cache.capacity]

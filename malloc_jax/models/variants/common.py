@@ -215,7 +215,8 @@ class BlockRecommender(HSTU):
     return x
 
   def rank(self, memory, request: Events, candidates: jax.Array,
-           candidate_ts: jax.Array | None = None, *, return_attn: bool = False):
+           candidate_ts: jax.Array | None = None, *, return_attn: bool = False,
+           train_rng=None):
     """Target-aware ranking from the variant's own memory (see ``SequenceRecommender.rank``).
 
     The request is folded into the memory (``extend``); then every candidate is a one-event
@@ -236,12 +237,13 @@ class BlockRecommender(HSTU):
     B, C = candidates.shape
     if candidate_ts is None:
       candidate_ts = request_time(request)
-    _, memory = self._block(self._as_memory(memory), request)
+    r1, r2 = (None, None) if train_rng is None else jax.random.split(train_rng)
+    _, memory = self._block(self._as_memory(memory), request, r1)
     one = jnp.ones((B,), jnp.int32)
 
     def read(items):  # [B] -> [B, d]
       ev = Events(items[:, None], candidate_ts[:, None].astype(request.ts.dtype), one)
-      x, _ = self._block(memory, ev)
+      x, _ = self._block(memory, ev, r2)
       return x[:, 0]
 
     h = jax.vmap(read, in_axes=1, out_axes=1)(candidates.astype(request.items.dtype))
