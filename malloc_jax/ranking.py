@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from malloc_jax import compressors as comp_lib
+from malloc_jax.cache import Signals
 from malloc_jax.data.dataset import EvalSet
 from malloc_jax.evaluate import padded_batches, split_request
-from malloc_jax.cache import Signals
 from malloc_jax.metrics import ranking_metrics
 
 
