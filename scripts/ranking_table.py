@@ -10,7 +10,8 @@ against the native memory over the same users, plus the Bayes-optimal ranker (fl
 whole history and truncated memories) and a history-blind ranker (training popularity of
 the candidates), and the fraction of the Bayes GAUC lift over history-blind each row reaches.
 
-  # 2 CPU cores, a few minutes (README):
+  # 2 CPU cores, about 10 minutes on a shared machine (README); too few steps to learn the
+  # memory lookup (see BENCHMARKS.md), it checks the pipeline end to end:
   python scripts/ranking_table.py --out runs/ranking_small.json
   # accelerator (one H200, a few minutes):
   python scripts/ranking_table.py --preset=gpu --out runs/ranking_gpu.json
@@ -53,12 +54,12 @@ from malloc_jax.train import RankingSampler, Trainer, fit, make_optimizer
 
 PRESETS = {
     # 2 CPU cores, a few minutes.
-    "cpu": dict(length=512, users=2000, items=1000, topic_size=10, model="hstu", dim=32,
-                heads=1, layers=1, steps=3000, batch=32, lr=3e-3, eval_users=500,
-                eval_every=500),
+    "cpu": dict(length=256, users=2000, items=1000, topic_size=10, model="hstu", dim=32,
+                heads=1, layers=1, steps=1000, batch=32, lr=3e-3, eval_users=300,
+                eval_every=250),
     # One accelerator, a few minutes.
     "gpu": dict(length=1024, users=8000, items=1000, topic_size=10, model="hstu", dim=64,
-                heads=2, layers=2, steps=12000, batch=128, lr=2e-3, eval_users=2000,
+                heads=2, layers=2, steps=10000, batch=128, lr=2e-3, eval_users=2000,
                 eval_every=1000),
 }
 _PRESET = flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Size preset (flags override).")
