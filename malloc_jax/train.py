@@ -126,7 +126,6 @@ def ranking_loss(model, items, ts, length, rng, sampler: RankingSampler, dropout
   p = lo + jnp.floor(jax.random.uniform(r_pos, (B,)) * jnp.maximum(n - lo, 1)).astype(jnp.int32)
   p = jnp.clip(p, 1, jnp.maximum(n - 1, 1))  # [B] index of the positive
   pos_item = jnp.take_along_axis(items, p[:, None], 1)  # [B, 1]
-  pos_ts = jnp.take_along_axis(ts, p[:, None], 1)[:, 0]
   negs = []
   V = model.num_items
   if sampler.uniform:
@@ -143,8 +142,8 @@ def ranking_loss(model, items, ts, length, rng, sampler: RankingSampler, dropout
   cands = jnp.concatenate([pos_item] + [x.astype(items.dtype) for x in negs], axis=1)
   request = Events(items[:, :-1], ts[:, :-1], jnp.minimum(p, items.shape[1] - 1))
   cache = model.empty_cache(B)
-  logits = model.rank(cache, request, cands, pos_ts,
-                      train_rng=r_d if dropout else None)  # [B, 1 + K]
+  # Candidates carry the request's time (its last event's), as when serving.
+  logits = model.rank(cache, request, cands, train_rng=r_d if dropout else None)  # [B, 1+K]
   labels = jnp.zeros_like(logits).at[:, 0].set(1.0)
   keep = jnp.concatenate([jnp.ones((B, 1), bool), cands[:, 1:] != pos_item], axis=1)
   keep = keep & (n >= 2)[:, None]
