@@ -59,7 +59,7 @@ PRESETS = {
                 eval_every=250),
     # One accelerator, a few minutes.
     "gpu": dict(length=1024, users=8000, items=1000, topic_size=10, model="hstu", dim=64,
-                heads=2, layers=2, steps=10000, batch=128, lr=2e-3, eval_users=2000,
+                heads=2, layers=2, steps=8000, batch=128, lr=2e-3, eval_users=2000,
                 eval_every=1000),
 }
 _PRESET = flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Size preset (flags override).")
