@@ -230,19 +230,20 @@ def per_user_candidate_metrics(scores: np.ndarray) -> dict[str, np.ndarray]:
   """Per-user AUC and candidate NDCG@10 of impressions whose positive is column 0.
 
   The positive's rank r counts the negatives scored above it plus half the tied ones; AUC is
-  1 - r / K (K negatives); NDCG@10 = 1 / log2(r + 2) when r < 10, else 0 (one relevant item).
+  1 - r / K (K negatives); NDCG@10 = 1 / log2(r + 2) when r < 10, else 0 (one relevant item);
+  top-1 is 1 when the positive scores strictly above every negative (r = 0).
 
   Args:
     scores: [U, 1 + K] float scores.
 
   Returns:
-    {"auc": [U], "ndcg10": [U]} float64.
+    {"auc": [U], "ndcg10": [U], "top1": [U]} float64.
   """
   s = np.asarray(scores, np.float64)
   pos, neg = s[:, :1], s[:, 1:]
   r = np.sum(neg > pos, axis=1) + 0.5 * np.sum(neg == pos, axis=1)
   ndcg = np.where(r < 10, 1.0 / np.log2(r + 2.0), 0.0)
-  return {"auc": 1.0 - r / neg.shape[1], "ndcg10": ndcg}
+  return {"auc": 1.0 - r / neg.shape[1], "ndcg10": ndcg, "top1": (r == 0).astype(np.float64)}
 
 
 def impression_metrics(logits: np.ndarray) -> tuple[dict[str, float], dict[str, np.ndarray]]:
@@ -263,6 +264,7 @@ def impression_metrics(logits: np.ndarray) -> tuple[dict[str, float], dict[str, 
   bce = np.logaddexp(0.0, logits) - labels * logits  # -log sigmoid(+-logit)
   per["logloss"] = bce.mean(axis=1)
   summary["NDCG@10"] = float(per["ndcg10"].mean())
+  summary["top1"] = float(per["top1"].mean())
   return summary, per
 
 
@@ -289,8 +291,9 @@ def rank_cell(model, data: EvalSet, candidates: np.ndarray, compressor: comp_lib
       :func:`serve_rank`.
 
   Returns:
-    {"metrics": summary (AUC, GAUC, logloss, NDCG@10, ...), "per_user": {"auc", "ndcg10",
-    "logloss"} arrays [U], "bytes_per_user": stored bytes of the served memories / U}.
+    {"metrics": summary (AUC, GAUC, logloss, NDCG@10, top1, ...), "per_user": {"auc",
+    "ndcg10", "top1", "logloss"} arrays [U], "logits": [U, 1 + K], "bytes_per_user": stored
+    bytes of the served memories / U}.
   """
   U = len(candidates)
   if U == 0 or U > len(data):
@@ -304,5 +307,6 @@ def rank_cell(model, data: EvalSet, candidates: np.ndarray, compressor: comp_lib
                                 oracle=oracle)
     out.append(np.asarray(logits)[real])
     nbytes += float(comp_lib.bytes_per_user(memory)) * int(real.sum())
-  summary, per = impression_metrics(np.concatenate(out))
-  return {"metrics": summary, "per_user": per, "bytes_per_user": nbytes / U}
+  logits = np.concatenate(out)
+  summary, per = impression_metrics(logits)
+  return {"metrics": summary, "per_user": per, "logits": logits, "bytes_per_user": nbytes / U}

@@ -60,17 +60,24 @@ def sampled_softmax_loss(model, items, ts, length, rng, num_negatives: int, drop
 
 
 TASKS = ("retrieval", "ranking")
+RANK_LOSSES = ("bce", "listwise")
 
 
 @dataclasses.dataclass(frozen=True)
 class RankingSampler:
   """How ranking impressions are drawn from training windows (``config.task = "ranking"``).
 
-  At one position p per window (uniform in [ceil(min_frac * n), n - 1] of the window's n
-  events) the event at p is the positive and ``uniform + popularity + hard`` negatives are
+  At ``positions`` positions p per window (each uniform in [ceil(min_frac * n), n - 1] of the
+  window's n events) the event at p is the positive and ``uniform + popularity + hard`` negatives are
   drawn: uniform over items 1..V, from ``popularity`` (training counts, [V + 1]), and
-  "hard" uniform over the other members of the positive's group (``groups`` [G, S] item ids,
-  ``item_group`` [V + 1] group of each item, -1 for none: topics, genres).
+  "hard" from the other members of the positive's group without replacement (``groups``
+  [G, S] item ids, 0-padded, ``item_group`` [V + 1] group of each item, -1 for none: topics,
+  genres; ``hard = S - 1`` takes every other member, a group too small leaves the rest out).
+
+  ``loss`` scores the impression: ``"bce"`` (binary cross-entropy of every candidate, as CTR
+  logs) or ``"listwise"`` (softmax cross-entropy of the positive among the 1 + K candidates).
+  On the synthetic topics task only the listwise loss over hard negatives leaves the initial
+  plateau in a CPU budget (BENCHMARKS.md, target-aware ranking).
   """
 
   uniform: int = 10
@@ -80,8 +87,14 @@ class RankingSampler:
   item_popularity: Any = None  # [V + 1] counts, needed when popularity > 0
   groups: Any = None  # [G, S] int, needed when hard > 0
   item_group: Any = None  # [V + 1] int
+  loss: str = "bce"  # "bce" | "listwise" (config: train.rank_loss)
+  positions: int = 1  # impressions per window (config: train.rank_positions)
 
   def __post_init__(self):
+    if self.positions < 1:
+      raise ValueError(f"train.rank_positions={self.positions}: expected >= 1")
+    if self.loss not in RANK_LOSSES:
+      raise ValueError(f"train.rank_loss={self.loss!r}: expected one of {RANK_LOSSES}")
     for f in ("uniform", "popularity", "hard"):
       if getattr(self, f) < 0:
         raise ValueError(f"train.rank_negatives.{f}={getattr(self, f)}: expected >= 0")
@@ -94,59 +107,126 @@ class RankingSampler:
                        "this dataset has none")
     if not 0.0 <= self.min_frac < 1.0:
       raise ValueError(f"train.rank_min_frac={self.min_frac}: expected in [0, 1)")
+    if self.hard and self.hard > np.shape(self.groups)[1] - 1:
+      raise ValueError(f"train.rank_negatives.hard={self.hard}: a group has at most "
+                       f"{np.shape(self.groups)[1] - 1} other members")
 
   @property
   def num_negatives(self) -> int:
     return self.uniform + self.popularity + self.hard
 
 
-def ranking_loss(model, items, ts, length, rng, sampler: RankingSampler, dropout: bool):
-  """Binary cross-entropy of target-aware ranking impressions drawn from training windows.
+def ranking_impressions(items, length, rng, sampler: RankingSampler, num_items: int):
+  """Draws ``sampler.positions`` impressions per window (see :class:`RankingSampler`).
 
-  One impression per window: the first p events are the request (encoded once, no cache),
-  the event at p is the positive, K negatives come from ``sampler``; the K + 1 candidate
-  tokens read the request through ``model.rank`` (M-FALCON: one pass, candidates isolated),
-  so a window is encoded once per K + 1 candidates. A negative equal to the positive is
-  masked out of the loss.
+  Args:
+    items: [B, N + 1] windows; length [B] events in each. rng: key. num_items: V.
+
+  Returns:
+    (p [B, P] positions of the positives, cands [B, P, 1 + K] item ids with the positive
+    (``items`` at p) in column 0; a hard slot a group cannot fill is 0).
+  """
+  B, P = items.shape[0], sampler.positions
+  r_pos, r_u, r_p, r_h = jax.random.split(rng, 4)
+  n = length
+  lo = jnp.maximum(jnp.ceil(sampler.min_frac * n).astype(jnp.int32), 1)
+  u = jax.random.uniform(r_pos, (B, P))
+  p = lo[:, None] + jnp.floor(u * jnp.maximum(n - lo, 1)[:, None]).astype(jnp.int32)
+  p = jnp.clip(p, 1, jnp.maximum(n - 1, 1)[:, None])  # [B, P] index of each positive
+  pos_item = jnp.take_along_axis(items, p, 1)[..., None]  # [B, P, 1]
+  negs = []
+  if sampler.uniform:
+    negs.append(jax.random.randint(r_u, (B, P, sampler.uniform), 1, num_items + 1))
+  if sampler.popularity:
+    logp = jnp.log(jnp.asarray(sampler.item_popularity, jnp.float32) + 1e-9).at[0].set(-jnp.inf)
+    negs.append(jax.random.categorical(r_p, logp, shape=(B, P, sampler.popularity)))
+  if sampler.hard:
+    groups = jnp.asarray(sampler.groups)
+    g = jnp.asarray(sampler.item_group)[pos_item[..., 0]]  # [B, P]
+    mem = groups[jnp.maximum(g, 0)]  # [B, P, S] members of each positive's group
+    # Without replacement: the other (non-padding) members in a random order, first `hard`.
+    key = jax.random.uniform(r_h, mem.shape)
+    key = jnp.where((mem == pos_item) | (mem <= 0) | (g < 0)[..., None], 2.0, key)
+    pick = jnp.argsort(key, axis=-1)[..., :sampler.hard]
+    negs.append(jnp.where(jnp.take_along_axis(key, pick, -1) < 2.0,
+                          jnp.take_along_axis(mem, pick, -1), 0))
+  cands = jnp.concatenate([pos_item] + [x.astype(items.dtype) for x in negs], axis=-1)
+  return p, cands
+
+
+def ranking_logits(model, items, ts, length, p, cands, train_rng=None):
+  """Logits [B, P, 1 + K] of candidates cands [B, P, 1 + K] placed at positions p [B, P].
+
+  The candidates of position p read the window's events before p (M-FALCON, one pass for all
+  P positions when P > 1; ``model.rank`` of the first p events when P = 1). items, ts:
+  [B, N + 1] windows; length [B].
+  """
+  B, N = items.shape[0], items.shape[1] - 1
+  P, K1 = cands.shape[1], cands.shape[2]
+  n = length
+  if P == 1:
+    request = Events(items[:, :-1], ts[:, :-1], jnp.minimum(p[:, 0], N))
+    # Candidates carry the request's time (its last event's), as when serving.
+    return model.rank(model.empty_cache(B), request, cands[:, 0], train_rng=train_rng)[:, None]
+  if not hasattr(model, "_run_tokens"):
+    raise ValueError(f"train.rank_positions={P}: {type(model).__name__} serves ranking "
+                     "from its own memory; use rank_positions=1")
+  seq_len = jnp.minimum(n, N)
+  seq_valid = jnp.arange(N)[None] < seq_len[:, None]  # [B, N]
+  s_pos = jnp.where(seq_valid, jnp.arange(N, dtype=jnp.int32)[None], -1)
+  c_ts = jnp.take_along_axis(ts, jnp.maximum(p - 1, 0), 1)  # [B, P] time of the event before p
+  flat = cands.reshape(B, P * K1)
+  tok = jnp.concatenate([items[:, :-1], flat.astype(items.dtype)], axis=1)  # [B, N + P(1+K)]
+  q_pos = jnp.concatenate([s_pos, jnp.repeat(p, K1, axis=1)], axis=1)
+  q_ts = jnp.concatenate([jnp.where(seq_valid, ts[:, :-1], 0), jnp.repeat(c_ts, K1, axis=1)],
+                         axis=1)
+  q_valid = jnp.concatenate([seq_valid, jnp.ones(flat.shape, bool)], axis=1)
+  isolated = jnp.concatenate([jnp.zeros((B, N), bool), jnp.ones(flat.shape, bool)], axis=1)
+  x, *_ = model._run_tokens(model.empty_cache(B), tok, q_pos, q_ts, q_valid, train_rng, isolated)
+  return model.rank_logits(x[:, N:], flat).reshape(B, P, K1)
+
+
+def ranking_loss(model, items, ts, length, rng, sampler: RankingSampler, dropout: bool):
+  """Loss of target-aware ranking impressions drawn from training windows.
+
+  ``sampler.positions`` = P impressions per window: at each sampled position p the event at
+  p is the positive and K negatives come from ``sampler``; the P (1 + K) candidate tokens
+  read the window M-FALCON style in one pass (:func:`attention_mask` with ``isolated``: a
+  candidate at p sees the window's events before p and itself, never another candidate or a
+  later event), so a window is encoded once for all its impressions. With P = 1 the
+  candidates read a request of the first p events through ``model.rank`` (every variant);
+  P > 1 needs a per-event cache backbone (``_run_tokens``: HSTU, SASRec). Candidates carry
+  the time of the event before p (the request's time when serving). A negative equal to its
+  positive (or a padding id) is masked out. ``sampler.loss`` picks binary cross-entropy per
+  candidate or the listwise softmax cross-entropy of the positive among its impression.
 
   Args:
     model: backbone. items, ts: [B, N + 1] windows; length [B] events in each window.
     rng: key. sampler: :class:`RankingSampler`. dropout: apply the model's dropout.
 
   Returns:
-    (mean loss over impressions' candidates, number of candidates counted).
+    (mean loss over impressions (listwise) or candidates (bce), number counted).
 
   References: Zhai et al., "Actions Speak Louder than Words", ICML 2024 (ranking with
     M-FALCON).
   """
-  B = items.shape[0]
-  r_pos, r_u, r_p, r_h, r_hs, r_d = jax.random.split(rng, 6)
+  B, P = items.shape[0], sampler.positions
+  r_imp, r_d = jax.random.split(rng)
+  p, cands = ranking_impressions(items, length, r_imp, sampler, model.num_items)
+  pos_item = cands[..., :1]
   n = length
-  lo = jnp.maximum(jnp.ceil(sampler.min_frac * n).astype(jnp.int32), 1)
-  p = lo + jnp.floor(jax.random.uniform(r_pos, (B,)) * jnp.maximum(n - lo, 1)).astype(jnp.int32)
-  p = jnp.clip(p, 1, jnp.maximum(n - 1, 1))  # [B] index of the positive
-  pos_item = jnp.take_along_axis(items, p[:, None], 1)  # [B, 1]
-  negs = []
-  V = model.num_items
-  if sampler.uniform:
-    negs.append(jax.random.randint(r_u, (B, sampler.uniform), 1, V + 1))
-  if sampler.popularity:
-    logp = jnp.log(jnp.asarray(sampler.item_popularity, jnp.float32) + 1e-9).at[0].set(-jnp.inf)
-    negs.append(jax.random.categorical(r_p, logp, shape=(B, sampler.popularity)))
-  if sampler.hard:
-    groups = jnp.asarray(sampler.groups)
-    g = jnp.asarray(sampler.item_group)[pos_item[:, 0]]  # [B]
-    S = groups.shape[1]
-    pick = jax.random.randint(r_h, (B, sampler.hard), 0, S)
-    negs.append(groups[jnp.maximum(g, 0)[:, None], pick])
-  cands = jnp.concatenate([pos_item] + [x.astype(items.dtype) for x in negs], axis=1)
-  request = Events(items[:, :-1], ts[:, :-1], jnp.minimum(p, items.shape[1] - 1))
-  cache = model.empty_cache(B)
-  # Candidates carry the request's time (its last event's), as when serving.
-  logits = model.rank(cache, request, cands, train_rng=r_d if dropout else None)  # [B, 1+K]
-  labels = jnp.zeros_like(logits).at[:, 0].set(1.0)
-  keep = jnp.concatenate([jnp.ones((B, 1), bool), cands[:, 1:] != pos_item], axis=1)
-  keep = keep & (n >= 2)[:, None]
+  logits = ranking_logits(model, items, ts, length, p, cands, r_d if dropout else None)
+  keep = jnp.concatenate([jnp.ones((B, P, 1), bool), (cands[..., 1:] != pos_item) &
+                          (cands[..., 1:] > 0)], axis=-1)
+  real = (n >= 2)[:, None, None]
+  keep = keep & real
+  if sampler.loss == "listwise":
+    keep_lw = keep.at[..., 0].set(True)  # the positive stays in: no all -inf row (NaN grads)
+    lse = jax.nn.logsumexp(jnp.where(keep_lw, logits, -jnp.inf), axis=-1)  # [B, P]
+    count = jnp.sum(real) * P
+    total = jnp.sum(jnp.where(real[..., 0], lse - logits[..., 0], 0.0))
+    return total / jnp.maximum(count, 1), count
+  labels = jnp.zeros_like(logits).at[..., 0].set(1.0)
   bce = optax.sigmoid_binary_cross_entropy(logits, labels)
   count = jnp.sum(keep)
   return jnp.sum(jnp.where(keep, bce, 0.0)) / jnp.maximum(count, 1), count

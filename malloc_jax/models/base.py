@@ -270,8 +270,12 @@ def attention_mask(q_pos, q_valid, kpos, isolated=None):
 
   kpos [B, H, T + m] lists the T cached slots followed by the m new tokens. ``isolated``
   [B, m] bool (M-FALCON's block mask) additionally hides every isolated new token from every
-  other isolated new token: ranking candidates share one position and see the memory, the
-  request and themselves, never each other.
+  other new token, and from an isolated token every other key at or after its own position:
+  a ranking candidate at position p sees the memory and the request events before p and
+  itself, never another candidate, and no request event sees a candidate. When serving,
+  every memory and request event precedes the candidates' position, so the position rule is
+  idle; it lets training place candidates at several positions of one window
+  (``train.ranking_logits``).
   """
   mask = (kpos[:, :, None, :] >= 0) & (kpos[:, :, None, :] <= q_pos[:, None, :, None]) & (
       q_valid[:, None, :, None])
@@ -280,9 +284,13 @@ def attention_mask(q_pos, q_valid, kpos, isolated=None):
   m = q_pos.shape[1]
   T = kpos.shape[-1] - m
   other = ~jnp.eye(m, dtype=bool)[None]  # [1, m, m]
-  hide = isolated[:, :, None] & isolated[:, None, :] & other  # [B, m, m]
+  # An isolated key is seen by itself only (not by other isolated or by ordinary tokens).
+  hide = isolated[:, None, :] & (other | ~isolated[:, :, None])  # [B, m, m]
   hide = jnp.pad(hide, ((0, 0), (0, 0), (T, 0)))  # cached slots are never hidden
-  return mask & ~hide[:, None]
+  not_self = jnp.pad(other, ((0, 0), (0, 0), (T, 0)), constant_values=True)  # [1, m, T+m]
+  late = (kpos[:, :, None, :] >= q_pos[:, None, :, None]) & (
+      isolated[:, None, :, None] & not_self[:, None])  # [B, H, m, T+m]
+  return mask & ~hide[:, None] & ~late
 
 
 def concat_keys(ck, cv, cpos, cts, k, v, q_pos, q_ts):
