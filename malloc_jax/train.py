@@ -116,6 +116,36 @@ class RankingSampler:
     return self.uniform + self.popularity + self.hard
 
 
+def tie_query_key_init(model) -> None:
+  """Sets each layer's key projection equal to its query projection (in place, at init).
+
+  With W_k = W_q a token's attention score to an event of the same item is |W x|^2, the
+  largest a key of equal norm can get, so at initialization a ranking candidate already
+  attends to the history events of its own item and the count of those events reaches its
+  output. From a random init the listwise ranking loss sits at ln(1 + K) for thousands of
+  steps on the synthetic topics task (BENCHMARKS.md, target-aware ranking); training unties
+  the two projections freely afterwards. SASRec (``qkv``) and HSTU (``uvqk``) layers.
+
+  References: Kang & McAuley, ICDM 2018 (SASRec); Zhai et al., ICML 2024 (HSTU).
+  """
+  for layer in model.layers:
+    if hasattr(layer, "qkv"):  # SASRec: [q | k | v], each dim wide
+      lin, d = layer.qkv, layer.qkv.kernel[...].shape[1] // 3
+      q, k = slice(0, d), slice(d, 2 * d)
+    elif hasattr(layer, "uvqk"):  # HSTU: [u | v | q | k]
+      lin, H = layer.uvqk, layer.heads
+      a = 2 * H * layer.dv
+      q, k = slice(a, a + H * layer.dqk), slice(a + H * layer.dqk, a + 2 * H * layer.dqk)
+    else:
+      raise ValueError(f"tie_query_key_init: {type(layer).__name__} has no qkv/uvqk "
+                       "projection (SASRec and HSTU layers only)")
+    w = lin.kernel[...]
+    lin.kernel[...] = w.at[:, k].set(w[:, q])
+    if lin.bias is not None:
+      b = lin.bias[...]
+      lin.bias[...] = b.at[k].set(b[q])
+
+
 def ranking_impressions(items, length, rng, sampler: RankingSampler, num_items: int):
   """Draws ``sampler.positions`` impressions per window (see :class:`RankingSampler`).
 

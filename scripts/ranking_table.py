@@ -50,7 +50,7 @@ from malloc_jax.data.synthetic import (
 )
 from malloc_jax.evaluate import calibration_caches
 from malloc_jax.models import make_model
-from malloc_jax.train import RankingSampler, Trainer, fit, make_optimizer
+from malloc_jax.train import RankingSampler, Trainer, fit, make_optimizer, tie_query_key_init
 
 PRESETS = {
     # 2 CPU cores, a few minutes.
@@ -72,6 +72,8 @@ _LOSS = flags.DEFINE_enum("rank_loss", None, ["bce", "listwise"],
                           "Override the preset's ranking loss (train.rank_loss).")
 _MAX_S = flags.DEFINE_float("max_train_seconds", None,
                             "Stop training after this many seconds (as well as --steps).")
+_TIED = flags.DEFINE_bool("tied_qk", None, "Override the preset: initialize W_k = W_q "
+                          "(train.tie_query_key_init).")
 _TRAIN_ONLY = flags.DEFINE_bool("train_only", False,
                                 "Learning curve only: skip the serving table.")
 _MODEL = flags.DEFINE_string("model", None, "Backbone (hstu, sasrec, or a variant).")
@@ -83,7 +85,7 @@ _OUT = flags.DEFINE_string("out", None, "JSON output path.")
 
 def settings() -> dict:
   s = dict(dict(easy=10, uniform_neg=10, hard_neg=9, popularity_neg=0, seed=0,
-                rank_loss="bce", positions=1, max_train_seconds=float("inf")), **PRESETS[_PRESET.value])
+                rank_loss="bce", positions=1, tied_qk=False, max_train_seconds=float("inf")), **PRESETS[_PRESET.value])
   for k, f in _INT.items():
     if f.value is not None:
       s[k] = f.value
@@ -91,6 +93,8 @@ def settings() -> dict:
     s["lr"] = _LR.value
   if _LOSS.value is not None:
     s["rank_loss"] = _LOSS.value
+  if _TIED.value is not None:
+    s["tied_qk"] = _TIED.value
   if _MAX_S.value is not None:
     s["max_train_seconds"] = _MAX_S.value
   if _MODEL.value:
@@ -123,6 +127,8 @@ def main(argv):
                            positions=s["positions"])
   model = make_model(s["model"], spec.num_items, dim=s["dim"], heads=s["heads"],
                      num_layers=s["layers"], max_len=s["length"], dropout=0.0, seed=s["seed"])
+  if s["tied_qk"]:
+    tie_query_key_init(model)
   trainer = Trainer(model, make_optimizer(s["lr"], 0.0), 0, dropout=False, task="ranking",
                     sampler=sampler)
 

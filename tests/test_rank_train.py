@@ -104,3 +104,24 @@ def test_experiment_runs_the_ranking_task(tmp_path):
   config.task = "bogus"
   with pytest.raises(ValueError, match="task='bogus'"):
     ranking_sampler(config, None)
+
+
+@pytest.mark.parametrize("name", ["hstu", "sasrec"])
+def test_tied_query_key_init(name):
+  """After tying, a token's query and key are one vector: q·k of a token with itself = |q|^2."""
+  from malloc_jax.train import tie_query_key_init
+
+  model = make(name)
+  tie_query_key_init(model)
+  layer = model.layers[0]
+  x = jax.random.normal(jax.random.key(0), (5, 16))
+  y = (layer.qkv if name == "sasrec" else layer.uvqk)(layer.ln1(x) if name == "sasrec"
+                                                        else layer.ln(x))
+  if name == "sasrec":
+    q, k = y[:, :16], y[:, 16:32]
+  else:
+    a, w = 2 * layer.heads * layer.dv, layer.heads * layer.dqk
+    q, k = y[:, a:a + w], y[:, a + w:a + 2 * w]
+  np.testing.assert_array_equal(np.asarray(q), np.asarray(k))
+  with pytest.raises(ValueError, match="no qkv/uvqk"):
+    tie_query_key_init(make("hstu_rwkv"))
