@@ -195,13 +195,17 @@ class SequenceRecommender(nnx.Module):
   def rank_logits(self, h: jax.Array, candidates: jax.Array) -> jax.Array:
     """The ranking head: logits [B, C] of candidate output states h [B, C, d].
 
-    logit = <h_c, e_c> + w·h_c + b: the dot product of a candidate's top state with its own
-    (raw, unnormalized) input embedding e_c, which reads "does the memory's evidence match this
-    item", plus a learned linear head ``rank_head`` (a global offset that calibrates the
-    binary cross-entropy, and any item-independent evidence in the state).
+    logit = <√d · h_c / |h_c|, e_c> + w·h_c + b: the dot product of a candidate's top state,
+    rescaled to norm √d, with its own (raw) input embedding e_c, which reads "does the
+    memory's evidence match this item", plus a learned linear head ``rank_head`` (a global
+    offset that calibrates the binary cross-entropy, and any item-independent evidence in the
+    state). The rescaling matters for HSTU, whose top state has no final LayerNorm: its
+    residual carries √d · e_c, so <h_c, e_c> starts as √d |e_c|^2, an item-norm term that
+    swamps the memory's evidence (BENCHMARKS.md, target-aware ranking).
     """
     e = self.item_emb.embedding[...][candidates]  # [B, C, d]
-    return jnp.sum(h * e, axis=-1) + self.rank_head(h)[..., 0]
+    hn = _l2norm(h) * (h.shape[-1] ** 0.5)
+    return jnp.sum(hn * e, axis=-1) + self.rank_head(h)[..., 0]
 
   def rank(self, cache: Cache, request: Events, candidates: jax.Array,
            candidate_ts: jax.Array | None = None, *, return_attn: bool = False,
