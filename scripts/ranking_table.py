@@ -13,7 +13,7 @@ the candidates), and the fraction of the Bayes GAUC lift over history-blind each
 
   # 2 CPU cores, about 8 minutes on a shared machine (README): SASRec, 240 s of training
   python scripts/ranking_table.py --out runs/ranking_cpu.json
-  # one H200, about 5 minutes of wall time: HSTU at 1,024 events, 150 s of training
+  # one H200, about 5-7 minutes of wall time: HSTU at 1,024 events, 150 s of training
   python scripts/ranking_table.py --preset=gpu --out runs/ranking_gpu.json
   # learning curve only (no table), any backbone, e.g. HSTU on the CPU:
   python scripts/ranking_table.py --model=hstu --length=128 --train_only --steps=2500
@@ -61,7 +61,7 @@ PRESETS = {
                 heads=1, layers=1, steps=3000, batch=16, positions=16, lr=3e-3,
                 rank_loss="listwise", uniform_neg=10, hard_neg=9, tied_qk=True,
                 max_train_seconds=240.0, eval_users=500, eval_every=250),
-    # One H200, about 5 minutes of wall time: HSTU (the acceptance backbone) at
+    # One H200, about 5-7 minutes of wall time: HSTU (the acceptance backbone) at
     # 1,024 events; training stops at max_train_seconds whatever the steps.
     "gpu": dict(length=1024, users=8000, items=1000, topic_size=10, model="hstu", dim=64,
                 heads=2, layers=2, steps=20000, batch=64, positions=32, lr=3e-3,
