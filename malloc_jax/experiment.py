@@ -30,7 +30,14 @@ from malloc_jax.data.synthetic import SyntheticSpec, generate_sequences
 from malloc_jax.evaluate import calibration_caches, evaluate
 from malloc_jax.metrics import popularity_ranks, retrieval_metrics
 from malloc_jax.models import make_model
-from malloc_jax.train import TASKS, RankingSampler, Trainer, fit, make_optimizer
+from malloc_jax.train import (
+    TASKS,
+    RankingSampler,
+    Trainer,
+    fit,
+    make_optimizer,
+    tie_query_key_init,
+)
 
 TRAIN_FIELDS = ("seed", "task", "data", "model", "train")
 
@@ -96,6 +103,8 @@ def train_model(config, workdir: Path, data: SequenceDataset, print_fn=print):
   model = build_model(config, data.num_items)
   t = config.train
   sampler = ranking_sampler(config, data)  # None unless config.task == "ranking"
+  if sampler is not None and t.get("rank_tied_qk", False):
+    tie_query_key_init(model)  # W_k = W_q at init: leaves the ranking plateau (BENCHMARKS)
   trainer = Trainer(model, make_optimizer(t.lr, t.weight_decay), t.num_negatives,
                     dropout=config.model.dropout > 0, task=config.get("task", "retrieval"),
                     sampler=sampler)
