@@ -116,7 +116,7 @@ class RankingSampler:
     return self.uniform + self.popularity + self.hard
 
 
-def tie_query_key_init(model) -> None:
+def tie_query_key_init(model, score_offset: float = 0.0) -> None:
   """Sets each layer's key projection equal to its query projection (in place, at init).
 
   With W_k = W_q a token's attention score to an event of the same item is |W x|^2, the
@@ -125,6 +125,11 @@ def tie_query_key_init(model) -> None:
   output. From a random init the listwise ranking loss sits at ln(1 + K) for thousands of
   steps on the synthetic topics task (BENCHMARKS.md, target-aware ranking); training unties
   the two projections freely afterwards. SASRec (``qkv``) and HSTU (``uvqk``) layers.
+
+  ``score_offset`` (HSTU only) also sets the relative-position bias to that constant: HSTU's
+  pointwise SiLU attention sums rather than normalizes, and with SiLU'd queries and keys
+  every score is positive on average, so a negative offset lets mainly the matching events
+  through at init (BENCHMARKS.md, probe p10).
 
   References: Kang & McAuley, ICDM 2018 (SASRec); Zhai et al., ICML 2024 (HSTU).
   """
@@ -139,6 +144,8 @@ def tie_query_key_init(model) -> None:
     else:
       raise ValueError(f"tie_query_key_init: {type(layer).__name__} has no qkv/uvqk "
                        "projection (SASRec and HSTU layers only)")
+    if score_offset and hasattr(layer, "rab_pos"):
+      layer.rab_pos[...] = jnp.full_like(layer.rab_pos[...], score_offset)
     w = lin.kernel[...]
     lin.kernel[...] = w.at[:, k].set(w[:, q])
     if lin.bias is not None:

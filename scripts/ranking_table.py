@@ -80,6 +80,8 @@ _MAX_S = flags.DEFINE_float("max_train_seconds", None,
                             "Stop training after this many seconds (as well as --steps).")
 _TIED = flags.DEFINE_bool("tied_qk", None, "Override the preset: initialize W_k = W_q "
                           "(train.tie_query_key_init).")
+_OFFSET = flags.DEFINE_float("score_offset", None, "Override the preset: HSTU attention "
+                             "score offset at init (with --tied_qk).")
 _TRAIN_ONLY = flags.DEFINE_bool("train_only", False,
                                 "Learning curve only: skip the serving table.")
 _MODEL = flags.DEFINE_string("model", None, "Backbone (hstu, sasrec, or a variant).")
@@ -91,7 +93,8 @@ _OUT = flags.DEFINE_string("out", None, "JSON output path.")
 
 def settings() -> dict:
   s = dict(dict(easy=10, uniform_neg=10, hard_neg=9, popularity_neg=0, seed=0,
-                rank_loss="bce", positions=1, tied_qk=False, max_train_seconds=float("inf")),
+                rank_loss="bce", positions=1, tied_qk=False, score_offset=0.0,
+                max_train_seconds=float("inf")),
            **PRESETS[_PRESET.value])
   for k, f in _INT.items():
     if f.value is not None:
@@ -102,6 +105,8 @@ def settings() -> dict:
     s["rank_loss"] = _LOSS.value
   if _TIED.value is not None:
     s["tied_qk"] = _TIED.value
+  if _OFFSET.value is not None:
+    s["score_offset"] = _OFFSET.value
   if _MAX_S.value is not None:
     s["max_train_seconds"] = _MAX_S.value
   if _MODEL.value:
@@ -135,7 +140,7 @@ def main(argv):
   model = make_model(s["model"], spec.num_items, dim=s["dim"], heads=s["heads"],
                      num_layers=s["layers"], max_len=s["length"], dropout=0.0, seed=s["seed"])
   if s["tied_qk"]:
-    tie_query_key_init(model)
+    tie_query_key_init(model, s["score_offset"])
   trainer = Trainer(model, make_optimizer(s["lr"], 0.0), 0, dropout=False, task="ranking",
                     sampler=sampler)
 

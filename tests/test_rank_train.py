@@ -123,5 +123,8 @@ def test_tied_query_key_init(name):
     a, w = 2 * layer.heads * layer.dv, layer.heads * layer.dqk
     q, k = y[:, a:a + w], y[:, a + w:a + 2 * w]
   np.testing.assert_array_equal(np.asarray(q), np.asarray(k))
+  if name == "hstu":
+    tie_query_key_init(model, score_offset=-3.0)
+    np.testing.assert_array_equal(np.asarray(layer.rab_pos[...]), -3.0)
   with pytest.raises(ValueError, match="no qkv/uvqk"):
     tie_query_key_init(make("hstu_rwkv"))
