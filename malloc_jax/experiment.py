@@ -34,9 +34,16 @@ from malloc_jax.evaluate import calibration_caches, evaluate
 from malloc_jax.fileio import write_json_atomic
 from malloc_jax.metrics import popularity_ranks, retrieval_metrics
 from malloc_jax.models import make_model
-from malloc_jax.train import Trainer, fit, make_optimizer
+from malloc_jax.train import (
+    TASKS,
+    RankingSampler,
+    Trainer,
+    fit,
+    make_optimizer,
+    tie_query_key_init,
+)
 
-TRAIN_FIELDS = ("seed", "data", "model", "train")
+TRAIN_FIELDS = ("seed", "task", "data", "model", "train")
 
 
 def load_data(config) -> SequenceDataset:
@@ -76,7 +83,7 @@ def build_model(config, num_items: int):
 def _train_config(config) -> dict:
   """The fields that determine the trained weights, as plain JSON values."""
   full = json.loads(config.to_json_best_effort(sort_keys=True))
-  return {k: full[k] for k in TRAIN_FIELDS}
+  return {k: full[k] for k in TRAIN_FIELDS if k in full}  # task: absent in old configs
 
 
 def check_workdir(workdir: Path, config) -> None:
@@ -171,8 +178,13 @@ def train_model(config, workdir: Path, data: SequenceDataset, print_fn=print):
   _check_dataset(workdir, data)
   model = build_model(config, data.num_items)
   t = config.train
+  sampler = ranking_sampler(config, data)  # None unless config.task == "ranking"
+  if sampler is not None and t.get("rank_tied_qk", False):
+    tie_query_key_init(model)  # W_k = W_q at init: leaves the ranking plateau (BENCHMARKS)
   trainer = Trainer(model, make_optimizer(t.lr, t.weight_decay), t.num_negatives,
-                    dropout=config.model.dropout > 0)
+                    dropout=config.model.dropout > 0, task=config.get("task", "retrieval"),
+                    sampler=sampler)
+  val_cands = None if sampler is None else ranking_eval_candidates(config, data, "valid")
   # On several devices the state is replicated, and restored onto the same devices.
   init = parallel.replicate(parallel.data_mesh(num_devices(config)), trainer.init_state)
   store = ckpt_lib.TrainCheckpoints(workdir / "checkpoints")
@@ -197,7 +209,21 @@ def train_model(config, workdir: Path, data: SequenceDataset, print_fn=print):
   def on_step(step, st, logs):
     nonlocal best
     stop = False
-    if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+    if t.eval_every and (step % t.eval_every == 0 or step == t.steps) and sampler is not None:
+      from malloc_jax import ranking  # task="ranking": validation GAUC of the candidates
+      res = ranking.rank_cell(trainer.merge(st["params"]), data.valid, val_cands,
+                              comp_lib.native(), batch_size=config.eval.batch_size)
+      ndcg = res["metrics"]["GAUC"]  # the best-model criterion
+      improved = ndcg > meta["best_metric"]
+      if improved:
+        best = jax.tree.map(jnp.copy, st["params"])
+        meta.update(best_metric=ndcg, best_step=step, bad_evals=0)
+      else:
+        meta["bad_evals"] += 1
+      print_fn(f"  valid GAUC {ndcg:.4f} NDCG@10 {res['metrics']['NDCG@10']:.4f}"
+               f"{' (best)' if improved else ''}")
+      stop = bool(t.patience) and meta["bad_evals"] >= t.patience
+    elif t.eval_every and (step % t.eval_every == 0 or step == t.steps):
       res = evaluate(trainer.merge(st["params"]), data.valid, comp_lib.native(),
                      batch_size=config.eval.batch_size, max_users=valid_users,
                      num_devices=num_devices(config))
@@ -229,6 +255,90 @@ def train_model(config, workdir: Path, data: SequenceDataset, print_fn=print):
           "best_step": meta["best_step"], "best_valid_ndcg10": meta["best_metric"],
           "update_compiles": trainer.compiles}
   return trainer.merge(params), info
+
+
+# --- config.task = "ranking" (target-aware, M-FALCON; see malloc_jax.ranking) --------------
+
+
+def _topics(config):
+  """(members [Z, S], topic [V + 1]) of synthetic ``topics`` data, else (None, None)."""
+  d = config.data
+  if d.source != "synthetic" or d.synthetic.kind != "topics":
+    return None, None
+  from malloc_jax.data.synthetic import topic_index
+  members, topic, _ = topic_index(SyntheticSpec(**d.synthetic.to_dict()))
+  return members, topic
+
+
+def ranking_sampler(config, data: SequenceDataset):
+  """The training impressions of ``config.task = "ranking"`` (None for retrieval).
+
+  ``config.train.rank_negatives`` = {uniform, popularity, hard} counts, ``train.rank_loss``
+  ("bce" | "listwise"), ``train.rank_positions`` (impressions per window); hard negatives
+  are the other members of the positive's topic (synthetic ``topics`` data only).
+  """
+  task = config.get("task", "retrieval")
+  if task not in TASKS:
+    raise ValueError(f"task={task!r}: expected one of {TASKS}")
+  if task == "retrieval":
+    return None
+  t = config.train
+  neg = t.get("rank_negatives", {"uniform": 10, "popularity": 0, "hard": 0})
+  members, topic = _topics(config)
+  return RankingSampler(uniform=neg["uniform"], popularity=neg["popularity"],
+                        hard=neg["hard"], item_popularity=data.popularity, groups=members,
+                        item_group=topic, loss=t.get("rank_loss", "bce"),
+                        positions=t.get("rank_positions", 1))
+
+
+def ranking_eval_candidates(config, data: SequenceDataset, split: str):
+  """[U, 1 + K] candidates of each user of ``split`` (positive first): on topics data the
+  target's whole topic plus ``eval.rank_easy`` items of other topics, else
+  ``eval.rank_negatives`` uniform items."""
+  from malloc_jax import ranking
+  from malloc_jax.data.synthetic import ranking_candidates
+  target = data.eval_set(split).target
+  members, _ = _topics(config)
+  seed = config.seed + (1 if split == "test" else 2)
+  if members is not None:
+    spec = SyntheticSpec(**config.data.synthetic.to_dict())
+    return ranking_candidates(spec, target, members.shape[1] - 1,
+                              config.eval.get("rank_easy", 10), seed=seed)
+  return ranking.sample_candidates(target, data.num_items,
+                                   config.eval.get("rank_negatives", 19), seed=seed)
+
+
+def ranking_rows(config, model, data: SequenceDataset, comps, print_fn=print) -> list[dict]:
+  """Serves every compressor's memory to the test users and ranks their candidates."""
+  from malloc_jax import ranking
+  e = config.eval
+  split = data.eval_set(e.split)
+  cands = ranking_eval_candidates(config, data, e.split)
+  if e.max_users:
+    cands = cands[:e.max_users]
+  rows, native = [], None
+  for label, comp in sorted(comps.items(), key=lambda kv: kv[0] != "native"):
+    print_fn(f"ranking with {label} ...")
+    res = ranking.rank_cell(model, split, cands, comp, batch_size=e.batch_size,
+                            query_len=e.query_len, window=e.window)
+    native = res if label == "native" else native
+    row = {"method": label, "bytes_per_user": res["bytes_per_user"],
+           **{k: res["metrics"][k] for k in ("AUC", "GAUC", "logloss", "NDCG@10")}}
+    if native is not None:
+      row["dGAUC"], row["se_dGAUC"] = ranking.paired_se(res["per_user"]["auc"],
+                                                          native["per_user"]["auc"])
+    rows.append(row)
+  return rows
+
+
+def format_ranking_table(rows: list[dict]) -> str:
+  lines = ["| method | AUC | GAUC | logloss | NDCG@10 | ΔGAUC vs native (SE) | bytes/user |",
+           "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    d = f"{r['dGAUC']:+.4f} ({r['se_dGAUC']:.4f})" if "dGAUC" in r else "-"
+    lines.append(f"| {r['method']} | {r['AUC']:.4f} | {r['GAUC']:.4f} | {r['logloss']:.4f} | "
+                 f"{r['NDCG@10']:.4f} | {d} | {r['bytes_per_user']:,.0f} |")
+  return "\n".join(lines)
 
 
 def model_cache_spec(config):
@@ -302,6 +412,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, print_fn
   print_fn(data.summary())
   print_fn(parallel.describe(parallel.data_mesh(num_devices(config))))
   model, info = train_model(config, workdir, data, print_fn)
+  if config.get("task", "retrieval") == "ranking":
+    rows = ranking_rows(config, model, data, make_compressors(config, model, data), print_fn)
+    results = {"dataset": data.summary(), "split": config.eval.split, "task": "ranking",
+               "train": info, "rows": rows, "seconds": time.time() - t0,
+               "devices": [str(d) for d in jax.devices()]}
+    ckpt_lib.write_json_atomic(workdir / "results.json", results)
+    print_fn(format_ranking_table(rows))
+    print_fn(f"results: {workdir / 'results.json'}  ({results['seconds']:.0f}s)")
+    return results
   split = data.eval_set(config.eval.split)
   e = config.eval
   ks = tuple(e.ks)

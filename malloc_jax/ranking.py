@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from malloc_jax import compressors as comp_lib
+from malloc_jax.cache import Signals
 from malloc_jax.data.dataset import EvalSet
 from malloc_jax.evaluate import padded_batches, split_request
 from malloc_jax.metrics import ranking_metrics
@@ -177,3 +178,135 @@ def evaluate_ctr(model, samples, compressor: comp_lib.Compressor, *, max_len: in
                         model.temperature)
   res["empty_history"] = int(np.sum(length[:n] == 0))
   return res
+
+
+# ------------------------------------------------------------------------------------------
+# Target-aware ranking (M-FALCON): candidates read the memory through ``model.rank``.
+
+
+def candidate_signals(model, cache, request, candidates, window: int) -> Signals:
+  """Attention signals from the request's actual candidates (the "oracle vote").
+
+  ``acc_attn`` [L, B, H, T] is the attention the C candidates pay each memory slot, summed
+  over candidates; ``window_attn`` [L, B, H, window, T] repeats that sum in every row, so
+  SnapKV's vote (a sum over its window's rows) ranks slots by it too. Any attention-based
+  eviction fed these signals keeps what the candidates read: it sees the request's
+  candidates before compressing, which no deployable method can, so it is an upper
+  reference for eviction, not a method.
+
+  Returns:
+    :class:`malloc_jax.cache.Signals` over the cache's T slots.
+  """
+  _, attn = model.rank(cache, request, candidates, return_attn=True)  # [L, B, H, C, T]
+  acc = jnp.sum(attn, axis=3)
+  win = jnp.broadcast_to(acc[:, :, :, None, :], acc.shape[:3] + (window,) + acc.shape[3:])
+  B = acc.shape[1]
+  return Signals(acc_attn=acc, window_attn=win, window_valid=jnp.ones((B, window), bool))
+
+
+@functools.partial(jax.jit, static_argnames=("compressor", "query_len", "window", "oracle"))
+def serve_rank(model, items, ts, length, candidates, *, compressor, query_len=1, window=8,
+               oracle=False):
+  """Prefill, compress and rank candidates target-aware (``model.rank``) for one batch.
+
+  Args:
+    model: backbone. items, ts: [B, N] histories (right-padded); length: [B].
+    candidates: [B, C] item ids. compressor: static Compressor. query_len: request events.
+    window: W of the prefill signals. oracle: feed the compressor :func:`candidate_signals`
+      instead of the history's own attention (a non-deployable reference).
+
+  Returns:
+    (logits [B, C], memory).
+  """
+  prefix, req = split_request(items, ts, length, query_len)
+  cache, signals = model.prefill(prefix, window)
+  if oracle:
+    signals = candidate_signals(model, cache, req, candidates, window)
+  memory, _ = compressor.compress(cache, compressor.init(cache), signals)
+  return model.rank(memory.materialize(), req, candidates), memory
+
+
+def per_user_candidate_metrics(scores: np.ndarray) -> dict[str, np.ndarray]:
+  """Per-user AUC and candidate NDCG@10 of impressions whose positive is column 0.
+
+  The positive's rank r counts the negatives scored above it plus half the tied ones; AUC is
+  1 - r / K (K negatives); NDCG@10 = 1 / log2(r + 2) when r < 10, else 0 (one relevant item);
+  top-1 is 1 when the positive scores strictly above every negative (r = 0).
+
+  Args:
+    scores: [U, 1 + K] float scores.
+
+  Returns:
+    {"auc": [U], "ndcg10": [U], "top1": [U]} float64.
+  """
+  s = np.asarray(scores, np.float64)
+  pos, neg = s[:, :1], s[:, 1:]
+  r = np.sum(neg > pos, axis=1) + 0.5 * np.sum(neg == pos, axis=1)
+  ndcg = np.where(r < 10, 1.0 / np.log2(r + 2.0), 0.0)
+  return {"auc": 1.0 - r / neg.shape[1], "ndcg10": ndcg, "top1": (r == 0).astype(np.float64)}
+
+
+def impression_metrics(logits: np.ndarray) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+  """Summary and per-user metrics of logits [U, 1 + K] (positive in column 0).
+
+  Summary: :func:`malloc_jax.metrics.ranking_metrics` (AUC pooled over impressions, GAUC,
+  logloss of sigmoid(logits)) plus "NDCG@10" (mean candidate NDCG@10). Per user: "auc",
+  "ndcg10" and "logloss" (mean binary cross-entropy of that user's impressions), the inputs
+  of paired standard errors between two memories served to the same users.
+  """
+  logits = np.asarray(logits, np.float64)
+  U, C = logits.shape
+  labels = np.zeros((U, C), np.int8)
+  labels[:, 0] = 1
+  users = np.broadcast_to(np.arange(U)[:, None], (U, C))
+  summary = ranking_metrics(users, labels, logits, 1.0)
+  per = per_user_candidate_metrics(logits)
+  bce = np.logaddexp(0.0, logits) - labels * logits  # -log sigmoid(+-logit)
+  per["logloss"] = bce.mean(axis=1)
+  summary["NDCG@10"] = float(per["ndcg10"].mean())
+  summary["top1"] = float(per["top1"].mean())
+  return summary, per
+
+
+def paired_se(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+  """(mean of a - b, its standard error) over paired per-user values (ddof = 1)."""
+  d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  if d.size < 2:
+    return float(d.mean()) if d.size else float("nan"), float("nan")
+  return float(d.mean()), float(d.std(ddof=1) / np.sqrt(d.size))
+
+
+def rank_cell(model, data: EvalSet, candidates: np.ndarray, compressor: comp_lib.Compressor, *,
+              batch_size: int = 64, query_len: int = 1, window: int = 8,
+              oracle: bool = False) -> dict:
+  """One ranking cell: serve each user's memory through ``compressor`` and rank candidates.
+
+  The call a sweep makes for a (method, ratio, task="ranking") cell. Users are served in
+  fixed-size batches (the last padded and masked).
+
+  Args:
+    model: backbone with ``rank``. data: evaluation split; candidates: [U, 1 + K] ids with
+      the held-out positive in column 0 (see ``sample_candidates`` or
+      ``data.synthetic.ranking_candidates``). compressor: the memory. oracle: see
+      :func:`serve_rank`.
+
+  Returns:
+    {"metrics": summary (AUC, GAUC, logloss, NDCG@10, top1, ...), "per_user": {"auc",
+    "ndcg10", "top1", "logloss"} arrays [U], "logits": [U, 1 + K], "bytes_per_user": stored
+    bytes of the served memories / U}.
+  """
+  U = len(candidates)
+  if U == 0 or U > len(data):
+    raise ValueError(f"rank_cell: {U} candidate rows for {len(data)} users")
+  bs = min(batch_size, U)
+  out, nbytes = [], 0.0
+  for _start, idx, real in padded_batches(U, bs):
+    logits, memory = serve_rank(model, jnp.asarray(data.items[idx]), jnp.asarray(data.ts[idx]),
+                                jnp.asarray(data.length[idx]), jnp.asarray(candidates[idx]),
+                                compressor=compressor, query_len=query_len, window=window,
+                                oracle=oracle)
+    out.append(np.asarray(logits)[real])
+    nbytes += float(comp_lib.bytes_per_user(memory)) * int(real.sum())
+  logits = np.concatenate(out)
+  summary, per = impression_metrics(logits)
+  return {"metrics": summary, "per_user": per, "logits": logits, "bytes_per_user": nbytes / U}

@@ -59,6 +59,216 @@ def sampled_softmax_loss(model, items, ts, length, rng, num_negatives: int, drop
   return loss, count
 
 
+TASKS = ("retrieval", "ranking")
+RANK_LOSSES = ("bce", "listwise")
+
+
+@dataclasses.dataclass(frozen=True)
+class RankingSampler:
+  """How ranking impressions are drawn from training windows (``config.task = "ranking"``).
+
+  At ``positions`` positions p per window (each uniform in [ceil(min_frac * n), n - 1] of the
+  window's n events) the event at p is the positive and ``uniform + popularity + hard`` negatives are
+  drawn: uniform over items 1..V, from ``popularity`` (training counts, [V + 1]), and
+  "hard" from the other members of the positive's group without replacement (``groups``
+  [G, S] item ids, 0-padded, ``item_group`` [V + 1] group of each item, -1 for none: topics,
+  genres; ``hard = S - 1`` takes every other member, a group too small leaves the rest out).
+
+  ``loss`` scores the impression: ``"bce"`` (binary cross-entropy of every candidate, as CTR
+  logs) or ``"listwise"`` (softmax cross-entropy of the positive among the 1 + K candidates).
+  On the synthetic topics task only the listwise loss over hard negatives leaves the initial
+  plateau in a CPU budget (BENCHMARKS.md, target-aware ranking).
+  """
+
+  uniform: int = 10
+  popularity: int = 0
+  hard: int = 9
+  min_frac: float = 0.5
+  item_popularity: Any = None  # [V + 1] counts, needed when popularity > 0
+  groups: Any = None  # [G, S] int, needed when hard > 0
+  item_group: Any = None  # [V + 1] int
+  loss: str = "bce"  # "bce" | "listwise" (config: train.rank_loss)
+  positions: int = 1  # impressions per window (config: train.rank_positions)
+
+  def __post_init__(self):
+    if self.positions < 1:
+      raise ValueError(f"train.rank_positions={self.positions}: expected >= 1")
+    if self.loss not in RANK_LOSSES:
+      raise ValueError(f"train.rank_loss={self.loss!r}: expected one of {RANK_LOSSES}")
+    for f in ("uniform", "popularity", "hard"):
+      if getattr(self, f) < 0:
+        raise ValueError(f"train.rank_negatives.{f}={getattr(self, f)}: expected >= 0")
+    if self.uniform + self.popularity + self.hard < 1:
+      raise ValueError("train.rank_negatives: expected at least one negative")
+    if self.popularity and self.item_popularity is None:
+      raise ValueError("train.rank_negatives.popularity > 0 needs item popularity counts")
+    if self.hard and (self.groups is None or self.item_group is None):
+      raise ValueError("train.rank_negatives.hard > 0 needs item groups (topics or genres); "
+                       "this dataset has none")
+    if not 0.0 <= self.min_frac < 1.0:
+      raise ValueError(f"train.rank_min_frac={self.min_frac}: expected in [0, 1)")
+    if self.hard and self.hard > np.shape(self.groups)[1] - 1:
+      raise ValueError(f"train.rank_negatives.hard={self.hard}: a group has at most "
+                       f"{np.shape(self.groups)[1] - 1} other members")
+
+  @property
+  def num_negatives(self) -> int:
+    return self.uniform + self.popularity + self.hard
+
+
+def tie_query_key_init(model, score_offset: float = 0.0) -> None:
+  """Sets each layer's key projection equal to its query projection (in place, at init).
+
+  With W_k = W_q a token's attention score to an event of the same item is |W x|^2, the
+  largest a key of equal norm can get, so at initialization a ranking candidate already
+  attends to the history events of its own item and the count of those events reaches its
+  output. From a random init the listwise ranking loss sits at ln(1 + K) for thousands of
+  steps on the synthetic topics task (BENCHMARKS.md, target-aware ranking); training unties
+  the two projections freely afterwards. SASRec (``qkv``) and HSTU (``uvqk``) layers.
+
+  ``score_offset`` (HSTU only) also sets the relative-position bias to that constant: HSTU's
+  pointwise SiLU attention sums rather than normalizes, and with SiLU'd queries and keys
+  every score is positive on average, so a negative offset lets mainly the matching events
+  through at init (BENCHMARKS.md, probe p10).
+
+  References: Kang & McAuley, ICDM 2018 (SASRec); Zhai et al., ICML 2024 (HSTU).
+  """
+  for layer in model.layers:
+    if hasattr(layer, "qkv"):  # SASRec: [q | k | v], each dim wide
+      lin, d = layer.qkv, layer.qkv.kernel[...].shape[1] // 3
+      q, k = slice(0, d), slice(d, 2 * d)
+    elif hasattr(layer, "uvqk"):  # HSTU: [u | v | q | k]
+      lin, H = layer.uvqk, layer.heads
+      a = 2 * H * layer.dv
+      q, k = slice(a, a + H * layer.dqk), slice(a + H * layer.dqk, a + 2 * H * layer.dqk)
+    else:
+      raise ValueError(f"tie_query_key_init: {type(layer).__name__} has no qkv/uvqk "
+                       "projection (SASRec and HSTU layers only)")
+    if score_offset and hasattr(layer, "rab_pos"):
+      layer.rab_pos[...] = jnp.full_like(layer.rab_pos[...], score_offset)
+    w = lin.kernel[...]
+    lin.kernel[...] = w.at[:, k].set(w[:, q])
+    if lin.bias is not None:
+      b = lin.bias[...]
+      lin.bias[...] = b.at[k].set(b[q])
+
+
+def ranking_impressions(items, length, rng, sampler: RankingSampler, num_items: int):
+  """Draws ``sampler.positions`` impressions per window (see :class:`RankingSampler`).
+
+  Args:
+    items: [B, N + 1] windows; length [B] events in each. rng: key. num_items: V.
+
+  Returns:
+    (p [B, P] positions of the positives, cands [B, P, 1 + K] item ids with the positive
+    (``items`` at p) in column 0; a hard slot a group cannot fill is 0).
+  """
+  B, P = items.shape[0], sampler.positions
+  r_pos, r_u, r_p, r_h = jax.random.split(rng, 4)
+  n = length
+  lo = jnp.maximum(jnp.ceil(sampler.min_frac * n).astype(jnp.int32), 1)
+  u = jax.random.uniform(r_pos, (B, P))
+  p = lo[:, None] + jnp.floor(u * jnp.maximum(n - lo, 1)[:, None]).astype(jnp.int32)
+  p = jnp.clip(p, 1, jnp.maximum(n - 1, 1)[:, None])  # [B, P] index of each positive
+  pos_item = jnp.take_along_axis(items, p, 1)[..., None]  # [B, P, 1]
+  negs = []
+  if sampler.uniform:
+    negs.append(jax.random.randint(r_u, (B, P, sampler.uniform), 1, num_items + 1))
+  if sampler.popularity:
+    logp = jnp.log(jnp.asarray(sampler.item_popularity, jnp.float32) + 1e-9).at[0].set(-jnp.inf)
+    negs.append(jax.random.categorical(r_p, logp, shape=(B, P, sampler.popularity)))
+  if sampler.hard:
+    groups = jnp.asarray(sampler.groups)
+    g = jnp.asarray(sampler.item_group)[pos_item[..., 0]]  # [B, P]
+    mem = groups[jnp.maximum(g, 0)]  # [B, P, S] members of each positive's group
+    # Without replacement: the other (non-padding) members in a random order, first `hard`.
+    key = jax.random.uniform(r_h, mem.shape)
+    key = jnp.where((mem == pos_item) | (mem <= 0) | (g < 0)[..., None], 2.0, key)
+    pick = jnp.argsort(key, axis=-1)[..., :sampler.hard]
+    negs.append(jnp.where(jnp.take_along_axis(key, pick, -1) < 2.0,
+                          jnp.take_along_axis(mem, pick, -1), 0))
+  cands = jnp.concatenate([pos_item] + [x.astype(items.dtype) for x in negs], axis=-1)
+  return p, cands
+
+
+def ranking_logits(model, items, ts, length, p, cands, train_rng=None):
+  """Logits [B, P, 1 + K] of candidates cands [B, P, 1 + K] placed at positions p [B, P].
+
+  The candidates of position p read the window's events before p (M-FALCON, one pass for all
+  P positions when P > 1; ``model.rank`` of the first p events when P = 1). items, ts:
+  [B, N + 1] windows; length [B].
+  """
+  B, N = items.shape[0], items.shape[1] - 1
+  P, K1 = cands.shape[1], cands.shape[2]
+  n = length
+  if P == 1:
+    request = Events(items[:, :-1], ts[:, :-1], jnp.minimum(p[:, 0], N))
+    # Candidates carry the request's time (its last event's), as when serving.
+    return model.rank(model.empty_cache(B), request, cands[:, 0], train_rng=train_rng)[:, None]
+  if not hasattr(model, "_run_tokens"):
+    raise ValueError(f"train.rank_positions={P}: {type(model).__name__} serves ranking "
+                     "from its own memory; use rank_positions=1")
+  seq_len = jnp.minimum(n, N)
+  seq_valid = jnp.arange(N)[None] < seq_len[:, None]  # [B, N]
+  s_pos = jnp.where(seq_valid, jnp.arange(N, dtype=jnp.int32)[None], -1)
+  c_ts = jnp.take_along_axis(ts, jnp.maximum(p - 1, 0), 1)  # [B, P] time of the event before p
+  flat = cands.reshape(B, P * K1)
+  tok = jnp.concatenate([items[:, :-1], flat.astype(items.dtype)], axis=1)  # [B, N + P(1+K)]
+  q_pos = jnp.concatenate([s_pos, jnp.repeat(p, K1, axis=1)], axis=1)
+  q_ts = jnp.concatenate([jnp.where(seq_valid, ts[:, :-1], 0), jnp.repeat(c_ts, K1, axis=1)],
+                         axis=1)
+  q_valid = jnp.concatenate([seq_valid, jnp.ones(flat.shape, bool)], axis=1)
+  isolated = jnp.concatenate([jnp.zeros((B, N), bool), jnp.ones(flat.shape, bool)], axis=1)
+  x, *_ = model._run_tokens(model.empty_cache(B), tok, q_pos, q_ts, q_valid, train_rng, isolated)
+  return model.rank_logits(x[:, N:], flat).reshape(B, P, K1)
+
+
+def ranking_loss(model, items, ts, length, rng, sampler: RankingSampler, dropout: bool):
+  """Loss of target-aware ranking impressions drawn from training windows.
+
+  ``sampler.positions`` = P impressions per window: at each sampled position p the event at
+  p is the positive and K negatives come from ``sampler``; the P (1 + K) candidate tokens
+  read the window M-FALCON style in one pass (:func:`attention_mask` with ``isolated``: a
+  candidate at p sees the window's events before p and itself, never another candidate or a
+  later event), so a window is encoded once for all its impressions. With P = 1 the
+  candidates read a request of the first p events through ``model.rank`` (every variant);
+  P > 1 needs a per-event cache backbone (``_run_tokens``: HSTU, SASRec). Candidates carry
+  the time of the event before p (the request's time when serving). A negative equal to its
+  positive (or a padding id) is masked out. ``sampler.loss`` picks binary cross-entropy per
+  candidate or the listwise softmax cross-entropy of the positive among its impression.
+
+  Args:
+    model: backbone. items, ts: [B, N + 1] windows; length [B] events in each window.
+    rng: key. sampler: :class:`RankingSampler`. dropout: apply the model's dropout.
+
+  Returns:
+    (mean loss over impressions (listwise) or candidates (bce), number counted).
+
+  References: Zhai et al., "Actions Speak Louder than Words", ICML 2024 (ranking with
+    M-FALCON).
+  """
+  B, P = items.shape[0], sampler.positions
+  r_imp, r_d = jax.random.split(rng)
+  p, cands = ranking_impressions(items, length, r_imp, sampler, model.num_items)
+  pos_item = cands[..., :1]
+  n = length
+  logits = ranking_logits(model, items, ts, length, p, cands, r_d if dropout else None)
+  keep = jnp.concatenate([jnp.ones((B, P, 1), bool), (cands[..., 1:] != pos_item) &
+                          (cands[..., 1:] > 0)], axis=-1)
+  real = (n >= 2)[:, None, None]
+  keep = keep & real
+  if sampler.loss == "listwise":
+    keep_lw = keep.at[..., 0].set(True)  # the positive stays in: no all -inf row (NaN grads)
+    lse = jax.nn.logsumexp(jnp.where(keep_lw, logits, -jnp.inf), axis=-1)  # [B, P]
+    count = jnp.sum(real) * P
+    total = jnp.sum(jnp.where(real[..., 0], lse - logits[..., 0], 0.0))
+    return total / jnp.maximum(count, 1), count
+  labels = jnp.zeros_like(logits).at[..., 0].set(1.0)
+  bce = optax.sigmoid_binary_cross_entropy(logits, labels)
+  count = jnp.sum(keep)
+  return jnp.sum(jnp.where(keep, bce, 0.0)) / jnp.maximum(count, 1), count
+
+
 @dataclasses.dataclass
 class Trainer:
   """Owns the jitted update of one backbone; the training state is a plain pytree."""
@@ -67,8 +277,14 @@ class Trainer:
   tx: optax.GradientTransformation
   num_negatives: int
   dropout: bool = True
+  task: str = "retrieval"
+  sampler: RankingSampler | None = None  # ranking impressions (task="ranking")
 
   def __post_init__(self):
+    if self.task not in TASKS:
+      raise ValueError(f"task={self.task!r}: expected one of {TASKS}")
+    if self.task == "ranking" and self.sampler is None:
+      raise ValueError("task='ranking' needs a RankingSampler (train.rank_negatives)")
     self.graphdef, params, self.rest = nnx.split(self.model, nnx.Param, ...)
     self.init_state = {"params": params, "opt_state": self.tx.init(params)}
     self.compiles = 0
@@ -81,6 +297,9 @@ class Trainer:
     self.compiles += 1  # runs only while tracing: counts compilations
 
     def loss_fn(params):
+      if self.task == "ranking":
+        return ranking_loss(self.merge(params), items, ts, length, rng, self.sampler,
+                            self.dropout)
       return sampled_softmax_loss(self.merge(params), items, ts, length, rng,
                                   self.num_negatives, self.dropout)
 

@@ -167,3 +167,108 @@ def _topics(spec: SyntheticSpec):
     member = np.where(rng.random(U) < spec.p_copy, pref[rows, z], rng.integers(0, S, size=U))
     x[:, t] = members[z, member]
   return _finish(spec, rng, x, lengths)
+
+
+# ------------------------------------------------------------------------------------------
+# The topics generator served as a ranking task
+
+
+def topic_index(spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(members [Z, S], topic [V + 1], slot [V + 1]) of ``kind="topics"``: each item's topic
+  and its index within the topic (-1 / 0 for item 0 and items never drawn)."""
+  members, _, _, _ = topic_structure(spec)
+  Z, S = members.shape
+  topic = np.full(spec.num_items + 1, -1, np.int64)
+  slot = np.zeros(spec.num_items + 1, np.int64)
+  for z in range(Z):
+    topic[members[z]], slot[members[z]] = z, np.arange(S)
+  return members, topic, slot
+
+
+def ranking_candidates(spec: SyntheticSpec, target: np.ndarray, num_hard: int, num_easy: int,
+                       seed: int = 0) -> np.ndarray:
+  """Impressions of the topics task: the true next item and hard and easy negatives.
+
+  Hard negatives are other members of the target's topic (drawn without replacement, so
+  ``num_hard <= topic_size - 1``); easy negatives are uniform items of other topics (with
+  replacement). Drawn from ``np.random.default_rng(seed)``.
+
+  Args:
+    spec: a ``kind="topics"`` spec. target: [U] true next items. num_hard, num_easy: counts.
+
+  Returns:
+    candidates [U, 1 + num_hard + num_easy] int32, the target in column 0.
+  """
+  if spec.kind != "topics":
+    raise ValueError(f"ranking_candidates: data.synthetic.kind={spec.kind!r}; expected 'topics'")
+  members, topic, slot = topic_index(spec)
+  Z, S = members.shape
+  if not 0 <= num_hard <= S - 1:
+    raise ValueError(f"ranking_candidates: num_hard={num_hard}: expected 0..{S - 1}")
+  target = np.asarray(target, np.int64)
+  if np.any(topic[target] < 0):
+    raise ValueError("ranking_candidates: a target item belongs to no topic")
+  rng = np.random.default_rng(seed)
+  U = len(target)
+  off = np.argsort(rng.random((U, S - 1)), axis=1)[:, :num_hard] + 1  # distinct 1..S-1
+  hard = members[topic[target][:, None], (slot[target][:, None] + off) % S]
+  other = (topic[target][:, None] + rng.integers(1, Z, (U, num_easy))) % Z  # another topic
+  easy = members[other, rng.integers(0, S, (U, num_easy))]
+  return np.concatenate([target[:, None], hard, easy], axis=1).astype(np.int32)
+
+
+def bayes_ranking_scores(spec: SyntheticSpec, memory: list[np.ndarray], last: np.ndarray,
+                         candidates: np.ndarray) -> np.ndarray:
+  """The Bayes-optimal ranker of the topics task, float64, written from the generator.
+
+  P(next = i) = P(topic z_i | last event's topic) · (p_copy · P(pref_{z_i} = i | memory) +
+  (1 - p_copy) / S), where the topic chain is (1 - p_noise) · successor ranks + p_noise / Z
+  and the preferred member's posterior under a uniform prior is proportional to
+  r^{n_i}, r = (p_copy + (1 - p_copy)/S) / ((1 - p_copy)/S), n_i = visits of i in the memory.
+
+  Args:
+    spec: the ``kind="topics"`` spec. memory: per user, the events the ranker may see (any
+      subset of the history). last: [U] the request's last event (always seen: it sets the
+      next topic). candidates: [U, C] item ids.
+
+  Returns:
+    scores [U, C] float64 (probabilities of being the next event).
+  """
+  members, succ, succ_p, _ = topic_structure(spec)
+  _, topic, slot = topic_index(spec)
+  Z, S = members.shape
+  p_branch = np.diff(np.concatenate([[0.0], succ_p]))
+  hit, miss = spec.p_copy + (1 - spec.p_copy) / S, (1 - spec.p_copy) / S
+  candidates = np.asarray(candidates, np.int64)
+  out = np.zeros(candidates.shape, np.float64)
+  for u, seen in enumerate(memory):
+    seen = np.asarray(seen, np.int64)
+    counts = np.zeros((Z, S))
+    np.add.at(counts, (topic[seen], slot[seen]), 1.0)
+    log_post = counts * np.log(hit / miss)
+    post = np.exp(log_post - log_post.max(1, keepdims=True))
+    post /= post.sum(1, keepdims=True)
+    p_topic = np.full(Z, spec.p_noise / Z)
+    np.add.at(p_topic, succ[topic[last[u]]], (1 - spec.p_noise) * p_branch)
+    z, s = topic[candidates[u]], slot[candidates[u]]
+    out[u] = p_topic[z] * (post[z, s] * spec.p_copy + miss)
+  return out
+
+
+def memory_views(history: list[np.ndarray], seed: int = 0) -> dict[str, list[np.ndarray]]:
+  """The subsets of each memory the Bayes ranker is evaluated on.
+
+  Keys: "whole", "last_1/2", "last_1/4", "last_1/8", "last_1/16" (the newest fraction,
+  at least one event) and "random_1/8" (a uniform random eighth of the events, kept in
+  order, from ``np.random.default_rng(seed)``).
+  """
+  rng = np.random.default_rng(seed)
+  out = {"whole": [np.asarray(h) for h in history]}
+  for f in (2, 4, 8, 16):
+    out[f"last_1/{f}"] = [h[len(h) - max(1, len(h) // f):] if len(h) else h for h in history]
+  rand = []
+  for h in history:
+    k = max(1, len(h) // 8) if len(h) else 0
+    rand.append(h[np.sort(rng.choice(len(h), k, replace=False))] if k else h)
+  out["random_1/8"] = rand
+  return out

@@ -78,26 +78,42 @@ class SequenceRecommender(nnx.Module):
 
     Returns (hidden [B, m, d], new k [L,B,H,m,Dk], new v, attn [L,B,H,m,T+m], q_pos [B,m]).
     """
-    B, m = events.items.shape
+    m = events.items.shape[1]
     q_valid = events.valid
     q_pos = jnp.where(q_valid, start[:, None] + jnp.arange(m, dtype=jnp.int32)[None], -1)
     q_ts = jnp.where(q_valid, events.ts, 0)
+    x, k, v, a = self._run_tokens(cache, events.items, q_pos, q_ts, q_valid, train_rng)
+    return x, k, v, a, q_pos
+
+  def _run_tokens(self, cache: Cache, items, q_pos, q_ts, q_valid, train_rng=None,
+                  isolated=None):
+    """Runs tokens [B, m] at explicit positions through all layers against ``cache``.
+
+    ``isolated`` [B, m] bool (or None) marks tokens that must not see one another (ranking
+    candidates, see :func:`attention_mask`). Returns (hidden [B, m, d], k [L,B,H,m,Dk], v,
+    attn [L,B,H,m,T+m]).
+    """
     rngs = [None] * (len(self.layers) + 1)
     if train_rng is not None:
       rngs = list(jax.random.split(train_rng, len(self.layers) + 1))
-    x = self.embed(events.items, jnp.maximum(q_pos, 0), rngs[0])
+    x = self.embed(items, jnp.maximum(q_pos, 0), rngs[0])
+    extra = {} if isolated is None else {"isolated": isolated}
     ks, vs, attns = [], [], []
     for i, layer in enumerate(self.layers):
-      # A compressed memory is read in its own form (malloc_jax.reads); attn is then None.
-      kv = ((cache.k[i], cache.v[i], cache.pos[i], cache.ts[i]) if isinstance(cache, Cache)
-            else (reads.LayerView(cache, i), None, None, None))
-      x, k, v, a = layer.step(x, q_pos, q_ts, q_valid, *kv, rngs[i + 1])
+      if isinstance(cache, Cache):
+        kv = (cache.k[i], cache.v[i], cache.pos[i], cache.ts[i])
+      else:  # a compressed memory read in its own form (malloc_jax.reads); attn is then None
+        if isolated is not None:
+          raise ValueError("rank needs a materialized memory (memory.materialize()): the "
+                           "compressed reads of malloc_jax.reads have no candidate block mask")
+        kv = (reads.LayerView(cache, i), None, None, None)
+      x, k, v, a = layer.step(x, q_pos, q_ts, q_valid, *kv, rngs[i + 1], **extra)
       ks.append(k)
       vs.append(v)
       attns.append(a)
     x = self.output(x)
     attn = None if attns[0] is None else jnp.stack(attns)
-    return x, jnp.stack(ks), jnp.stack(vs), attn, q_pos
+    return x, jnp.stack(ks), jnp.stack(vs), attn
 
   def empty_cache(self, batch: int, capacity: int = 0) -> Cache:
     h, dk, dv = self.head_dims()
@@ -187,15 +203,111 @@ class SequenceRecommender(nnx.Module):
     return self.logits(self.user_embedding(cache, queries), candidates)
 
 
+  # --- ranking (M-FALCON) ------------------------------------------------------------------
+  def rank_logits(self, h: jax.Array, candidates: jax.Array) -> jax.Array:
+    """The ranking head: logits [B, C] of candidate output states h [B, C, d].
+
+    logit = <√d · h_c / |h_c|, e_c> + w·h_c + b: the dot product of a candidate's top state,
+    rescaled to norm √d, with its own (raw) input embedding e_c, which reads "does the
+    memory's evidence match this item", plus a learned linear head ``rank_head`` (a global
+    offset that calibrates the binary cross-entropy, and any item-independent evidence in the
+    state). The rescaling matters for HSTU, whose top state has no final LayerNorm: its
+    residual carries √d · e_c, so <h_c, e_c> starts as √d |e_c|^2, an item-norm term that
+    swamps the memory's evidence (BENCHMARKS.md, target-aware ranking).
+    """
+    e = self.item_emb.embedding[...][candidates]  # [B, C, d]
+    hn = l2_normalize(h) * (h.shape[-1] ** 0.5)
+    return jnp.sum(hn * e, axis=-1) + self.rank_head(h)[..., 0]
+
+  def rank(self, cache: Cache, request: Events, candidates: jax.Array,
+           candidate_ts: jax.Array | None = None, *, return_attn: bool = False,
+           train_rng=None):
+    """Target-aware ranking: each candidate is a query token reading memory and request.
+
+    One pass over [request events; candidate tokens] against the memory (M-FALCON): the
+    request events attend to the memory and causally to one another, as in ``encode``; each
+    candidate token (its item embedding, the request's time stamp, position = the request's
+    next position) attends to every memory slot, every request event and itself, never to
+    the other candidates (block mask, :func:`attention_mask` with ``isolated``). A candidate's
+    logit is :meth:`rank_logits` of its top-layer state, so it equals the score of a full
+    forward pass over history + request + that candidate alone.
+
+    Args:
+      cache: the (materialized) memory; any fill, compressed or not.
+      request: the request's events [B, m] (right-padded, users may have length 0).
+      candidates: item ids [B, C].
+      candidate_ts: [B] time stamp of the candidates; default the request's last event time
+        (0 when the request is empty).
+      return_attn: also return the candidates' attention over the memory slots.
+      train_rng: dropout key (training) or None.
+
+    Returns:
+      logits [B, C]; with ``return_attn`` (logits, attn [L, B, H, C, T]) where attn is the
+      candidate rows of the layers' attention (softmax probability or |SiLU| / N per slot).
+
+    References: Zhai et al., "Actions Speak Louder than Words", ICML 2024 (M-FALCON);
+      Zhou et al., "Deep Interest Network for Click-Through Rate Prediction", KDD 2018.
+    """
+    B, m = request.items.shape
+    C = candidates.shape[1]
+    start = cache.length
+    r_valid = request.valid
+    r_pos = jnp.where(r_valid, start[:, None] + jnp.arange(m, dtype=jnp.int32)[None], -1)
+    if candidate_ts is None:
+      candidate_ts = request_time(request)
+    c_pos = jnp.broadcast_to((start + request.length)[:, None], (B, C)).astype(jnp.int32)
+    items = jnp.concatenate([request.items, candidates.astype(request.items.dtype)], axis=1)
+    q_pos = jnp.concatenate([r_pos, c_pos], axis=1)
+    q_ts = jnp.concatenate([jnp.where(r_valid, request.ts, 0),
+                            jnp.broadcast_to(candidate_ts[:, None], (B, C)).astype(
+                                request.ts.dtype)], axis=1)
+    q_valid = jnp.concatenate([r_valid, jnp.ones((B, C), bool)], axis=1)
+    isolated = jnp.concatenate([jnp.zeros((B, m), bool), jnp.ones((B, C), bool)], axis=1)
+    x, _, _, attn = self._run_tokens(cache, items, q_pos, q_ts, q_valid, train_rng, isolated)
+    logits = self.rank_logits(x[:, m:], candidates)
+    if return_attn:
+      return logits, attn[:, :, :, m:, :cache.capacity]
+    return logits
+
+
+def request_time(request: Events) -> jax.Array:
+  """[B] time stamp of each request's last event (0 for an empty request)."""
+  last = jnp.clip(request.length - 1, 0, request.items.shape[1] - 1)
+  ts = jnp.take_along_axis(request.ts, last[:, None], axis=1)[:, 0]
+  return jnp.where(request.length > 0, ts, 0)
+
+
 def l2_normalize(x, eps=1e-6):
   """x [..., d] scaled to unit L2 norm along the last axis (eps keeps zero rows finite)."""
   return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
-def attention_mask(q_pos, q_valid, kpos):
-  """[B, H, m, T] bool: key slot holds an event at or before the (real) query's position."""
-  return (kpos[:, :, None, :] >= 0) & (kpos[:, :, None, :] <= q_pos[:, None, :, None]) & (
+def attention_mask(q_pos, q_valid, kpos, isolated=None):
+  """[B, H, m, T + m] bool: key slot holds an event at or before the (real) query's position.
+
+  kpos [B, H, T + m] lists the T cached slots followed by the m new tokens. ``isolated``
+  [B, m] bool (M-FALCON's block mask) additionally hides every isolated new token from every
+  other new token, and from an isolated token every other key at or after its own position:
+  a ranking candidate at position p sees the memory and the request events before p and
+  itself, never another candidate, and no request event sees a candidate. When serving,
+  every memory and request event precedes the candidates' position, so the position rule is
+  idle; it lets training place candidates at several positions of one window
+  (``train.ranking_logits``).
+  """
+  mask = (kpos[:, :, None, :] >= 0) & (kpos[:, :, None, :] <= q_pos[:, None, :, None]) & (
       q_valid[:, None, :, None])
+  if isolated is None:
+    return mask
+  m = q_pos.shape[1]
+  T = kpos.shape[-1] - m
+  other = ~jnp.eye(m, dtype=bool)[None]  # [1, m, m]
+  # An isolated key is seen by itself only (not by other isolated or by ordinary tokens).
+  hide = isolated[:, None, :] & (other | ~isolated[:, :, None])  # [B, m, m]
+  hide = jnp.pad(hide, ((0, 0), (0, 0), (T, 0)))  # cached slots are never hidden
+  not_self = jnp.pad(other, ((0, 0), (0, 0), (T, 0)), constant_values=True)  # [1, m, T+m]
+  late = (kpos[:, :, None, :] >= q_pos[:, None, :, None]) & (
+      isolated[:, None, :, None] & not_self[:, None])  # [B, H, m, T+m]
+  return mask & ~hide[:, None] & ~late
 
 
 def concat_keys(ck, cv, cpos, cts, k, v, q_pos, q_ts):

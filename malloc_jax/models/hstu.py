@@ -50,20 +50,22 @@ class HSTULayer(nnx.Module):
     return (self.rab_pos[...][heads, rel] +
             self.rab_time[...][heads, time_bucket(dt, self.num_time_buckets)])
 
-  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None):
+  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None, isolated=None):
     B, m, _ = x.shape
     H, dqk, dv = self.heads, self.dqk, self.dv
     h = nnx.silu(self.uvqk(self.ln(x)))
     u, v, q, k = jnp.split(h, [H * dv, 2 * H * dv, 2 * H * dv + H * dqk], axis=-1)
     heads = lambda t, d: t.reshape(B, m, H, d).transpose(0, 2, 1, 3)  # [B, H, m, d]
     q, k, v = heads(q, dqk), heads(k, dqk), heads(v, dv)
-    if reads.is_view(ck):  # compressed memory: memory part + new part, summed exactly
+    if reads.is_view(ck):
+      if isolated is not None:
+        raise ValueError("a candidate block mask needs the materialized memory")  # compressed memory: memory part + new part, summed exactly
       attn = reads.Attention("pointwise", norm=self.max_len, bias=self.bias)
       o, a = reads.attend_memory(attn, ck, q, k, v, q_pos, q_ts, q_valid), None
     else:
       kk, vv, kpos, kts = concat_keys(ck, cv, cpos, cts, k, v, q_pos, q_ts)
       s = jnp.einsum("bhmd,bhtd->bhmt", q, kk) + self.bias(q_pos, q_ts, kpos, kts)
-      mask = attention_mask(q_pos, q_valid, kpos)
+      mask = attention_mask(q_pos, q_valid, kpos, isolated)
       a = jnp.where(mask, nnx.silu(s), 0.0) / self.max_len  # [B, H, m, T+m]
       o = jnp.einsum("bhmt,bhtd->bhmd", a, vv)
       a = jnp.abs(a)
@@ -98,6 +100,7 @@ class HSTU(SequenceRecommender):
     self.layers = nnx.List([
         HSTULayer(dim, heads, self._kv[1], self._kv[2], max_len, num_time_buckets, dropout,
                   rngs=rngs) for _ in range(num_layers)])
+    self.rank_head = nnx.Linear(dim, 1, rngs=rngs)  # ranking head (see rank_logits)
 
   def head_dims(self):
     return self._kv

@@ -29,19 +29,21 @@ class SASRecLayer(nnx.Module):
     self.ff1 = nnx.Linear(dim, dim, rngs=rngs)
     self.ff2 = nnx.Linear(dim, dim, rngs=rngs)
 
-  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None):
+  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None, isolated=None):
     B, m, d = x.shape
     H, dh = self.heads, self.dh
     q, k, v = jnp.split(self.qkv(self.ln1(x)), 3, axis=-1)
     heads = lambda t: t.reshape(B, m, H, dh).transpose(0, 2, 1, 3)  # [B, H, m, dh]
     q, k, v = heads(q), heads(k), heads(v)
-    if reads.is_view(ck):  # compressed memory: online softmax over memory and new part
+    if reads.is_view(ck):
+      if isolated is not None:
+        raise ValueError("a candidate block mask needs the materialized memory")  # compressed memory: online softmax over memory and new part
       attn = reads.Attention("softmax", scale=dh ** -0.5)
       o, a = reads.attend_memory(attn, ck, q, k, v, q_pos, q_ts, q_valid), None
     else:
       kk, vv, kpos, _ = concat_keys(ck, cv, cpos, cts, k, v, q_pos, q_ts)
       s = jnp.einsum("bhmd,bhtd->bhmt", q, kk) / (dh ** 0.5)
-      mask = attention_mask(q_pos, q_valid, kpos)
+      mask = attention_mask(q_pos, q_valid, kpos, isolated)
       s = jnp.where(mask, s, -1e30)
       a = jnp.where(mask, jax.nn.softmax(s, axis=-1), 0.0)  # [B, H, m, T+m]
       o = jnp.einsum("bhmt,bhtd->bhmd", a, vv)
@@ -68,6 +70,7 @@ class SASRec(SequenceRecommender):
     self.layers = nnx.List([SASRecLayer(dim, heads, dropout, rngs=rngs)
                             for _ in range(num_layers)])
     self.final_ln = nnx.LayerNorm(dim, rngs=rngs)
+    self.rank_head = nnx.Linear(dim, 1, rngs=rngs)  # ranking head (see rank_logits)
 
   def head_dims(self):
     return self._kv

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from malloc_jax.cache import Cache
-from malloc_jax.models.base import Events, SequenceRecommender, dropout
+from malloc_jax.models.base import Events, SequenceRecommender, dropout, request_time
 from malloc_jax.models.hstu import HSTU
 
 
@@ -153,6 +153,7 @@ def init_backbone(model, num_items, *, dim, max_len, dropout, temperature, heads
   init = nnx.initializers.normal(stddev=0.02)
   model.item_emb = nnx.Embed(num_items + 1, dim, embedding_init=init, rngs=rngs)
   model.pos_emb = nnx.Embed(max_len, dim, embedding_init=init, rngs=rngs)
+  model.rank_head = nnx.Linear(dim, 1, rngs=rngs)  # ranking head (see rank_logits)
   return model._kv
 
 
@@ -212,6 +213,41 @@ class BlockRecommender(HSTU):
     """Hidden states [B, m, d] of new events read against the memory (memory unchanged)."""
     x, _ = self._block(self._as_memory(memory), events)
     return x
+
+  def rank(self, memory, request: Events, candidates: jax.Array,
+           candidate_ts: jax.Array | None = None, *, return_attn: bool = False,
+           train_rng=None):
+    """Target-aware ranking from the variant's own memory (see ``SequenceRecommender.rank``).
+
+    The request is folded into the memory (``extend``); then every candidate is a one-event
+    block read against that memory, vmapped over the C candidates, so a candidate sees the
+    memory, the request and itself, never the other candidates, and its logit equals the
+    full forward pass over history + request + that candidate alone. The memory is shared by
+    the C reads (a fixed state, or Longformer's / Beacon's bounded slots), so vmap replaces
+    the block mask of the per-event caches.
+
+    Returns:
+      logits [B, C]. ``return_attn`` is not supported (no per-slot attention rows).
+
+    References: Zhai et al., "Actions Speak Louder than Words", ICML 2024 (M-FALCON).
+    """
+    if return_attn:
+      raise ValueError(f"{type(self).__name__}.rank: return_attn=True needs per-slot "
+                       "attention; this variant's memory has none")
+    B, C = candidates.shape
+    if candidate_ts is None:
+      candidate_ts = request_time(request)
+    r1, r2 = (None, None) if train_rng is None else jax.random.split(train_rng)
+    _, memory = self._block(self._as_memory(memory), request, r1)
+    one = jnp.ones((B,), jnp.int32)
+
+    def read(items):  # [B] -> [B, d]
+      ev = Events(items[:, None], candidate_ts[:, None].astype(request.ts.dtype), one)
+      x, _ = self._block(memory, ev, r2)
+      return x[:, 0]
+
+    h = jax.vmap(read, in_axes=1, out_axes=1)(candidates.astype(request.items.dtype))
+    return self.rank_logits(h, candidates)  # [B, C]
 
 
 __all__ = ["BlockRecommender", "FixedState", "SequenceRecommender", "StateIndex",

@@ -57,7 +57,7 @@ class GQALayer(HSTULayer):
     self.ln_attn = nnx.LayerNorm(heads * dv, rngs=rngs)
     self.out = nnx.Linear(heads * dv, dim, rngs=rngs)
 
-  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None):
+  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None, isolated=None):
     """One layer over m new events; the cache holds ``kv_heads`` heads.
 
     Args:
@@ -76,7 +76,7 @@ class GQALayer(HSTULayer):
     kk, vv = jnp.repeat(kk, rep, axis=1), jnp.repeat(vv, rep, axis=1)  # [B, H, T+m, .]
     kpos_h, kts_h = jnp.repeat(kpos, rep, axis=1), jnp.repeat(kts, rep, axis=1)
     s = jnp.einsum("bhmd,bhtd->bhmt", q, kk) + self.bias(q_pos, q_ts, kpos_h, kts_h)
-    mask = attention_mask(q_pos, q_valid, kpos_h)
+    mask = attention_mask(q_pos, q_valid, kpos_h, isolated)
     a = jnp.where(mask, nnx.silu(s), 0.0) / self.max_len  # [B, H, m, T+m]
     o = jnp.einsum("bhmt,bhtd->bhmd", a, vv)
     y = hstu_output(self, x, u, o, rng)
@@ -162,7 +162,7 @@ class MLALayer(HSTULayer):
     self.ln_attn = nnx.LayerNorm(heads * dv, rngs=rngs)
     self.out = nnx.Linear(heads * dv, dim, rngs=rngs)
 
-  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None):
+  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None, isolated=None):
     """One layer over m new events against the latent cache.
 
     Args:
@@ -190,7 +190,7 @@ class MLALayer(HSTULayer):
     q_lat = jnp.einsum("bhmd,hrd->bhmr", q, self.w_uk[...])  # W_uk absorbed into the query
     s = (jnp.einsum("bhmr,btr->bhmt", q_lat, cc[:, 0]) +
          jnp.einsum("bhmR,btR->bhmt", qr, krr[:, 0]) + self.bias(q_pos, q_ts, kpos_h, kts_h))
-    mask = attention_mask(q_pos, q_valid, kpos_h)
+    mask = attention_mask(q_pos, q_valid, kpos_h, isolated)
     a = jnp.where(mask, nnx.silu(s), 0.0) / self.max_len  # [B, H, m, T+m]
     o_lat = jnp.einsum("bhmt,btr->bhmr", a, cc[:, 0])  # weighted sum of latents
     o = jnp.einsum("bhmr,hrd->bhmd", o_lat, self.w_uv[...])  # [B, H, m, dv]

@@ -38,7 +38,7 @@ class SASRecGQALayer(SASRecLayer):
     self.ff1 = nnx.Linear(dim, dim, rngs=rngs)
     self.ff2 = nnx.Linear(dim, dim, rngs=rngs)
 
-  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None):
+  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None, isolated=None):
     """As ``SASRecLayer.step`` with a cache of G = kv_heads heads.
 
     Returns:
@@ -52,7 +52,7 @@ class SASRecGQALayer(SASRecLayer):
     rep = H // G
     kk, vv, kpos_h = (jnp.repeat(t, rep, axis=1) for t in (kk, vv, kpos))
     s = jnp.einsum("bhmd,bhtd->bhmt", q, kk) / (dh ** 0.5)
-    mask = attention_mask(q_pos, q_valid, kpos_h)
+    mask = attention_mask(q_pos, q_valid, kpos_h, isolated)
     s = jnp.where(mask, s, -1e30)
     a = jnp.where(mask, jax.nn.softmax(s, axis=-1), 0.0)  # [B, H, m, T+m]
     o = merge_heads(jnp.einsum("bhmt,bhtd->bhmd", a, vv))
@@ -85,6 +85,7 @@ class SASRecGQA(SASRec):
     self.layers = nnx.List([SASRecGQALayer(dim, heads, kv_heads, dropout, rngs=rngs)
                             for _ in range(num_layers)])
     self.final_ln = nnx.LayerNorm(dim, rngs=rngs)
+    self.rank_head = nnx.Linear(dim, 1, rngs=rngs)  # ranking head (see rank_logits)
 
 
 class SASRecMQA(SASRecGQA):

@@ -218,7 +218,7 @@ class LSHLayer(HSTULayer):
     r = jnp.einsum("bhtd,nhdk->bhtnk", x, self.rotations[...])
     return jnp.argmax(jnp.concatenate([r, -r], axis=-1), axis=-1).astype(jnp.int32)
 
-  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None):
+  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None, isolated=None):
     """One layer over m new events (signature and returns as ``HSTULayer.step``)."""
     H, dqk, dv = self.heads, self.dqk, self.dv
     h = nnx.silu(self.uvq(self.ln(x)))
@@ -229,7 +229,7 @@ class LSHLayer(HSTULayer):
     bq, bk = self.buckets(q), self.buckets(kk)  # [B, H, m, n], [B, H, T+m, n]
     same = jnp.any(bq[:, :, :, None, :] == bk[:, :, None, :, :], axis=-1)  # [B, H, m, T+m]
     s = jnp.einsum("bhmd,bhtd->bhmt", q, kk) + self.bias(q_pos, q_ts, kpos, kts)
-    mask = attention_mask(q_pos, q_valid, kpos) & same
+    mask = attention_mask(q_pos, q_valid, kpos, isolated) & same
     a = jnp.where(mask, nnx.silu(s), 0.0) / self.max_len
     o = jnp.einsum("bhmt,bhtd->bhmd", a, vv)
     y = hstu_output(self, x, u, o, rng)

@@ -1,0 +1,130 @@
+"""Ranking training: impressions, several positions per window, listwise loss."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from malloc_jax.models import Events
+from malloc_jax.train import RankingSampler, ranking_impressions, ranking_logits, ranking_loss
+from tests.test_rank_target import NUM_ITEMS, make
+
+# 8 groups of 5 items: 1-5, 6-10, ..., 36-40.
+GROUPS = np.arange(1, NUM_ITEMS + 1).reshape(8, 5)
+ITEM_GROUP = np.concatenate([[-1], np.repeat(np.arange(8), 5)])
+
+
+def _windows(B=3, N=12, lengths=(13, 7, 2), seed=0):
+  rng = np.random.default_rng(seed)
+  items = rng.integers(1, NUM_ITEMS + 1, (B, N + 1))
+  ts = np.cumsum(rng.integers(1, 5000, (B, N + 1)), axis=1)
+  valid = np.arange(N + 1)[None] < np.asarray(lengths)[:, None]
+  return (jnp.asarray(np.where(valid, items, 0), jnp.int32),
+          jnp.asarray(np.where(valid, ts, 0), jnp.int32), jnp.asarray(lengths, jnp.int32))
+
+
+def test_hard_negatives_are_the_other_members():
+  items, _, length = _windows()
+  sampler = RankingSampler(uniform=2, hard=4, groups=GROUPS, item_group=ITEM_GROUP,
+                           positions=6)
+  p, cands = map(np.asarray, ranking_impressions(items, length, jax.random.key(0), sampler,
+                                                 NUM_ITEMS))
+  assert cands.shape == (3, 6, 1 + 2 + 4)
+  for b in range(3):
+    n = int(length[b])
+    for j in range(6):
+      assert max(1, int(np.ceil(0.5 * n))) <= p[b, j] <= n - 1
+      pos = int(items[b, p[b, j]])
+      assert cands[b, j, 0] == pos
+      others = set(GROUPS[ITEM_GROUP[pos]].tolist()) - {pos}
+      assert sorted(cands[b, j, 3:].tolist()) == sorted(others)  # all 4, no repeats
+      assert np.all((cands[b, j, 1:3] >= 1) & (cands[b, j, 1:3] <= NUM_ITEMS))
+  with pytest.raises(ValueError, match="at most 4 other members"):
+    RankingSampler(hard=5, groups=GROUPS, item_group=ITEM_GROUP)
+  with pytest.raises(ValueError, match="rank_loss='pairwise'"):
+    RankingSampler(hard=1, groups=GROUPS, item_group=ITEM_GROUP, loss="pairwise")
+
+
+@pytest.mark.parametrize("name", ["hstu", "sasrec", "hstu_gqa", "hstu_mla"])
+def test_positions_in_one_pass_equal_rank_of_each_prefix(name):
+  """P candidate blocks at P positions of one window = ``model.rank`` of each prefix alone."""
+  model = make(name)
+  items, ts, length = _windows()
+  p = jnp.asarray([[12, 3, 7, 1], [6, 2, 6, 4], [1, 1, 1, 1]], jnp.int32)  # [B, P]
+  cands = jnp.asarray(np.random.default_rng(5).integers(1, NUM_ITEMS + 1, (3, 4, 5)),
+                      jnp.int32)
+  got = np.asarray(jax.jit(ranking_logits)(model, items, ts, length, p, cands))
+  N = items.shape[1] - 1
+  for j in range(p.shape[1]):
+    req = Events(items[:, :N], ts[:, :N], p[:, j])
+    want = np.asarray(model.rank(model.empty_cache(3), req, cands[:, j]))
+    np.testing.assert_allclose(got[:, j], want, rtol=1e-5, atol=1e-5)
+
+
+def test_listwise_loss_is_softmax_cross_entropy():
+  model = make("hstu")
+  items, ts, length = _windows()
+  sampler = RankingSampler(uniform=3, hard=4, groups=GROUPS, item_group=ITEM_GROUP,
+                           positions=3, loss="listwise")
+  rng = jax.random.key(3)
+  loss, count = ranking_loss(model, items, ts, length, rng, sampler, dropout=False)
+  p, cands = ranking_impressions(items, length, jax.random.split(rng)[0], sampler, NUM_ITEMS)
+  z = np.asarray(ranking_logits(model, items, ts, length, p, cands), np.float64)  # [B, P, C]
+  c = np.asarray(cands)
+  keep = np.ones(c.shape, bool)
+  keep[..., 1:] = c[..., 1:] != c[..., :1]  # a uniform draw equal to the positive drops out
+  zk = np.where(keep, z, -np.inf)
+  want = np.log(np.exp(zk).sum(-1)) - z[..., 0]  # [B, P]; every window here has n >= 2
+  assert int(count) == 9
+  np.testing.assert_allclose(float(loss), want.mean(), rtol=1e-5)
+
+
+def test_experiment_runs_the_ranking_task(tmp_path):
+  """config.task="ranking" trains on impressions and tables every compressor's GAUC."""
+  import importlib.util
+  from pathlib import Path
+
+  from malloc_jax.experiment import ranking_sampler, train_and_evaluate
+
+  path = Path(__file__).parents[1] / "configs" / "ranking_synthetic.py"
+  spec = importlib.util.spec_from_file_location("ranking_synthetic", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("runlocal=True,steps=2")
+  config.eval.max_users = 16
+  res = train_and_evaluate(config, str(tmp_path), print_fn=lambda *_: None)
+  rows = {r["method"]: r for r in res["rows"]}
+  assert res["task"] == "ranking" and set(rows) == {"native", "h2o_8x", "streaming_8x"}
+  assert rows["native"]["dGAUC"] == 0.0
+  assert rows["streaming_8x"]["bytes_per_user"] < rows["native"]["bytes_per_user"]
+  for r in rows.values():
+    assert 0.0 <= r["GAUC"] <= 1.0 and 0.0 <= r["NDCG@10"] <= 1.0
+  config.task = "bogus"
+  with pytest.raises(ValueError, match="task='bogus'"):
+    ranking_sampler(config, None)
+
+
+@pytest.mark.parametrize("name", ["hstu", "sasrec"])
+def test_tied_query_key_init(name):
+  """After tying, a token's query and key are one vector: q·k of a token with itself = |q|^2."""
+  from malloc_jax.train import tie_query_key_init
+
+  model = make(name)
+  tie_query_key_init(model)
+  layer = model.layers[0]
+  x = jax.random.normal(jax.random.key(0), (5, 16))
+  y = (layer.qkv if name == "sasrec" else layer.uvqk)(layer.ln1(x) if name == "sasrec"
+                                                        else layer.ln(x))
+  if name == "sasrec":
+    q, k = y[:, :16], y[:, 16:32]
+  else:
+    a, w = 2 * layer.heads * layer.dv, layer.heads * layer.dqk
+    q, k = y[:, a:a + w], y[:, a + w:a + 2 * w]
+  np.testing.assert_array_equal(np.asarray(q), np.asarray(k))
+  if name == "hstu":
+    tie_query_key_init(model, score_offset=-3.0)
+    np.testing.assert_array_equal(np.asarray(layer.rab_pos[...]), -3.0)
+  with pytest.raises(ValueError, match="no qkv/uvqk"):
+    tie_query_key_init(make("hstu_rwkv"))
