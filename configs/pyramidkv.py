@@ -3,14 +3,11 @@ r"""Native memory vs PyramidKV (Cai et al. 2024) at ``ratio``x fewer stored byte
   python -m malloc_jax.main --config configs/pyramidkv.py
   python -m malloc_jax.main --config configs/pyramidkv.py:ratio=8,model=sasrec
 
-Arguments as in configs/default.py, plus ``ratio`` (int, default 4).
+Arguments as in configs/default.py, plus ``ratio`` (float, default 4).
 """
 
 from malloc_jax import config_lib as common
 
 
 def get_config(arg: str | None = None):
-  config = common.base_config(arg, ratio=4)
-  args = common.parse_arg(arg, ratio=4)
-  config.compressors[f"pyramidkv_{args.ratio}x"] = {"name": "pyramidkv", "ratio": args.ratio}
-  return config
+  return common.method_config(arg, "pyramidkv", ratio=4)

@@ -45,6 +45,11 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
+def given_args(arg: str | None) -> set[str]:
+  """The keys given in a config argument (``"ratio=8,runlocal=True"`` -> {ratio, runlocal})."""
+  return {part.split("=", 1)[0].strip() for part in (arg or "").split(",") if "=" in part}
+
+
 def _check_given(out: dict, spec: dict, given: set[str]) -> None:
   """Rejects given arguments that would otherwise be ignored silently.
 
@@ -139,8 +144,7 @@ def method_config(arg: str | None, method: str, ratio: float = 4.0,
   """
   config = base_config(arg, ratio=float(ratio), **method_args)
   args = parse_arg(arg, ratio=float(ratio), **method_args)
-  given = {part.split("=", 1)[0].strip() for part in (arg or "").split(",") if "=" in part}
-  if args.runlocal and runlocal_ratio is not None and "ratio" not in given:
+  if args.runlocal and runlocal_ratio is not None and "ratio" not in given_args(arg):
     args.ratio = float(runlocal_ratio)
   # A default of "auto" makes the argument a string: numbers given for it become ints.
   value = lambda v: int(v) if isinstance(v, str) and v.lstrip("-").isdigit() else v

@@ -4,11 +4,16 @@ and a per-history-length breakdown (issue 17).
 Trains the backbone to early stopping (or reuses the checkpoint in --workdir; the validation
 curve is kept in workdir/curve.json), prefills every test user's native memory once, then
 serves the test targets from each compressed memory over all items. Each cell reports
-NDCG@10 / HR@10, bytes per user, the achieved ratio, the paired difference to native over the
+NDCG@10 / HR@10, bytes per user (``stored_bytes``: the mean over the served users of
+``compressors.stored_bytes`` of their memory and compressor state, e.g. H2O's accumulated
+attention; ``buffer_bytes``: the static buffer; ``reference_stored_bytes``: the native
+memory's stored bytes of the same users), the achieved ratio (``compression_ratio`` =
+reference_stored_bytes / stored_bytes, the benchmark's rule), the paired difference to native over the
 same users with a 95% bootstrap interval (1,000 resamples of users, seeded) and the same per
 history-length bucket (<= 200, 201-512, > 512 events before the target, counted on the full
 history, not the kept window). Then the methods are ordered at each ratio's byte budget with
-significance marks (``stats.order_at_budgets``).
+significance marks (``stats.order_at_budgets``; budgets and fits in stored bytes: the native
+stored bytes of the served users / ratio).
 
   python scripts/ml1m_table.py --config configs/ml1m.py --workdir runs/ml1m_hstu_c200 \
       --out runs/ml1m_hstu_c200/table.json
@@ -16,8 +21,10 @@ significance marks (``stats.order_at_budgets``).
   python scripts/ml1m_table.py --config configs/ml1m.py:runlocal=True --workdir /tmp/ml1m_tiny \
       --ratios 2,4 --chains snapkv+kivi2            # the CPU smoke test of the device script
 
-Per-user ranks of every cell are saved in the output JSON (``ranks``), so any other paired
-comparison can be made later without serving again.
+Per-user ranks of every cell are saved in the output JSON (``ranks``: {cell: [U] int}, in
+the order of the served test users), so any other paired comparison can be made later without
+serving again. Ranks are 0-based: the number of items scored strictly higher than the target
+(``metrics.target_rank``; ties favour the target), so rank 0 is a hit at 1.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from ml_collections import config_flags
 from malloc_jax import compressors as C
 from malloc_jax import ratio_axis, stats
 from malloc_jax.checkpoint import write_json_atomic
-from malloc_jax.compressors.budget import cache_spec, memory_bytes
+from malloc_jax.compressors.budget import cache_spec
 from malloc_jax.compressors.registry import make_compressor
 from malloc_jax.config_validation import validate_config
 from malloc_jax.evaluate import calibration_caches, check_eval_set, padded_batches, split_request
@@ -69,9 +76,10 @@ def _prefill(model, items, ts, length, *, window):
 
 @functools.partial(jax.jit, static_argnames=("compressor",))
 def _compress_score(model, cache, signals, req, target, *, compressor):
-  memory, _ = compressor.compress(cache, compressor.init(cache), signals)
+  memory, state = compressor.compress(cache, compressor.init(cache), signals)
   logits = model.score(memory.materialize(), req)
-  return target_rank(logits, target), memory, jnp.all(jnp.isfinite(logits[:, 1:]), axis=1)
+  return (target_rank(logits, target), memory, state,
+          jnp.all(jnp.isfinite(logits[:, 1:]), axis=1))
 
 
 def _quant(label: str) -> tuple[str, dict]:
@@ -81,7 +89,7 @@ def _quant(label: str) -> tuple[str, dict]:
 
 
 class Served:
-  """Test users' native caches, prefilled once; ``ranks(comp)`` serves every cell."""
+  """Test users' native caches, prefilled once; ``serve(comp)`` serves every cell."""
 
   def __init__(self, model, split, batch_size, window, max_users):
     n = len(split) if not max_users else min(max_users, len(split))
@@ -93,17 +101,27 @@ class Served:
                                      jnp.asarray(split.length[idx]), window=window)
       self.batches.append((cache, signals, req, jnp.asarray(split.target[idx]), real))
 
-  def ranks(self, comp):
-    out, memory = [], None
+  def serve(self, comp) -> tuple[np.ndarray, dict[str, float]]:
+    """(0-based ranks [U], byte figures) of ``comp`` over the served users.
+
+    The figures are :func:`compressors.cell_bytes_row` of every served user: the means of
+    ``stored_bytes`` (memory plus the compressor's returned state), ``buffer_bytes`` and
+    ``reference_stored_bytes`` (the native memory of the same users).
+    """
+    out, figures = [], []
     for b, (cache, signals, req, target, real) in enumerate(self.batches):
-      r, memory, finite = _compress_score(self.model, cache, signals, req, target,
-                                          compressor=comp)
+      r, memory, state, finite = _compress_score(self.model, cache, signals, req, target,
+                                                 compressor=comp)
       bad = np.flatnonzero(~np.asarray(finite)[real])
       if bad.size:
         raise FloatingPointError(f"non-finite scores for {bad.size} user(s), first user "
                                  f"index {b * len(real) + bad[0]}; refusing to report")
       out.append(np.asarray(r)[real])
-    return np.concatenate(out), C.bytes_per_user(memory)
+      native = C.native_stored_bytes(cache, np.asarray(cache.length))
+      figures.append(np.stack([C.stored_bytes(memory, state).astype(np.float64),
+                               C.buffer_bytes(memory, state), native.astype(np.float64)]
+                              )[:, real])
+    return np.concatenate(out), C.cell_bytes_row(np.concatenate(figures, axis=1))
 
 
 def _curve_printer(workdir: Path):
@@ -155,7 +173,6 @@ def main(argv):
 
   heads, dk, dv = model.head_dims()
   spec = cache_spec(len(model.layers), heads, config.data.max_len, dk, dv)
-  native_bytes = memory_bytes("native", spec)
   group = max(g for g in range(1, min(32, dv) + 1) if dv % g == 0)
   qfix = {"kivi": {"group": group, "residual": group}, "intactkv": {}, "uniform": {}}
   ratios = [float(r) for r in _RATIOS.value]
@@ -210,11 +227,12 @@ def main(argv):
   t_cells = time.time()
   for i, (label, steps) in enumerate(cells):
     t = time.time()
-    r, b = served.ranks(build(steps))
+    r, figures = served.serve(build(steps))
     ranks[label] = r
     row = {"method": label, "steps": [[m, p] for m, p in steps],
-           **retrieval_metrics(r, (10, 50, 200)), "bytes_per_user": b,
-           "compression_ratio": native_bytes / b, "seconds": time.time() - t}
+           **retrieval_metrics(r, (10, 50, 200)), **figures,
+           "compression_ratio": figures["reference_stored_bytes"] / figures["stored_bytes"],
+           "seconds": time.time() - t}
     rows.append(row)
     write_json_atomic(out, {**result, "rows": rows, "partial": True,  # survives a timeout
                             "ranks": {m: x.tolist() for m, x in ranks.items()},
@@ -227,14 +245,20 @@ def main(argv):
                          seed=config.seed)
   for row in rows:
     row["ci"] = cis[row["method"]]
-  order = stats.order_at_budgets(rows, per_user, [native_bytes / r for r in ratios],
+  # Budgets and fits in stored bytes of the same users (stats reads ``bytes_per_user``).
+  by_stored = [{**row, "bytes_per_user": row["stored_bytes"]} for row in rows]
+  native_stored = rows[0]["reference_stored_bytes"]  # the same users in every cell
+  order = stats.order_at_budgets(by_stored, per_user, [native_stored / r for r in ratios],
                                  resamples=_RESAMPLES.value, seed=config.seed)
+  for o in order:
+    o["order"] = [{("stored_bytes" if k == "bytes_per_user" else k): v for k, v in e.items()}
+                  for e in o["order"]]
   result.update(rows=rows, order_at_budgets=order,
                 ranks={m: r.tolist() for m, r in ranks.items()}, lengths=lengths.tolist(),
                 seconds={"plan": t_prefill - t_plan, "cells": time.time() - t_cells,
                          "total": time.time() - t0})
   write_json_atomic(out, result)
-  print(stats.markdown_ci(rows, cis))
+  print(stats.markdown_ci(by_stored, cis))  # bytes/user: stored bytes
   for o in order:
     items = ", ".join(f"{e['method']} {e['NDCG@10']:.4f}{'' if e['mark'] == 'best' else e['mark']}"
                       for e in o["order"][:6])

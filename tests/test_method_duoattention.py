@@ -106,3 +106,25 @@ def test_duoattention_hook_vmap_and_spec():
     C.duoattention(heads=((True,),)).compress(items[0][0], None, None)
   assert C.memory_bytes("duoattention", C.cache_spec(L, H, 64, 16), retrieval=0.5, sinks=4,
                         recent=12) == 2 * (64 * 128 + 64 * 8) + 2 * (16 * 128 + 16 * 8) + 4
+
+
+@pytest.mark.parametrize("heads,sinks,recent", [
+    (((True, False), (False, True)), 2, 3), (((False, False), (False, False)), 0, 4),
+    (((True, True), (True, True)), 1, 1)])
+def test_duoattention_stored_bytes_closed_form(heads, sinks, recent):
+  """Users of 0, 4 and T (capacity) events: every stored slot has float32 k, v (D each) and
+  int32 pos, ts; retrieval rows hold min(n, T) slots, streaming rows min(n, sinks + recent)."""
+  lengths = np.array([0, 4, T])
+  cache, _ = make_cache(8)
+  pos = np.where(np.arange(T)[None] < lengths[:, None], np.arange(T)[None], -1)  # [B, T]
+  pos = np.broadcast_to(pos[None, :, None], (L, B, H, T))
+  cache = cache.replace(pos=jnp.asarray(pos, jnp.int32), length=jnp.asarray(lengths, jnp.int32))
+  comp = C.duoattention(heads=heads, sinks=sinks, recent=recent)
+  memory, _ = comp.compress(cache, comp.init(cache), None)
+  nr = sum(map(sum, heads))
+  ns = L * H - nr
+  per = 2 * D * 4 + 8
+  want = (nr * np.minimum(lengths, T) + ns * np.minimum(lengths, sinks + recent)) * per + 4
+  got = C.stored_bytes(memory)
+  assert got.dtype == np.int64
+  np.testing.assert_array_equal(got, want)

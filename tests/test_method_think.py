@@ -70,3 +70,22 @@ def test_think_vmap_validation_and_spec():
   native = C.memory_bytes("native", shape)
   one = C.memory_bytes("think", shape, channels=1)
   assert one == L * H * (64 * 4 + 1 + 64 * 16 * 4) + 64 * 4 + 4 and native / one < 2
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_think_stored_bytes_closed_form(contiguous):
+  """Users of 0, 5 and T (capacity) events: L H n (c s_k + D s_v) + [n > 0] L H c i + index,
+  with float32 keys and values, uint8 channel indices, int32 positions, time stamps, length."""
+  lengths = np.array([0, 5, T])
+  cache, sig = make_cache(7)
+  pos = np.where(np.arange(T)[None] < lengths[:, None], np.arange(T)[None], -1)  # [B, T]
+  pos = np.broadcast_to(pos[None, :, None], (L, B, H, T))
+  cache = cache.replace(pos=jnp.asarray(pos, jnp.int32), length=jnp.asarray(lengths, jnp.int32),
+                        contiguous=contiguous)
+  for c in (1, 3, D):
+    comp = C.think(channels=c)
+    memory, _ = comp.compress(cache, comp.init(cache), sig)
+    index = lengths * 4 + 4 if contiguous else L * H * lengths * 8 + 4
+    want = L * H * lengths * (c * 4 + D * 4) + (lengths > 0) * L * H * c + index
+    np.testing.assert_array_equal(C.stored_bytes(memory), want)
+    assert C.stored_bytes(memory).dtype == np.int64

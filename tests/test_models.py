@@ -1,6 +1,7 @@
 """Serving invariant: prefill / extend / score from a native cache equal the full forward."""
 
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -148,3 +149,30 @@ def test_empty_history_is_served():
   logits = np.asarray(jit_score(model, cache, q))
   assert np.isfinite(logits[:, 1:]).all()
 
+
+
+@pytest.mark.parametrize("name", ["hstu", "sasrec"])
+def test_prefill_returns_the_last_window_queries(name):
+  """Signals.window_queries [L, B, H, W, Dk]: the queries of each user's last W real events
+  (zero rows where a user has fewer), checked on layer 0 against its input projection."""
+  W, lengths = 4, [9, 2, 0]
+  model = random_model(name, 40, max_len=12)
+  ev = random_events(3, 12, lengths, 40, seed=3)
+  _, sig = model.prefill(ev, W)
+  L, H = len(model.layers), model.layers[0].heads
+  x = model.embed(ev.items, jnp.broadcast_to(jnp.arange(12), (3, 12)))  # [B, N, d]
+  layer = model.layers[0]
+  if name == "hstu":
+    h = np.asarray(jax.nn.silu(layer.uvqk(layer.ln(x))))
+    dk, start = layer.dqk, 2 * H * layer.dv
+  else:
+    h = np.asarray(layer.qkv(layer.ln1(x)))
+    dk, start = layer.dh, 0
+  q = h[..., start:start + H * dk].reshape(3, 12, H, dk)  # [B, N, H, Dk]
+  got = np.asarray(sig.window_queries)
+  assert got.shape == (L, 3, H, W, dk)
+  for b, n in enumerate(lengths):
+    for w in range(W):
+      row = n - W + w
+      want = q[b, row] if row >= 0 else np.zeros((H, dk))
+      np.testing.assert_allclose(got[0, b, :, w], want, rtol=1e-5, atol=1e-6)

@@ -64,7 +64,10 @@ def _jitted(comp):
 def hstu():
   s = Setup("hstu", seed=2)
   shape = C.CacheShape.of(s.cache)  # every registered method, built from its spec's example
-  comps = {name: C.build_compressor(name, dict(spec.example), shape, caches=lambda: [s.cache])
+  def caches(spec):  # calibration items: (cache, signals) pairs where the spec reads signals
+    item = (s.cache, s.signals) if spec.calibration_signals else s.cache
+    return lambda: [item]
+  comps = {name: C.build_compressor(name, dict(spec.example), shape, caches=caches(spec))
            for name, spec in C.specs().items()}
   comps["h2o"] = C.h2o(heavy=4, recent=4)  # the budget the eviction test below expects
   comps["chain"] = C.chain(C.snapkv(12, window=4), C.uniform(bits=8))

@@ -76,6 +76,25 @@ class DuoMemory:
     return Cache(k=stack(out["k"]), v=stack(out["v"]), pos=stack(out["pos"]),
                  ts=stack(out["ts"]), length=self.length, contiguous=False)
 
+  def stored_bytes(self) -> np.ndarray:
+    """[B] int64 bytes of each user's real events in a variable-length store.
+
+    Every stored slot carries its key, value, position and time stamp (streaming rows keep
+    non-contiguous positions; each row has its own slots). With n_r the real events (pos >= 0)
+    of the user's (layer, head) row r, retrieval and streaming rows alike (n_r = min(n, T)
+    for a retrieval row of a contiguous cache, min(n, sinks + recent) for a streaming row)::
+
+      sum_r n_r (Dk s_k + Dv s_v + s_pos + s_ts) + s_len
+    """
+    def part(k, v, pos, ts):  # rows [R, B, C]: [B] bytes of their real slots
+      n = (np.asarray(pos) >= 0).sum(axis=(0, 2), dtype=np.int64)  # [B]
+      per = (k.shape[-1] * k.dtype.itemsize + v.shape[-1] * v.dtype.itemsize
+             + pos.dtype.itemsize + ts.dtype.itemsize)
+      return n * per
+    return (part(self.k_ret, self.v_ret, self.pos_ret, self.ts_ret)
+            + part(self.k_str, self.v_str, self.pos_str, self.ts_str)
+            + self.length.dtype.itemsize)
+
 
 def retrieval_scores(items, sinks: int, recent: int) -> np.ndarray:
   """[L, H] mean share of attention outside the sinks and the recent window (float64).

@@ -22,7 +22,14 @@ import numpy as np
 from flax import struct
 
 from malloc_jax.cache import Cache
-from malloc_jax.compressors.base import Compressor, EmptyState, cache_from, index_of
+from malloc_jax.compressors.base import (
+  Compressor,
+  EmptyState,
+  cache_from,
+  index_of,
+  index_stored_bytes,
+  row_counts,
+)
 from malloc_jax.compressors.codebook_quant import index_dtype
 from malloc_jax.compressors.eviction import check_int, require_signals
 from malloc_jax.compressors.spec import MethodSpec
@@ -49,6 +56,21 @@ class ThinKMemory:
     # [L, B, H, T, c] x [L, B, H, Dk, c] -> [L, B, H, T, Dk]
     k = jnp.einsum("lbhtc,lbhdc->lbhtd", self.k.astype(jnp.float32), hit.astype(jnp.float32))
     return cache_from(self.index, k.astype(self.k.dtype), self.v)
+
+  def stored_bytes(self) -> np.ndarray:
+    """[B] int64 bytes of each user's real events in a variable-length store. With n_r the
+    events of the user's (layer, head) row r, c the kept channels, s_k, s_v the itemsizes and
+    i the channel index itemsize (a row without events stores no channel indices)::
+
+      sum_r n_r (c s_k + Dv s_v) + [n_r > 0] c i + index_stored_bytes
+
+    (DenseIndex: n s_ts + s_len; SparseIndex: sum_r n_r (s_pos + s_ts) + s_len).
+    """
+    L, _, H, _, c = self.k.shape
+    n = row_counts(self.index, L, H)  # [L, B, H]
+    kv = n * (c * self.k.dtype.itemsize + self.v.shape[-1] * self.v.dtype.itemsize)
+    idx = (n > 0) * c * self.channels.dtype.itemsize
+    return (kv + idx).sum(axis=(0, 2)) + index_stored_bytes(self.index, n)
 
 
 def think_scores(cache: Cache, queries: jax.Array, valid: jax.Array) -> jax.Array:

@@ -4,7 +4,8 @@ Every backbone is an ``nnx.Module`` (a pytree, so it passes straight through ``j
 whose layers implement one method::
 
   layer.step(x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, train_rng)
-      -> (y [B, m, d], k_new [B, H, m, Dk], v_new [B, H, m, Dv], attn [B, H, m, T + m])
+      -> (y [B, m, d], k_new [B, H, m, Dk], v_new [B, H, m, Dv], attn [B, H, m, T + m]
+          [, q [B, H, m, Dk]])
 
 where the m new events attend to the T cached slots plus themselves (causally, by original
 position). The full forward pass is the same step with an empty cache (T = 0); ``prefill``,
@@ -12,6 +13,9 @@ position). The full forward pass is the same step with an empty cache (T = 0); `
 
 Attention weights ``attn`` are what eviction methods read: for softmax attention the
 probabilities, for HSTU's pointwise attention the magnitude |SiLU(s)| / N of each weight.
+A layer whose query heads match its key heads may also return its queries ``q``: ``extend``
+then gives the last W of them as ``Signals.window_queries`` (ThinK's channel scores); layers
+that return four values leave them None.
 """
 
 from __future__ import annotations
@@ -76,14 +80,16 @@ class SequenceRecommender(nnx.Module):
   def _run(self, cache: Cache, events: Events, start: jax.Array, train_rng=None):
     """Runs new events through all layers against ``cache``.
 
-    Returns (hidden [B, m, d], new k [L,B,H,m,Dk], new v, attn [L,B,H,m,T+m], q_pos [B,m]).
+    Returns (hidden [B, m, d], new k [L,B,H,m,Dk], new v, attn [L,B,H,m,T+m], q_pos [B,m],
+    queries [L,B,H,m,Dk] or None when the layers do not return them).
     """
     m = events.items.shape[1]
     q_valid = events.valid
     q_pos = jnp.where(q_valid, start[:, None] + jnp.arange(m, dtype=jnp.int32)[None], -1)
     q_ts = jnp.where(q_valid, events.ts, 0)
-    x, k, v, a = self._run_tokens(cache, events.items, q_pos, q_ts, q_valid, train_rng)
-    return x, k, v, a, q_pos
+    x, k, v, a, queries = self._run_tokens(cache, events.items, q_pos, q_ts, q_valid,
+                                           train_rng)
+    return x, k, v, a, q_pos, queries
 
   def _run_tokens(self, cache: Cache, items, q_pos, q_ts, q_valid, train_rng=None,
                   isolated=None):
@@ -91,14 +97,14 @@ class SequenceRecommender(nnx.Module):
 
     ``isolated`` [B, m] bool (or None) marks tokens that must not see one another (ranking
     candidates, see :func:`attention_mask`). Returns (hidden [B, m, d], k [L,B,H,m,Dk], v,
-    attn [L,B,H,m,T+m]).
+    attn [L,B,H,m,T+m] or None (compressed reads), queries [L,B,H,m,Dk] or None).
     """
     rngs = [None] * (len(self.layers) + 1)
     if train_rng is not None:
       rngs = list(jax.random.split(train_rng, len(self.layers) + 1))
     x = self.embed(items, jnp.maximum(q_pos, 0), rngs[0])
     extra = {} if isolated is None else {"isolated": isolated}
-    ks, vs, attns = [], [], []
+    ks, vs, attns, qs = [], [], [], []
     for i, layer in enumerate(self.layers):
       if isinstance(cache, Cache):
         kv = (cache.k[i], cache.v[i], cache.pos[i], cache.ts[i])
@@ -107,13 +113,15 @@ class SequenceRecommender(nnx.Module):
           raise ValueError("rank needs a materialized memory (memory.materialize()): the "
                            "compressed reads of malloc_jax.reads have no candidate block mask")
         kv = (reads.LayerView(cache, i), None, None, None)
-      x, k, v, a = layer.step(x, q_pos, q_ts, q_valid, *kv, rngs[i + 1], **extra)
+      x, k, v, a, *q = layer.step(x, q_pos, q_ts, q_valid, *kv, rngs[i + 1], **extra)
+      qs.extend(q)  # layers that return their queries (HSTU, SASRec)
       ks.append(k)
       vs.append(v)
       attns.append(a)
     x = self.output(x)
     attn = None if attns[0] is None else jnp.stack(attns)
-    return x, jnp.stack(ks), jnp.stack(vs), attn
+    queries = jnp.stack(qs) if len(qs) == len(self.layers) else None
+    return x, jnp.stack(ks), jnp.stack(vs), attn, queries
 
   def empty_cache(self, batch: int, capacity: int = 0) -> Cache:
     h, dk, dv = self.head_dims()
@@ -133,8 +141,8 @@ class SequenceRecommender(nnx.Module):
       window: W, number of each user's last queries whose attention rows are returned.
 
     Returns:
-      (cache with k [L,B,H,N,Dk], signals with acc_attn [L,B,H,N] and window_attn
-      [L,B,H,W,N]).
+      (cache with k [L,B,H,N,Dk], signals with acc_attn [L,B,H,N], window_attn
+      [L,B,H,W,N] and, where the layers return their queries, window_queries [L,B,H,W,Dk]).
     """
     cache = self.empty_cache(events.items.shape[0])
     return self.extend(cache, events, window)
@@ -149,7 +157,7 @@ class SequenceRecommender(nnx.Module):
       (extended cache, signals over its T + m slots from the new queries only).
     """
     fill = cache.fill
-    _, k, v, attn, q_pos = self._run(cache, events, cache.length)
+    _, k, v, attn, q_pos, queries = self._run(cache, events, cache.length)
     new_cache = cache_lib.append(cache, k, v, q_pos, jnp.where(q_pos >= 0, events.ts, 0))
     T = cache.capacity
     qv = events.valid  # [B, m]
@@ -162,7 +170,12 @@ class SequenceRecommender(nnx.Module):
     win = jnp.take_along_axis(attn, idx[None, :, None, :, None], axis=3)  # [L,B,H,W,T+m]
     win = win * w_valid[None, :, None, :, None]
     win = _place(win[..., :T], win[..., T:], fill)
-    return new_cache, Signals(acc_attn=acc, window_attn=win, window_valid=w_valid)
+    wq = None
+    if queries is not None:  # [L,B,H,W,Dk], padding rows zero
+      wq = jnp.take_along_axis(queries, idx[None, :, None, :, None], axis=3)
+      wq = wq * w_valid[None, :, None, :, None]
+    return new_cache, Signals(acc_attn=acc, window_attn=win, window_valid=w_valid,
+                              window_queries=wq)
 
   def encode(self, cache: Cache, events: Events) -> jax.Array:
     """Hidden states [B, m, d] of new events read against the cache (cache unchanged).
@@ -263,7 +276,8 @@ class SequenceRecommender(nnx.Module):
                                 request.ts.dtype)], axis=1)
     q_valid = jnp.concatenate([r_valid, jnp.ones((B, C), bool)], axis=1)
     isolated = jnp.concatenate([jnp.zeros((B, m), bool), jnp.ones((B, C), bool)], axis=1)
-    x, _, _, attn = self._run_tokens(cache, items, q_pos, q_ts, q_valid, train_rng, isolated)
+    x, _, _, attn, _ = self._run_tokens(cache, items, q_pos, q_ts, q_valid, train_rng,
+                                        isolated)
     logits = self.rank_logits(x[:, m:], candidates)
     if return_attn:
       return logits, attn[:, :, :, m:, :cache.capacity]

@@ -74,7 +74,7 @@ class HSTULayer(nnx.Module):
     r1, r2 = (None, None) if rng is None else jax.random.split(rng)
     y = x + dropout(y, self.dropout_rate, r1)
     del r2
-    return y, k, v, a
+    return y, k, v, a, q
 
 
 class HSTU(SequenceRecommender):

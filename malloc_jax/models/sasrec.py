@@ -52,7 +52,7 @@ class SASRecLayer(nnx.Module):
     x = x + dropout(self.out(o), self.dropout_rate, r1)
     f = self.ff2(jax.nn.gelu(self.ff1(self.ln2(x))))
     x = x + dropout(f, self.dropout_rate, r2)
-    return x, k, v, a
+    return x, k, v, a, q
 
 
 class SASRec(SequenceRecommender):
