@@ -184,7 +184,7 @@ def train_key(run: ml_collections.ConfigDict) -> str:
   """Hash of the fields that determine a backbone's trained weights (seed, data, model, train)."""
   full = json.loads(run.to_json_best_effort(sort_keys=True))
   name = run.model.name
-  return f"{name}-{_hash({k: full[k] for k in TRAIN_FIELDS})}"
+  return f"{name}-{_hash({k: full[k] for k in TRAIN_FIELDS if k in full})}"  # task: optional
 
 
 def _resolve(name: str, params: dict, spec) -> dict:
