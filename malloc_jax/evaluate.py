@@ -33,14 +33,16 @@ __all__ = ["EvalResult", "calibration_caches", "check_eval_set", "evaluate",
 @dataclasses.dataclass
 class EvalResult:
   metrics: dict[str, float]
-  bytes_per_user: float
+  bytes_per_user: float  # buffer bytes per user (static capacity)
   shared_bytes: int
   seconds: float
   num_users: int
+  stored_bytes: float = float("nan")  # mean compressors.stored_bytes over the served users
   memory: Any = None  # the last batch's memory (for checkpointing)
 
   def row(self) -> dict:
-    return {**self.metrics, "bytes_per_user": self.bytes_per_user,
+    return {**self.metrics, "stored_bytes": self.stored_bytes,
+            "bytes_per_user": self.bytes_per_user,
             "shared_bytes": self.shared_bytes, "eval_seconds": self.seconds,
             "num_users": self.num_users}
 
@@ -51,7 +53,9 @@ def evaluate(model, data: EvalSet, compressor: comp_lib.Compressor, *, batch_siz
   """Serving-protocol metrics of ``compressor`` on an evaluation split.
 
   Users are processed in fixed-size batches (the last one padded and masked), so everything
-  compiles once. Bytes per user are the stored memory's per-user leaves over the batch.
+  compiles once. ``stored_bytes``: mean exact stored bytes of the served users' memories
+  (``compressors.stored_bytes``, compressor state included); ``bytes_per_user``: the static
+  buffer's per-user leaves.
   Batches are sharded over ``num_devices`` devices (0: all; see ``parallel.data_mesh``), the
   batch size rounded up to a multiple of the device count (the extra rows are masked).
   """
@@ -66,6 +70,7 @@ def evaluate(model, data: EvalSet, compressor: comp_lib.Compressor, *, batch_siz
   memory = served.memory
   return EvalResult(metrics=retrieval_metrics(served.ranks, ks),
                     bytes_per_user=comp_lib.bytes_per_user(memory),
+                    stored_bytes=float(served.user_bytes[0].mean()),
                     shared_bytes=comp_lib.shared_nbytes(memory), seconds=time.time() - t0,
                     num_users=served.num_users, memory=memory)
 
