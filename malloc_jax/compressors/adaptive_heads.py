@@ -25,8 +25,9 @@ from malloc_jax.compressors.eviction import (
   slot_ranks,
   snapkv_votes,
   top_slots,
+  window_budget_candidates,
 )
-from malloc_jax.compressors.spec import CacheShape, MethodSpec, budget_range
+from malloc_jax.compressors.spec import MethodSpec
 
 
 def adakv(budget: int, window: int = 8, kernel: int = 5, pool: str = "avg",
@@ -102,14 +103,9 @@ def adakv(budget: int, window: int = 8, kernel: int = 5, pool: str = "avg",
   return Compressor(init, compress)
 
 
-def _candidates(shape: CacheShape, fixed: dict) -> list[dict]:
-  if "window" in fixed:
-    return budget_range(shape, fixed, lo=fixed["window"])
-  return [{**c, "window": min(8, c["budget"])} for c in budget_range(shape, fixed)]
-
-
 SPECS = (MethodSpec(
-    name="adakv", factory=adakv, granularity="token", tuned="budget", candidates=_candidates,
+    name="adakv", factory=adakv, granularity="token", tuned="budget",
+    candidates=window_budget_candidates,
     needs_signals=True, limits={"budget": "capacity", "window": "capacity"},
     example={"budget": 5, "window": 2},
     reference="Feng et al., Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget "

@@ -516,7 +516,9 @@ def heavy_recent_candidates(shape: CacheShape, fixed: dict) -> list[dict]:
   return out
 
 
-def _snapkv_candidates(shape: CacheShape, fixed: dict) -> list[dict]:
+def window_budget_candidates(shape: CacheShape, fixed: dict) -> list[dict]:
+  """Budgets of a method that keeps an observation window (SnapKV and its per-layer / per-head
+  variants): ``window`` fixed, or min(8, budget)."""
   if "window" in fixed:
     return budget_range(shape, fixed, lo=fixed["window"])
   return [{**c, "window": min(8, c["budget"])} for c in budget_range(shape, fixed)]
@@ -538,7 +540,7 @@ SPECS = (
                example={"heavy": 2, "recent": 2},
                reference="Zhang et al., H2O: Heavy-Hitter Oracle, NeurIPS 2023"),
     MethodSpec(name="snapkv", factory=snapkv, granularity="token", tuned="budget",
-               candidates=_snapkv_candidates, needs_signals=True,
+               candidates=window_budget_candidates, needs_signals=True,
                limits={"budget": "capacity", "window": "capacity"},
                example={"budget": 5, "window": 2},
                reference="Li et al., SnapKV: LLM Knows What You are Looking for Before "

@@ -25,8 +25,9 @@ from malloc_jax.compressors.eviction import (
   slot_ranks,
   snapkv_votes,
   top_slots,
+  window_budget_candidates,
 )
-from malloc_jax.compressors.spec import CacheShape, MethodSpec, budget_range
+from malloc_jax.compressors.spec import MethodSpec
 
 
 def pyramid_budgets(budget: int, window: int, num_layers: int, beta: int = 20) -> tuple:
@@ -117,15 +118,9 @@ def pyramidkv(budget: int, window: int = 8, kernel: int = 5, pool: str = "avg",
   return Compressor(init, compress)
 
 
-def _candidates(shape: CacheShape, fixed: dict) -> list[dict]:
-  if "window" in fixed:
-    return budget_range(shape, fixed, lo=fixed["window"])
-  return [{**c, "window": min(8, c["budget"])} for c in budget_range(shape, fixed)]
-
-
 SPECS = (MethodSpec(
     name="pyramidkv", factory=pyramidkv, granularity="token", tuned="budget",
-    candidates=_candidates, needs_signals=True,
+    candidates=window_budget_candidates, needs_signals=True,
     limits={"budget": "capacity", "window": "capacity"},
     example={"budget": 5, "window": 2, "beta": 2},
     reference="Cai et al., PyramidKV: Dynamic KV Cache Compression based on Pyramidal "
