@@ -201,6 +201,20 @@ def train_model(config, workdir: Path, data: SequenceDataset, print_fn=print):
   t_start = time.time() - meta["train_seconds"]
   valid_users = t.eval_users or None
 
+  def validation(model) -> tuple[float, str]:
+    """(best-model criterion, its log text): validation GAUC of the candidates for
+    task="ranking", else validation NDCG@10 of the retrieval task."""
+    if sampler is not None:
+      from malloc_jax import ranking
+      res = ranking.rank_cell(model, data.valid, val_cands, comp_lib.native(),
+                              batch_size=config.eval.batch_size)
+      m = res["metrics"]
+      return m["GAUC"], f"GAUC {m['GAUC']:.4f} NDCG@10 {m['NDCG@10']:.4f}"
+    res = evaluate(model, data.valid, comp_lib.native(), batch_size=config.eval.batch_size,
+                   max_users=valid_users, num_devices=num_devices(config))
+    m = res.metrics
+    return m["NDCG@10"], f"NDCG@10 {m['NDCG@10']:.4f} HR@10 {m['HR@10']:.4f}"
+
   def save(step, state):
     meta.update(train_seconds=time.time() - t_start, step=step)
     store.save(step, {"train": state, "best": best if best is not None else state["params"]},
@@ -209,33 +223,15 @@ def train_model(config, workdir: Path, data: SequenceDataset, print_fn=print):
   def on_step(step, st, logs):
     nonlocal best
     stop = False
-    if t.eval_every and (step % t.eval_every == 0 or step == t.steps) and sampler is not None:
-      from malloc_jax import ranking  # task="ranking": validation GAUC of the candidates
-      res = ranking.rank_cell(trainer.merge(st["params"]), data.valid, val_cands,
-                              comp_lib.native(), batch_size=config.eval.batch_size)
-      ndcg = res["metrics"]["GAUC"]  # the best-model criterion
-      improved = ndcg > meta["best_metric"]
+    if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+      metric, shown = validation(trainer.merge(st["params"]))
+      improved = metric > meta["best_metric"]
       if improved:
         best = jax.tree.map(jnp.copy, st["params"])
-        meta.update(best_metric=ndcg, best_step=step, bad_evals=0)
+        meta.update(best_metric=metric, best_step=step, bad_evals=0)
       else:
         meta["bad_evals"] += 1
-      print_fn(f"  valid GAUC {ndcg:.4f} NDCG@10 {res['metrics']['NDCG@10']:.4f}"
-               f"{' (best)' if improved else ''}")
-      stop = bool(t.patience) and meta["bad_evals"] >= t.patience
-    elif t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-      res = evaluate(trainer.merge(st["params"]), data.valid, comp_lib.native(),
-                     batch_size=config.eval.batch_size, max_users=valid_users,
-                     num_devices=num_devices(config))
-      ndcg = res.metrics["NDCG@10"]
-      improved = ndcg > meta["best_metric"]
-      if improved:
-        best = jax.tree.map(jnp.copy, st["params"])
-        meta.update(best_metric=ndcg, best_step=step, bad_evals=0)
-      else:
-        meta["bad_evals"] += 1
-      print_fn(f"  valid NDCG@10 {ndcg:.4f} HR@10 {res.metrics['HR@10']:.4f}"
-               f"{' (best)' if improved else ''}")
+      print_fn(f"  valid {shown}{' (best)' if improved else ''}")
       stop = bool(t.patience) and meta["bad_evals"] >= t.patience
     if stop or step == t.steps:
       meta["done"] = True
