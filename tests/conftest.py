@@ -1,18 +1,18 @@
-"""Shared pytest fixtures (the persistent XLA compilation cache is off unless you set it)."""
+"""Shared pytest fixtures, a persistent XLA compilation cache, and compiled code freed per module."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
-# JAX's persistent compilation cache is OFF for the test run unless you set
-# JAX_COMPILATION_CACHE_DIR yourself (set through the environment before any test module
-# imports jax, so subprocesses inherit the choice). With it on, the whole-suite process
-# crashed twice in XLA's CPU executable (de)serialization (a segfault in
-# compilation_cache.put_executable_and_time on a cold cache, an abort in
-# get_executable_and_time on a warm one), both late in the run at the same test, which passes
-# alone: see BENCHMARKS.md "Test-suite time".
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
+# Many tests (and the subprocesses that test crashes and resumption) compile the same
+# computations; JAX's persistent cache serves a repeated compile from disk. Set through the
+# environment before any test module imports jax, so subprocesses inherit it too. Set
+# JAX_COMPILATION_CACHE_DIR yourself to choose the directory (or "" to disable).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "malloc_jax_tests_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -24,3 +24,19 @@ def shared_data() -> Path:
     pytest.skip(f"real data not available: {SHARED_DATA} does not exist (development-only "
                 "copies of ML-100K and Amazon Beauty, see DESIGN.md 'Data')")
   return SHARED_DATA
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_code():
+  """Drops JAX's in-memory compiled executables after each test module.
+
+  Every XLA:CPU executable keeps its own memory mappings; the whole suite compiles thousands,
+  and without this the pytest process crashed late in the run (segfaults and an abort inside
+  XLA's compile and cache (de)serialization, at varying tests that pass alone), consistent
+  with exhausting the kernel's limit of 65,530 mappings per process (vm.max_map_count). The
+  persistent cache above makes the recompiles of a later module cheap.
+  """
+  yield
+  import jax  # noqa: PLC0415 - after the environment above is set
+
+  jax.clear_caches()
