@@ -40,7 +40,14 @@ import numpy as np
 from flax import struct
 
 from malloc_jax.cache import Cache
-from malloc_jax.compressors.base import Compressor, DenseIndex, EmptyState, cache_from, index_of
+from malloc_jax.compressors.base import (
+  Compressor,
+  DenseIndex,
+  EmptyState,
+  cache_from,
+  index_of,
+  row_counts,
+)
 from malloc_jax.compressors.eviction import check_int
 from malloc_jax.compressors.quantization import QuantSpec
 from malloc_jax.compressors.spec import CacheShape, MethodSpec
@@ -109,11 +116,7 @@ class KVQuantMemory:
 
   def row_events(self) -> np.ndarray:
     """[L, B, H] int64: real events each (layer, user, head) row holds (host NumPy)."""
-    L, B, H, T = self.k_codes.shape[:4]
-    if isinstance(self.index, DenseIndex):
-      n = np.minimum(np.asarray(self.index.length, np.int64), T)
-      return np.broadcast_to(n[None, :, None], (L, B, H)).copy()
-    return (np.asarray(self.index.pos) >= 0).sum(axis=-1, dtype=np.int64)
+    return row_counts(self.index, self.k_codes.shape[0], self.k_codes.shape[2])
 
   def stored_bytes(self) -> np.ndarray:
     """[B] int64 bytes of the user's real events in a variable-length store. Per row with n

@@ -25,6 +25,7 @@ from malloc_jax.compressors.base import (
   EmptyState,
   cache_from,
   index_of,
+  row_counts,
 )
 from malloc_jax.compressors.eviction import check_int, mark_slots, top_slots
 from malloc_jax.compressors.spec import MethodSpec
@@ -53,11 +54,7 @@ class QuestMemory:
 
   def row_events(self) -> np.ndarray:
     """[L, B, H] int64: real events each (layer, user, head) row holds (host NumPy)."""
-    L, B, H, T = self.k.shape[:4]
-    if isinstance(self.index, DenseIndex):
-      n = np.minimum(np.asarray(self.index.length, np.int64), T)
-      return np.broadcast_to(n[None, :, None], (L, B, H)).copy()
-    return (np.asarray(self.index.pos) >= 0).sum(axis=-1, dtype=np.int64)
+    return row_counts(self.index, self.k.shape[0], self.k.shape[2])
 
   def stored_bytes(self) -> np.ndarray:
     """[B] int64 bytes of a variable-length store, with n_r the events of row r (a prefix):
