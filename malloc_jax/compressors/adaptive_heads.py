@@ -13,10 +13,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from malloc_jax.cache import pad_capacity
-from malloc_jax.compressors.base import Compressor, EmptyState
+from malloc_jax.compressors.base import Compressor, init_empty
 from malloc_jax.compressors.eviction import (
-  check_choice,
-  check_int,
+  check_snapkv_args,
   compact,
   kept_memory,
   mark_slots,
@@ -57,22 +56,12 @@ def adakv(budget: int, window: int = 8, kernel: int = 5, pool: str = "avg",
   References: Feng, Lv, Cao, Xie, Zhou, "Ada-KV: Optimizing KV Cache Eviction by Adaptive
     Budget Allocation for Efficient LLM Inference" (arXiv 2407.11550, 2024).
   """
-  budget = check_int("adakv", "budget", budget, 1)
-  window = check_int("adakv", "window", window, 1)
-  kernel = check_int("adakv", "kernel", kernel, 1)
-  if kernel % 2 == 0:
-    raise ValueError(f"adakv: kernel={kernel} must be odd ('same' pooling)")
-  check_choice("adakv", "pool", pool, ("avg", "max"))
-  if window > budget:
-    raise ValueError(f"adakv: window={window} must be <= budget={budget}")
+  budget, window, kernel = check_snapkv_args("adakv", budget, window, kernel, pool)
   if isinstance(floor, bool) or not isinstance(floor, int | float) or not 0 <= floor <= 1:
     raise ValueError(f"adakv: floor={floor!r} must be a number in [0, 1]")
   a = budget - window
   guard = int(floor * a)
 
-  def init(cache):
-    del cache
-    return EmptyState()
 
   def compress(cache, state, signals=None):
     signals = require_signals("adakv", signals)
@@ -100,7 +89,7 @@ def adakv(budget: int, window: int = 8, kernel: int = 5, pool: str = "avg",
     picked = jnp.arange(cap) < jnp.sum(keep, axis=-1, keepdims=True)
     return kept_memory(cache, sel, picked), state
 
-  return Compressor(init, compress)
+  return Compressor(init_empty, compress)
 
 
 SPECS = (MethodSpec(

@@ -43,9 +43,9 @@ from malloc_jax.cache import Cache
 from malloc_jax.compressors.base import (
   Compressor,
   DenseIndex,
-  EmptyState,
   cache_from,
   index_of,
+  init_empty,
   row_counts,
 )
 from malloc_jax.compressors.eviction import check_int
@@ -367,9 +367,6 @@ def kvquant(codebooks: KVQuantCodebooks, outliers: float = 0.01) -> Compressor:
   bits = K.bit_length() - 1
   num, den = frac.numerator, frac.denominator
 
-  def init(cache):
-    del cache
-    return EmptyState()
 
   def compress(cache, state, signals=None):
     del signals
@@ -394,7 +391,7 @@ def kvquant(codebooks: KVQuantCodebooks, outliers: float = 0.01) -> Compressor:
         v_scale=vs, v_out=vo, v_out_idx=voi, codebooks=codebooks, layout=layout)
     return memory, state
 
-  return Compressor(init, compress)
+  return Compressor(init_empty, compress)
 
 
 # ----------------------------------------------------------------------------------------

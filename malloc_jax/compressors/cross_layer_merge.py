@@ -46,7 +46,13 @@ import numpy as np
 from flax import struct
 
 from malloc_jax.cache import Cache
-from malloc_jax.compressors.base import Compressor, DenseIndex, EmptyState, cache_from, index_of
+from malloc_jax.compressors.base import (
+  Compressor,
+  DenseIndex,
+  cache_from,
+  index_of,
+  init_empty,
+)
 from malloc_jax.compressors.codebook_quant import index_dtype, largest_magnitudes
 from malloc_jax.compressors.eviction import check_int
 from malloc_jax.compressors.quantization import QuantSpec
@@ -215,9 +221,6 @@ def minicache(start: int = 0, t: float = 0.6, retain: float = 0.05) -> Compresso
   rate = _rate(retain)
   num, den = rate.numerator, rate.denominator
 
-  def init(cache):
-    del cache
-    return EmptyState()
 
   def compress(cache, state, signals=None):
     del signals
@@ -255,7 +258,7 @@ def minicache(start: int = 0, t: float = 0.6, retain: float = 0.05) -> Compresso
     layout = QuantSpec(pairs=pairs, unmerged=unmerged, num=num, den=den)
     return MiniCacheMemory(index=index_of(cache), layout=layout, **fields), state
 
-  return Compressor(init, compress)
+  return Compressor(init_empty, compress)
 
 
 SPECS = (MethodSpec(

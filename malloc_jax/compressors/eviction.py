@@ -337,6 +337,20 @@ def snapkv_votes(signals: Signals, cache: Cache, window: int, kernel: int,
   return pool1d(votes, kernel, pool)
 
 
+def check_snapkv_args(method: str, budget, window, kernel, pool) -> tuple[int, int, int]:
+  """Validates the arguments SnapKV and its per-layer / per-head variants share; returns
+  (budget, window, kernel) as ints. Errors name ``method``'s parameter."""
+  budget = check_int(method, "budget", budget, 1)
+  window = check_int(method, "window", window, 1)
+  kernel = check_int(method, "kernel", kernel, 1)
+  if kernel % 2 == 0:
+    raise ValueError(f"{method}: kernel={kernel} must be odd ('same' pooling)")
+  check_choice(method, "pool", pool, ("avg", "max"))
+  if window > budget:
+    raise ValueError(f"{method}: window={window} must be <= budget={budget}")
+  return budget, window, kernel
+
+
 def snapkv(budget: int, window: int = 8, kernel: int = 5, pool: str = "avg") -> Compressor:
   """SnapKV: keeps the last ``window`` events plus those the window's queries vote for.
 
@@ -358,14 +372,7 @@ def snapkv(budget: int, window: int = 8, kernel: int = 5, pool: str = "avg") -> 
   References: Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation",
     NeurIPS 2024.
   """
-  budget = check_int("snapkv", "budget", budget, 1)
-  window = check_int("snapkv", "window", window, 1)
-  kernel = check_int("snapkv", "kernel", kernel, 1)
-  if kernel % 2 == 0:
-    raise ValueError(f"snapkv: kernel={kernel} must be odd ('same' pooling)")
-  check_choice("snapkv", "pool", pool, ("avg", "max"))
-  if window > budget:
-    raise ValueError(f"snapkv: window={window} must be <= budget={budget}")
+  budget, window, kernel = check_snapkv_args("snapkv", budget, window, kernel, pool)
 
   def compress(cache, state, signals=None):
     signals = require_signals("snapkv", signals)

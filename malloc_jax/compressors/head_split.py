@@ -22,7 +22,7 @@ import numpy as np
 from flax import struct
 
 from malloc_jax.cache import Cache, Signals
-from malloc_jax.compressors.base import Compressor, EmptyState
+from malloc_jax.compressors.base import Compressor, init_empty
 from malloc_jax.compressors.eviction import check_int, streaming
 from malloc_jax.compressors.spec import CacheShape, MethodSpec
 
@@ -161,9 +161,6 @@ def duoattention(heads: tuple, sinks: int = 4, recent: int = 64) -> Compressor:
   stream = streaming(sinks, recent)
   flat = [(l, h, r) for l, row in enumerate(heads) for h, r in enumerate(row)]
 
-  def init(cache):
-    del cache
-    return EmptyState()
 
   def compress(cache, state, signals=None):
     del signals
@@ -185,7 +182,7 @@ def duoattention(heads: tuple, sinks: int = 4, recent: int = 64) -> Compressor:
         length=cache.length, heads=heads)
     return memory, state
 
-  return Compressor(init, compress)
+  return Compressor(init_empty, compress)
 
 
 def _calibrate(params: dict, shape: CacheShape, caches) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from malloc_jax.cache import pad_capacity
-from malloc_jax.compressors.base import Compressor, EmptyState
+from malloc_jax.compressors.base import Compressor, init_empty
 from malloc_jax.compressors.eviction import (
   check_int,
   kept_memory,
@@ -69,9 +69,6 @@ def tova(budget: int) -> Compressor:
   """
   budget = check_int("tova", "budget", budget, 1)
 
-  def init(cache):
-    del cache
-    return EmptyState()
 
   def compress(cache, state, signals=None):
     signals = require_signals("tova", signals)
@@ -85,7 +82,7 @@ def tova(budget: int) -> Compressor:
     sel, picked = top_slots(tier, score, cache.pos, budget)
     return kept_memory(cache, sel, picked), state
 
-  return Compressor(init, compress)
+  return Compressor(init_empty, compress)
 
 
 SPECS = (MethodSpec(

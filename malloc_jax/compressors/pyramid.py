@@ -15,10 +15,10 @@ from fractions import Fraction
 import jax.numpy as jnp
 
 from malloc_jax.cache import pad_capacity
-from malloc_jax.compressors.base import Compressor, EmptyState
+from malloc_jax.compressors.base import Compressor, init_empty
 from malloc_jax.compressors.eviction import (
-  check_choice,
   check_int,
+  check_snapkv_args,
   kept_memory,
   pad_slots,
   require_signals,
@@ -82,19 +82,9 @@ def pyramidkv(budget: int, window: int = 8, kernel: int = 5, pool: str = "avg",
   References: Cai et al., "PyramidKV: Dynamic KV Cache Compression based on Pyramidal
     Information Funneling" (arXiv 2406.02069, 2024).
   """
-  budget = check_int("pyramidkv", "budget", budget, 1)
-  window = check_int("pyramidkv", "window", window, 1)
-  kernel = check_int("pyramidkv", "kernel", kernel, 1)
   beta = check_int("pyramidkv", "beta", beta, 1)
-  if kernel % 2 == 0:
-    raise ValueError(f"pyramidkv: kernel={kernel} must be odd ('same' pooling)")
-  check_choice("pyramidkv", "pool", pool, ("avg", "max"))
-  if window > budget:
-    raise ValueError(f"pyramidkv: window={window} must be <= budget={budget}")
+  budget, window, kernel = check_snapkv_args("pyramidkv", budget, window, kernel, pool)
 
-  def init(cache):
-    del cache
-    return EmptyState()
 
   def compress(cache, state, signals=None):
     signals = require_signals("pyramidkv", signals)
@@ -115,7 +105,7 @@ def pyramidkv(budget: int, window: int = 8, kernel: int = 5, pool: str = "avg",
     sel, picked = jnp.concatenate(sels), jnp.concatenate(pickeds)  # [L, B, H, cap]
     return kept_memory(cache, sel, picked), state
 
-  return Compressor(init, compress)
+  return Compressor(init_empty, compress)
 
 
 SPECS = (MethodSpec(

@@ -24,10 +24,10 @@ from flax import struct
 from malloc_jax.cache import Cache
 from malloc_jax.compressors.base import (
   Compressor,
-  EmptyState,
   cache_from,
   index_of,
   index_stored_bytes,
+  init_empty,
   row_counts,
 )
 from malloc_jax.compressors.codebook_quant import index_dtype
@@ -95,9 +95,6 @@ def think(channels: int) -> Compressor:
   """
   channels = check_int("think", "channels", channels, 1)
 
-  def init(cache):
-    del cache
-    return EmptyState()
 
   def compress(cache, state, signals=None):
     signals = require_signals("think", signals)
@@ -116,7 +113,7 @@ def think(channels: int) -> Compressor:
                          v=jnp.where((cache.pos >= 0)[..., None], cache.v, 0), dk=dk)
     return memory, state
 
-  return Compressor(init, compress)
+  return Compressor(init_empty, compress)
 
 
 SPECS = (MethodSpec(

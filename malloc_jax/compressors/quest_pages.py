@@ -22,9 +22,9 @@ from malloc_jax.cache import Cache
 from malloc_jax.compressors.base import (
   Compressor,
   DenseIndex,
-  EmptyState,
   cache_from,
   index_of,
+  init_empty,
   row_counts,
 )
 from malloc_jax.compressors.eviction import check_int, mark_slots, top_slots
@@ -96,9 +96,6 @@ def quest(page: int = 16) -> Compressor:
   """
   page = check_int("quest", "page", page, 1)
 
-  def init(cache):
-    del cache
-    return EmptyState()
 
   def compress(cache, state, signals=None):
     del signals
@@ -115,7 +112,7 @@ def quest(page: int = 16) -> Compressor:
                          kmax=jnp.where(any_valid, kmax, 0).astype(cache.k.dtype), page=page)
     return memory, state
 
-  return Compressor(init, compress)
+  return Compressor(init_empty, compress)
 
 
 def _page_valid(memory: QuestMemory) -> jax.Array:
