@@ -28,6 +28,9 @@ ones: model, steps, seed, runlocal, max_len):
   without a better validation NDCG@10 before stopping.
 * ``eval_epochs`` (1): evaluate validation every this many epochs.
 * ``test_users`` (0: all 6,040): score only the first so many test users.
+* ``negatives`` ("batch"): which predictions share a draw of the 128 negatives
+  (``train.negative_sharing``: "batch", "user" or "position"; see
+  ``train.sampled_softmax_loss``).
 """
 
 from malloc_jax import config_lib as common
@@ -38,7 +41,7 @@ NUM_USERS = 6040
 
 def get_config(arg: str | None = None):
   args = common.parse_arg(arg, data="sasrec", capacity=200, epochs=200, patience=10,
-                          eval_epochs=1, test_users=0)
+                          eval_epochs=1, test_users=0, negatives="batch")
   path = args.path or DEFAULT_PATH
   base = (f"data=sasrec,path={path},model={args.model},seed={args.seed},"
           f"runlocal={args.runlocal}")
@@ -50,7 +53,8 @@ def get_config(arg: str | None = None):
                  steps=args.epochs * steps_per_epoch, eval_every=args.eval_epochs * steps_per_epoch,
                  checkpoint_every=args.eval_epochs * steps_per_epoch, patience=args.patience,
                  eval_users=0, log_every=steps_per_epoch,
-                 length_buckets=8 if c.data.max_len > 256 else 0)
+                 length_buckets=8 if c.data.max_len > 256 else 0,
+                 negative_sharing=args.negatives)
   c.eval.update(batch_size=128 if c.data.max_len > 256 else 256, max_users=args.test_users,
                 calibration_users=512)
   if args.runlocal:  # seconds: a few steps on the first users' windows of 32

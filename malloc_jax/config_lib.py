@@ -101,7 +101,8 @@ def base_config(arg: str | None = None, **extra_defaults) -> ml_collections.Conf
   c.train = ml_collections.ConfigDict(dict(
       steps=250, batch_size=64, lr=1e-3, weight_decay=0.0, num_negatives=128, log_every=50,
       checkpoint_every=200, eval_every=200, eval_users=512, patience=0,
-      length_buckets=0))  # > 1: batch users of similar lengths, trim windows (train.fit)
+      length_buckets=0,  # > 1: batch users of similar lengths, trim windows (train.fit)
+      negative_sharing="batch"))  # who shares a draw of negatives (train.sampled_softmax_loss)
   c.eval = ml_collections.ConfigDict(dict(
       split="test", batch_size=256, ks=(10, 50, 200), query_len=1, window=8, max_users=0,
       calibration_users=512))

@@ -183,7 +183,7 @@ def train_model(config, workdir: Path, data: SequenceDataset, print_fn=print):
     tie_query_key_init(model)  # W_k = W_q at init: leaves the ranking plateau (BENCHMARKS)
   trainer = Trainer(model, make_optimizer(t.lr, t.weight_decay), t.num_negatives,
                     dropout=config.model.dropout > 0, task=config.get("task", "retrieval"),
-                    sampler=sampler)
+                    sampler=sampler, negative_sharing=t.get("negative_sharing", "batch"))
   val_cands = None if sampler is None else ranking_eval_candidates(config, data, "valid")
   # On several devices the state is replicated, and restored onto the same devices.
   init = parallel.replicate(parallel.data_mesh(num_devices(config)), trainer.init_state)

@@ -27,18 +27,27 @@ from malloc_jax import parallel
 from malloc_jax.data.dataset import SequenceDataset, TrainSet
 from malloc_jax.models.base import Events, l2_normalize
 
+NEGATIVE_SHARING = ("batch", "user", "position")
 
-def sampled_softmax_loss(model, items, ts, length, rng, num_negatives: int, dropout: bool):
+
+def sampled_softmax_loss(model, items, ts, length, rng, num_negatives: int, dropout: bool,
+                         sharing: str = "batch"):
   """Mean sampled-softmax loss over every next-event prediction of a batch.
 
   Args:
     model: backbone. items, ts: [B, N + 1] windows; length [B] events in each window.
-    rng: key for dropout and negatives. num_negatives: K uniform negatives shared by the batch;
-      a negative equal to the target is masked out. 0: the full softmax over all items.
+    rng: key for dropout and negatives. num_negatives: K uniform negatives (items 1..V); a
+      negative equal to the target is masked out. 0: the full softmax over all items.
+    sharing: which predictions share one draw of K negatives. "batch": one draw for the
+      whole batch ([K]; cheapest, but only K items receive a negative gradient a step);
+      "user": one draw per user ([B, K]); "position": one draw per prediction ([B, N, K], as
+      the HSTU reference code's sampled softmax draws them).
 
   Returns:
     (loss, number of predictions).
   """
+  if sharing not in NEGATIVE_SHARING:
+    raise ValueError(f"train.negative_sharing={sharing!r}: expected one of {NEGATIVE_SHARING}")
   r1, r2 = jax.random.split(rng)
   n_in = jnp.maximum(length - 1, 0)
   h = model(Events(items[:, :-1], ts[:, :-1], n_in), train_rng=r1 if dropout else None)
@@ -50,9 +59,14 @@ def sampled_softmax_loss(model, items, ts, length, rng, num_negatives: int, drop
   if num_negatives == 0:  # full softmax over items 1..V (the target included once)
     lse = jax.nn.logsumexp(jnp.einsum("bnd,vd->bnv", h, table[1:]) / model.temperature, -1)
   else:
-    neg = jax.random.randint(r2, (num_negatives,), 1, model.num_items + 1)
-    nl = jnp.einsum("bnd,kd->bnk", h, table[neg]) / model.temperature  # [B, N, K]
-    nl = jnp.where(neg[None, None, :] == tgt[..., None], -jnp.inf, nl)
+    B, N = tgt.shape
+    shape = {"batch": (1, 1), "user": (B, 1), "position": (B, N)}[sharing] + (num_negatives,)
+    neg = jax.random.randint(r2, shape, 1, model.num_items + 1)  # [1|B, 1|N, K]
+    if sharing == "position":
+      nl = jnp.einsum("bnd,bnkd->bnk", h, table[neg])  # [B, N, K]
+    else:
+      nl = jnp.einsum("bnd,bkd->bnk", h, table[neg[:, 0]])  # [B, N, K]
+    nl = jnp.where(neg == tgt[..., None], -jnp.inf, nl / model.temperature)
     lse = jax.nn.logsumexp(jnp.concatenate([pos[..., None], nl], axis=-1), axis=-1)
   count = jnp.sum(valid)
   loss = jnp.sum(jnp.where(valid, lse - pos, 0.0)) / jnp.maximum(count, 1)
@@ -279,6 +293,7 @@ class Trainer:
   dropout: bool = True
   task: str = "retrieval"
   sampler: RankingSampler | None = None  # ranking impressions (task="ranking")
+  negative_sharing: str = "batch"  # see sampled_softmax_loss
 
   def __post_init__(self):
     if self.task not in TASKS:
@@ -301,7 +316,7 @@ class Trainer:
         return ranking_loss(self.merge(params), items, ts, length, rng, self.sampler,
                             self.dropout)
       return sampled_softmax_loss(self.merge(params), items, ts, length, rng,
-                                  self.num_negatives, self.dropout)
+                                  self.num_negatives, self.dropout, self.negative_sharing)
 
     (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])

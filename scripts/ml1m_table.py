@@ -21,6 +21,16 @@ stored bytes of the served users / ratio).
   python scripts/ml1m_table.py --config configs/ml1m.py:runlocal=True --workdir /tmp/ml1m_tiny \
       --ratios 2,4 --chains snapkv+kivi2            # the CPU smoke test of the device script
 
+``--restate old.json`` regenerates an earlier table's byte columns without its model: the
+stored bytes of every memory here are a closed form of the user's history length and the
+model's static shapes (``tests/test_stored_bytes.py``), never of the cached values, so a
+freshly initialised model of the same config, prefilled on the same users, gives each cell's
+exact figures. The ranks, metrics and CIs of the old run are kept; compression ratios, the
+order at byte budgets (now on stored bytes) and the markdown table are recomputed:
+
+  python scripts/ml1m_table.py --config configs/ml1m.py --workdir /tmp/restate \
+      --restate old/hstu_c200.json --out hstu_c200_stored.json
+
 Per-user ranks of every cell are saved in the output JSON (``ranks``: {cell: [U] int}, in
 the order of the served test users), so any other paired comparison can be made later without
 serving again. Ranks are 0-based: the number of items scored strictly higher than the target
@@ -65,6 +75,10 @@ _RATIOS = flags.DEFINE_list("ratios", "2,4,8,16,32,64,128", "Memory reductions."
 _RESAMPLES = flags.DEFINE_integer("resamples", 1000, "Bootstrap resamples of users.")
 _TRAIN_ONLY = flags.DEFINE_bool("train_only", False,
                                  "Train and serve native only (seed spread); no other cells.")
+_RESTATE = flags.DEFINE_string(
+    "restate", None,
+    "An earlier table JSON: recompute its byte columns (stored, buffer, reference stored) "
+    "from each row's recorded compressor steps, keep its ranks, write --out. No training.")
 
 
 @functools.partial(jax.jit, static_argnames=("window",))
@@ -143,10 +157,83 @@ def _curve_printer(workdir: Path):
   return print_fn, curve
 
 
+def restate(config, old_path: Path, out: Path) -> None:
+  """Rewrites ``old_path``'s byte columns from its recorded steps (see the module doc)."""
+  from malloc_jax.experiment import build_model
+  old = json.loads(old_path.read_text())
+  if not old.get("rows") or "ranks" not in old or "lengths" not in old:
+    raise ValueError(f"{old_path}: not a finished ml1m_table output (rows, ranks, lengths)")
+  if old["capacity"] != config.data.max_len:
+    raise ValueError(f"{old_path}: capacity {old['capacity']} != data.max_len "
+                     f"{config.data.max_len} of --config")
+  for key in ("dim", "heads", "num_layers", "name"):
+    if old["model"][key] != config.model[key]:
+      raise ValueError(f"{old_path}: model.{key}={old['model'][key]!r} != --config's "
+                       f"{config.model[key]!r}")
+  data = load_data(config)
+  if old["dataset"] != data.summary():
+    raise ValueError(f"{old_path}: dataset {old['dataset']!r} != {data.summary()!r}")
+  model = build_model(config, data.num_items)
+  split = data.eval_set(config.eval.split)
+  n = len(old["lengths"])
+  served = Served(model, split, config.eval.batch_size, config.eval.window, n)
+  bases = {}
+  rows = []
+  for row in old["rows"]:
+    steps = []
+    for name, params in row["steps"]:
+      params = dict(params)
+      if name == "lowrank":
+        rank = int(params.pop("rank"))
+        if rank not in bases:  # values do not matter to bytes; the shapes do
+          bases[rank] = C.fit_lowrank(calibration_caches(
+              model, data.valid, num_users=config.eval.calibration_users, seed=config.seed), rank)
+        params["bases"] = bases[rank]
+      steps.append(make_compressor(name, **params))
+    comp = C.native() if not steps else steps[0] if len(steps) == 1 else C.chain(*steps)
+    _, figures = served.serve(comp)
+    new = {**row, **figures, "compression_ratio":
+           figures["reference_stored_bytes"] / figures["stored_bytes"],
+           "restated_from": {"bytes_per_user": row.get("bytes_per_user"),
+                             "compression_ratio": row.get("compression_ratio")}}
+    new.pop("bytes_per_user", None)
+    rows.append(new)
+    print(f"{row['method']}: stored {figures['stored_bytes']:,.0f} B, buffer "
+          f"{figures['buffer_bytes']:,.0f} B, {new['compression_ratio']:.1f}x stored "
+          f"(was {row.get('compression_ratio', float('nan')):.1f}x)", flush=True)
+  per_user = {m: stats.per_user_metric(np.asarray(r), "NDCG@10") for m, r in old["ranks"].items()}
+  by_stored = [{**row, "bytes_per_user": row["stored_bytes"]} for row in rows]
+  native_stored = rows[0]["reference_stored_bytes"]
+  ratios = sorted({float(r["method"].rsplit(" ", 1)[1][:-1]) for r in rows
+                   if r["method"].endswith("x")})
+  order = stats.order_at_budgets(by_stored, per_user, [native_stored / r for r in ratios],
+                                 resamples=_RESAMPLES.value, seed=config.seed)
+  for o in order:
+    o["order"] = [{("stored_bytes" if k == "bytes_per_user" else k): v for k, v in e.items()}
+                  for e in o["order"]]
+  result = {**old, "rows": rows, "order_at_budgets": order,
+            "restated": {"from": str(old_path), "note": "byte columns recomputed from the "
+                         "recorded steps with an untrained model of the same config"}}
+  write_json_atomic(out, result)
+  print(stats.markdown_ci(by_stored, {r["method"]: r["ci"] for r in rows}))
+  for o in order:
+    items = ", ".join(f"{e['method']} {e['NDCG@10']:.4f}{'' if e['mark'] == 'best' else e['mark']}"
+                      for e in o["order"][:6])
+    print(f"<= {o['budget']:,.0f} B: {items}")
+  print(f"wrote {out}")
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
   validate_config(config)
+  if _RESTATE.value:
+    if not _OUT.value:
+      raise app.UsageError("--restate needs --out (the old file is never overwritten)")
+    if Path(_OUT.value).resolve() == Path(_RESTATE.value).resolve():
+      raise app.UsageError("--out must differ from --restate (the old file is kept)")
+    restate(config, Path(_RESTATE.value), Path(_OUT.value))
+    return
   workdir = Path(_WORKDIR.value)
   check_workdir(workdir, config)
   t0 = time.time()

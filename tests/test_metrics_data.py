@@ -163,3 +163,56 @@ def test_length_buckets_cover_every_user_once_an_epoch_and_trim_only_padding():
   assert (again == batch_indices(1000, 64, 3, seed=1, lengths=lengths)).all()
   assert bucket_width(77, 201, 0) == 201 and bucket_width(77, 201, 1) == 201
   assert bucket_width(1, 201, 4) == 51 and bucket_width(200, 201, 4) == 201
+
+
+@pytest.mark.parametrize("sharing", ["batch", "user", "position"])
+def test_sampled_softmax_loss_matches_numpy_for_each_negative_sharing(sharing):
+  """train.negative_sharing: the loss equals a float64 NumPy loop over every prediction with
+  the negatives drawn as documented ([1, 1, K], [B, 1, K] or [B, N, K]; a negative equal to
+  the target is dropped), and "user"/"position" really draw different negatives."""
+  import jax
+
+  from malloc_jax.models import Events
+  from malloc_jax.train import sampled_softmax_loss
+  from tests.helpers import random_events, random_model
+
+  V, K = 30, 6
+  model = random_model("sasrec", num_items=V)
+  ev = random_events(3, 9, [9, 5, 2], num_items=V)
+  key = jax.random.key(3)
+  loss, count = sampled_softmax_loss(model, ev.items, ev.ts, ev.length, key, K, dropout=False,
+                                     sharing=sharing)
+  B, N = ev.items.shape[0], ev.items.shape[1] - 1
+  shape = {"batch": (1, 1), "user": (B, 1), "position": (B, N)}[sharing] + (K,)
+  neg = np.asarray(jax.random.randint(jax.random.split(key)[1], shape, 1, V + 1))
+  neg = np.broadcast_to(neg, (B, N, K))
+  if sharing != "batch":
+    rows = neg[:, 0] if sharing == "user" else neg.reshape(-1, K)
+    assert len({tuple(r) for r in rows}) > 1
+  prefix = Events(ev.items[:, :-1], ev.ts[:, :-1], jnp.maximum(ev.length - 1, 0))
+  h = np.asarray(model(prefix), np.float64)
+  h = h / np.sqrt((h ** 2).sum(-1, keepdims=True) + 1e-6)
+  table = np.asarray(model.item_embeddings(), np.float64)
+  total, n = 0.0, 0
+  for b, k in enumerate(np.asarray(ev.length)):
+    for t in range(k - 1):
+      tgt = int(ev.items[b, t + 1])
+      ids = [tgt] + [int(i) for i in neg[b, t] if i != tgt]
+      z = table[ids] @ h[b, t] / model.temperature
+      total += np.log(np.exp(z - z.max()).sum()) + z.max() - z[0]
+      n += 1
+  assert int(count) == n
+  np.testing.assert_allclose(float(loss), total / n, rtol=1e-4)
+
+
+def test_unknown_negative_sharing_is_refused_by_name():
+  import jax
+
+  from malloc_jax.train import sampled_softmax_loss
+  from tests.helpers import random_events, random_model
+
+  model = random_model("sasrec", num_items=30)
+  ev = random_events(2, 5, [5, 3], num_items=30)
+  with pytest.raises(ValueError, match="negative_sharing"):
+    sampled_softmax_loss(model, ev.items, ev.ts, ev.length, jax.random.key(0), 4, dropout=False,
+                         sharing="items")
