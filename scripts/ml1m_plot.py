@@ -3,12 +3,13 @@ error bars from each cell's paired bootstrap interval to native (native + [ci_lo
 
 Reads ``scripts/ml1m_table.py`` output JSONs and draws them with ``report.pareto_plot``.
 
-  PYTHONPATH=$PWD python scripts/ml1m_plot.py /tmp/gpu2/hstu_c200.json \
-      /tmp/gpu3/sasrec_c200.json --out docs/pareto_ml1m_h200.png
+  PYTHONPATH=$PWD python scripts/ml1m_plot.py hstu_c200_stored.json \
+      sasrec_c200_stored.json --out docs/pareto_ml1m_h200.png
 
-Bytes per user are the JSON rows' ``bytes_per_user``: the memory of a user holding the full
-capacity (200 events), without a compressor's carried state (H2O's accumulated attention,
-4 bytes per kept event and layer, is not in them).
+Bytes per user are the rows' ``stored_bytes`` (issue 14): the mean over the served users of
+what each user's memory and carried state (H2O's accumulated attention) need. A table written
+before ``stored_bytes`` existed (rows with ``bytes_per_user`` only) is refused: restate it
+first with ``scripts/ml1m_table.py --restate``.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ def table_rows(path: str) -> list[dict]:
   name = d["model"]["name"]
   out = []
   for r in d["rows"]:
-    for key in ("method", "steps", "NDCG@10", "bytes_per_user", "ci"):
+    for key in ("method", "steps", "NDCG@10", "stored_bytes", "ci"):
       if key not in r:
-        raise ValueError(f"{path}: row {r.get('method')!r} has no field {key!r}")
+        hint = (" (an older table: run scripts/ml1m_table.py --restate on it)"
+                if key == "stored_bytes" else "")
+        raise ValueError(f"{path}: row {r.get('method')!r} has no field {key!r}{hint}")
     family = "+".join(m for m, _ in r["steps"]) or "native"
-    out.append({**r, "dataset": f"ML-1M {name} (capacity {d['capacity']})", "model": name,
+    out.append({**r, "bytes_per_user": r["stored_bytes"], "dataset": f"ML-1M {name} (capacity {d['capacity']})", "model": name,
                 "family": family})
   return out
 

@@ -29,7 +29,10 @@ exact figures. The ranks, metrics and CIs of the old run are kept; compression r
 order at byte budgets (now on stored bytes) and the markdown table are recomputed:
 
   python scripts/ml1m_table.py --config configs/ml1m.py --workdir /tmp/restate \
-      --restate old/hstu_c200.json --out hstu_c200_stored.json
+      --restate docs/results/ml1m_hstu_c200_h200.json.gz --out hstu_c200_stored.json
+
+(``docs/results/`` keeps the H200 tables of BENCHMARKS.md, gzipped; ``--restate`` reads
+``.json`` or ``.json.gz``.)
 
 Per-user ranks of every cell are saved in the output JSON (``ranks``: {cell: [U] int}, in
 the order of the served test users), so any other paired comparison can be made later without
@@ -159,8 +162,12 @@ def _curve_printer(workdir: Path):
 
 def restate(config, old_path: Path, out: Path) -> None:
   """Rewrites ``old_path``'s byte columns from its recorded steps (see the module doc)."""
+  import gzip
+
   from malloc_jax.experiment import build_model
-  old = json.loads(old_path.read_text())
+  opener = gzip.open if old_path.suffix == ".gz" else open
+  with opener(old_path, "rt") as f:
+    old = json.load(f)
   if not old.get("rows") or "ranks" not in old or "lengths" not in old:
     raise ValueError(f"{old_path}: not a finished ml1m_table output (rows, ranks, lengths)")
   if old["capacity"] != config.data.max_len:
