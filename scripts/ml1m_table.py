@@ -76,6 +76,11 @@ _CHAINS = flags.DEFINE_list(
     "Eviction + quantizer chains put on the ratio axis (ratio_axis.chain_for_ratio).")
 _RATIOS = flags.DEFINE_list("ratios", "2,4,8,16,32,64,128", "Memory reductions.")
 _RESAMPLES = flags.DEFINE_integer("resamples", 1000, "Bootstrap resamples of users.")
+_FIXED = flags.DEFINE_multi_string(
+    "fixed", [],
+    "A cell at fixed parameters, 'method:key=value;key=value' (e.g. 'think:channels=25', "
+    "'minicache:retain=0.25', 'duoattention:retrieval=0.5;sinks=1;recent=3'): methods with "
+    "no tuned parameter or at their natural size. Repeatable.")
 _TRAIN_ONLY = flags.DEFINE_bool("train_only", False,
                                  "Train and serve native only (seed spread); no other cells.")
 _RESTATE = flags.DEFINE_string(
@@ -97,6 +102,28 @@ def _compress_score(model, cache, signals, req, target, *, compressor):
   logits = model.score(memory.materialize(), req)
   return (target_rank(logits, target), memory, state,
           jnp.all(jnp.isfinite(logits[:, 1:]), axis=1))
+
+
+def parse_fixed(text: str) -> tuple[str, str, dict]:
+  """'think:channels=25;x=0.5' -> ('think channels=25 x=0.5', 'think', {...}); numbers typed."""
+  from malloc_jax.compressors.registry import get_spec
+  name, _, rest = text.partition(":")
+  get_spec(name.strip())  # an unknown method is refused by name
+  params = {}
+  for part in filter(None, rest.split(";")):
+    key, eq, value = part.partition("=")
+    if not eq:
+      raise ValueError(f"--fixed {text!r}: expected key=value, got {part!r}")
+    for kind in (int, float):
+      try:
+        params[key.strip()] = kind(value)
+        break
+      except ValueError:
+        continue
+    else:
+      params[key.strip()] = value.strip()
+  label = " ".join([name.strip()] + [f"{k}={v}" for k, v in params.items()])
+  return label, name.strip(), params
 
 
 def _quant(label: str) -> tuple[str, dict]:
@@ -295,24 +322,27 @@ def main(argv):
         print(f"{label} {r:g}x: out of reach", flush=True)
         continue
       cells.append((f"{label} {r:g}x", got["steps"]))
+  for text in [] if only_native else _FIXED.value:
+    label, name, params = parse_fixed(text)
+    cells.append((label, [(name, params)]))
   print(f"planned {len(cells)} cells ({time.time() - t_plan:.0f}s)", flush=True)
 
   t_prefill = time.time()
   served = Served(model, split, config.eval.batch_size, config.eval.window, n)
   print(f"prefilled {served.n} users ({time.time() - t_prefill:.0f}s)", flush=True)
-  bases = {}
+  fitted = {}
+  shape = C.CacheShape(len(model.layers), heads, config.data.max_len, dk, dv)
 
   def build(steps):
     built = []
     for name, params in steps:
-      params = dict(params)
-      if name == "lowrank":
-        rank = int(params.pop("rank"))
-        if rank not in bases:
-          bases[rank] = C.fit_lowrank(calibration_caches(
-              model, data.valid, num_users=config.eval.calibration_users, seed=config.seed), rank)
-        params["bases"] = bases[rank]
-      built.append(make_compressor(name, **params))
+      key = (name, json.dumps(params, sort_keys=True, default=str))
+      if key not in fitted:  # calibrated methods (low rank, KVQuant, ...) fit once a setting
+        fitted[key] = C.factory_params(name, dict(params), shape, lambda name=name: (
+            calibration_caches(model, data.valid, num_users=config.eval.calibration_users,
+                               seed=config.seed,
+                               signals=C.get_spec(name).calibration_signals)))
+      built.append(make_compressor(name, **fitted[key]))
     if not built:
       return C.native()
     return built[0] if len(built) == 1 else C.chain(*built)
