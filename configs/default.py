@@ -5,7 +5,8 @@ r"""Default run: HSTU on the built-in synthetic long histories; native vs 4x low
 
 ``get_config(arg)`` takes comma-separated ``key=value`` pairs (see ``malloc_jax/config_lib.py``):
 model (hstu|sasrec), steps, data (synthetic|ml-100k|ml-1m|recbole|sasrec), path, runlocal
-(tiny shapes for a smoke test). Any field can also be set with absl: --config.train.lr=3e-4.
+(tiny shapes for a smoke test), negatives (batch|user|position: which predictions share a draw
+of the sampled-softmax negatives, ``train.negative_sharing``). Any field can also be set with absl: --config.train.lr=3e-4.
 """
 
 from malloc_jax import config_lib as common

@@ -12,7 +12,7 @@ import math
 import ml_collections
 
 ARG_DEFAULTS = dict(model="hstu", steps=-1, data="synthetic", path="", runlocal=False,
-                    seed=0, max_len=-1, loader="raw", data_dir="")
+                    seed=0, max_len=-1, loader="raw", data_dir="", negatives="batch")
 # Smallest value an argument may be given (its default may be a "not given" sentinel below).
 ARG_MINIMUM = dict(steps=0, max_len=2, seed=0)
 # Arguments that only mean something for data files (data != "synthetic").
@@ -102,7 +102,8 @@ def base_config(arg: str | None = None, **extra_defaults) -> ml_collections.Conf
       steps=250, batch_size=64, lr=1e-3, weight_decay=0.0, num_negatives=128, log_every=50,
       checkpoint_every=200, eval_every=200, eval_users=512, patience=0,
       length_buckets=0,  # > 1: batch users of similar lengths, trim windows (train.fit)
-      negative_sharing="batch"))  # who shares a draw of negatives (train.sampled_softmax_loss)
+      negative_sharing=args.negatives))  # who shares a draw of negatives (see
+  # train.sampled_softmax_loss): "batch" | "user" | "position"
   c.eval = ml_collections.ConfigDict(dict(
       split="test", batch_size=256, ks=(10, 50, 200), query_len=1, window=8, max_users=0,
       calibration_users=512))
