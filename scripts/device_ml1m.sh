@@ -8,8 +8,11 @@
 # Each step logs to $OUT/log.txt with its wall time and writes $OUT/<name>.json; a failing
 # or timed-out step does not stop the others (a table keeps the cells done so far, marked
 # "partial"). LIMIT (seconds; default 170, TINY 900) caps each step. PARALLEL=1 runs the five
-# steps at once on the one accelerator (each process allocates GPU memory on demand), so the
-# whole script takes about one LIMIT instead of five.
+# steps at once on the one accelerator (each process allocates GPU memory on demand) -- do not:
+# on one H200 the five processes were host-bound and every step timed out (BENCHMARKS, ML-1M).
+# NEG (default user) is train.negative_sharing: "user" draws 128 negatives per user, which
+# learns about 3x faster per epoch than the batch-shared draw the first H200 tables used
+# (BENCHMARKS, "Closing the gap to the PyTorch reference").
 set -u
 PARALLEL=${PARALLEL:-0}
 [ "$PARALLEL" = 1 ] && export XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -20,13 +23,17 @@ mkdir -p "$OUT" "$RUNS"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:.
 exec > >(tee -a "$OUT/log.txt") 2>&1
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
-ML="path=$DATA/ml-1m/ml-1m.txt"
+NEG=${NEG:-user}
+ML="path=$DATA/ml-1m/ml-1m.txt,negatives=$NEG"
 EXTRA=""
 if [ "$TINY" = 1 ]; then  # seconds per step: tiny shapes, 64 users, two ratios
   ML="$ML,runlocal=True"
   EXTRA="--ratios 2,32 --resamples 100"
 fi
-FULL="--methods lowrank,h2o,snapkv,streaming,random,merge_evicted"
+FULL="--methods lowrank,h2o,snapkv,streaming,random,merge_evicted,knorm,tova,pyramidkv,adakv
+  --ratios 2,4,8,16,32,64,128 --fixed think:channels=25 --fixed minicache:retain=0.25
+  --fixed duoattention:retrieval=0.5;sinks=1;recent=3 --fixed kvquant:bits=2;outliers=0.01
+  --fixed quest:page=4"
 SHORT="--methods lowrank,h2o,snapkv,streaming --natural kivi4,kivi2,uniform8 --chains snapkv+kivi2,snapkv+uniform4"
 
 step() {  # step NAME CONFIG_ARGS TABLE_FLAGS...
