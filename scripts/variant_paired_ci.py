@@ -76,7 +76,7 @@ def main(argv):
     print(f"| {ds} | {model_label} | {res[_METRIC.value]:.4f} | {ci['diff']:+.4f} "
           f"[{ci['ci_low']:+.4f}, {ci['ci_high']:+.4f}] | {res['stored_bytes']:,.0f} | "
           f"{res['compression_ratio']:.2f}x | {res['num_users']} |")
-  path = workdir / "variant_paired_ci.json"
+  path = workdir / f"variant_paired_ci_{_REFERENCE.value}.json"
   path.write_text(json.dumps(list(out.values()), indent=1, default=str))
   print(f"wrote {path}")
 
