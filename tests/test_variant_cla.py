@@ -288,3 +288,23 @@ def test_runner_sees_layer_granularity_and_stored_depth():
     assert granularity("native", name) == "layer" == backbone_spec(name).granularity
   with pytest.raises(ValueError, match="share=0"):
     cla("hstu_cla", 2, 0)
+
+
+@pytest.mark.parametrize("native", ["hstu", "sasrec"])
+def test_flops_closed_form_with_share_one_is_native(native):
+  """share=1: every layer a producer, so cla_flops is request_flops of the native backbone
+  (the XLA cross-check of share=2 is in test_costs_variants)."""
+  from malloc_jax import costs
+  shape = dict(batch=3, cached=17, request=2)
+  model = make_model(f"{native}_cla", NUM_ITEMS, dim=32, heads=4, num_layers=3,
+                     max_len=MAX_LEN, share=1)
+  got = costs.closed_form_flops(model, **shape)
+  ref = costs.request_flops(native, num_layers=3, dim=32, heads=4, dqk=8, dv=8,
+                            num_items=NUM_ITEMS, **shape)
+  for key in ("total", "per_request", "matmul"):
+    assert got[key] == pytest.approx(ref[key]), key
+  two = costs.closed_form_flops(
+      make_model(f"{native}_cla", NUM_ITEMS, dim=32, heads=4, num_layers=3, max_len=MAX_LEN,
+                 share=2), **shape)
+  # one consumer layer without the K, V projections: 2 m d (H (Dqk + Dv)) = 2 m d (2 d) per user
+  assert ref["matmul"] - two["matmul"] == 3 * 2 * 2 * 32 * (2 * 32)
