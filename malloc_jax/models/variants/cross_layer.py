@@ -20,7 +20,10 @@ for GQA, MQA and MLA. With ``share=1`` the model is exactly the native backbone.
 
 Deviation from the paper: Brandon et al. share K/V between adjacent layers of an LLM with
 softmax attention; here the HSTU version shares HSTU's SiLU'd K and V and keeps each layer's
-own relative-position and time biases (they need only the stored index).
+own relative-position and time biases (they need only the stored index). The paper combines
+CLA with MQA / GQA (K/V heads shared across query heads as well); here every layer keeps all
+H K/V heads, so the 2x is relative to the native multi-head memory (a GQA + CLA variant would
+be a combination of this module's groups with ``heads.GQALayer``).
 
 References: Brandon et al., "Reducing Transformer Key-Value Cache Size with Cross-Layer
   Attention", NeurIPS 2024.
