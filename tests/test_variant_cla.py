@@ -240,17 +240,16 @@ def test_post_hoc_compressors_apply_to_the_shared_memory():
   cache, sig = jit_prefill(model, hist)
   base = np.asarray(jit_score(model, cache, req))
   rows, kept = 2 * HEADS, np.minimum(np.maximum(n - 1, 0), 6)
-  snap = C.snapkv(budget=6, window=2)
-  memory, state = snap.compress(cache, snap.init(cache), sig)
+  compress = lambda comp: jax.jit(lambda c, s: comp.compress(c, comp.init(c), s))
+  memory, state = compress(C.snapkv(budget=6, window=2))(cache, sig)
   np.testing.assert_array_equal(
       C.stored_bytes(memory, state), rows * kept * (2 * (DIM // HEADS) * 4 + 8) + 4)
   assert np.all(np.isfinite(np.asarray(jit_score(model, memory.materialize(), req))[:, 1:]))
-  whole = C.snapkv(budget=20, window=2)
-  memory, _ = whole.compress(cache, whole.init(cache), sig)
+  memory, _ = compress(C.snapkv(budget=20, window=2))(cache, sig)
   np.testing.assert_allclose(np.asarray(jit_score(model, memory.materialize(), req))[:, 1:],
                              base[:, 1:], atol=1e-5, rtol=0)
-  kivi = C.kivi(bits=4, group=4, residual=4)  # keys quantized once a block of 4 fills
-  memory, _ = kivi.compress(cache, kivi.init(cache), sig)
+  # KIVI quantizes keys once a block of 4 fills
+  memory, _ = compress(C.kivi(bits=4, group=4, residual=4))(cache, sig)
   assert memory.materialize().k.shape[0] == 2
   native = C.stored_bytes(C.native().compress(cache, None, None)[0])
   np.testing.assert_array_equal(C.stored_bytes(memory) < native, np.maximum(n - 1, 0) >= 4)
