@@ -348,7 +348,7 @@ def model_cache_spec(config):
   if hasattr(model, "empty_memory"):
     return None
   heads, dk, dv = model.head_dims()
-  return comp_lib.cache_spec(len(model.layers), heads, config.data.max_len, dk, dv)
+  return comp_lib.cache_spec(model.memory_layers(), heads, config.data.max_len, dk, dv)
 
 
 def resolve_compressors(config) -> dict[str, tuple[str, dict]]:
@@ -373,7 +373,7 @@ def make_compressors(config, model, data: SequenceDataset,
   histories of ``data`` (``config.eval.calibration_users`` users)."""
   resolved = resolve_compressors(config) if resolved is None else resolved
   heads, dk, dv = model.head_dims()
-  shape = comp_lib.CacheShape(len(model.layers), heads, config.data.max_len, dk, dv)
+  shape = comp_lib.CacheShape(model.memory_layers(), heads, config.data.max_len, dk, dv)
   caches = lambda name: lambda: calibration_caches(
       model, data.valid, num_users=config.eval.calibration_users, seed=config.seed,
       num_devices=num_devices(config), signals=comp_lib.get_spec(name).calibration_signals)

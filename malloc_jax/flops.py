@@ -374,6 +374,48 @@ def sasrec_gqa_flops(model, *, batch: int, cached: int, request: int) -> dict:
                    user_ew=LAYERNORM_FLOPS * m * d + 2 * len(model.layers) * G * T)
 
 
+def cla_flops(model, *, batch: int, cached: int, request: int) -> dict:
+  """HSTU or SASRec with cross-layer attention (``HSTUCLA``, ``SASRecCLA``), sharing factor s.
+
+  Of the L layers, P = ceil(L / s) producers are native layers (their per-layer flops as in
+  :func:`request_flops`) and L - P consumers compute no keys or values. Per user and consumer
+  layer, K = T + m:
+
+  * HSTU: frame(W) with W = H (Dv + Dqk) (U, Q; see :func:`_layer_frame`); Q Kᵀ and A V
+    2 m H K (Dqk + Dv); bias, mask, SiLU, / N 28 m H K.
+  * SASRec: LN 7 m d; Q = x̂ W_q + b 2 m d² + m d; scores and A V 4 m H K Dh; mask and
+    softmax 15 m H K; W_o, bias, residual 2 m d² + 2 m d; LN, FFN with GELU, biases and
+    residual 7 m d + 4 m d² + 11 m d.
+
+  Per user: the index expanded to the P stored layers, 2 P H T (SASRec: and the final LN,
+  7 m d).
+
+  References: Brandon et al., "Reducing Transformer Key-Value Cache Size with Cross-Layer
+    Attention", NeurIPS 2024.
+  """
+  kind = "sasrec" if hasattr(model.layers[0], "qkv") else "hstu"
+  H, dqk, dv = model.head_dims()
+  L, m, T, d = len(model.layers), request, cached, model.dim
+  P = model.memory_layers()
+  K = T + m
+  attn_mm = 2 * m * H * K * (dqk + dv)  # Q Kᵀ and A V, every layer
+  attn_ew = ATTN_ENTRY_FLOPS[kind] * m * H * K
+  if kind == "hstu":
+    prod_mm, prod_ew = _layer_frame(m, d, H, dv, H * (2 * dv + 2 * dqk))  # U, V, Q, K
+    cons_mm, cons_ew = _layer_frame(m, d, H, dv, H * (dv + dqk))  # U, Q
+    user_ew = 0
+  else:
+    ffn_mm = 2 * m * d * d + 4 * m * d * d  # W_o, FFN
+    ffn_ew = 2 * m * d + LAYERNORM_FLOPS * m * d + (GELU_FLOPS + 3) * m * d
+    prod_mm, prod_ew = 6 * m * d * d + ffn_mm, LAYERNORM_FLOPS * m * d + 3 * m * d + ffn_ew
+    cons_mm, cons_ew = 2 * m * d * d + ffn_mm, LAYERNORM_FLOPS * m * d + m * d + ffn_ew
+    user_ew = LAYERNORM_FLOPS * m * d
+  return _assemble(**{**_base(model, batch, request), "num_layers": 1},
+                   layer_mm=P * prod_mm + (L - P) * cons_mm + L * attn_mm,
+                   layer_ew=P * prod_ew + (L - P) * cons_ew + L * attn_ew,
+                   user_ew=user_ew + 2 * P * H * T)
+
+
 def _native(kind: str):
   def flops(model, *, batch: int, cached: int, request: int) -> dict:
     heads, dqk, dv = model.head_dims()

@@ -357,7 +357,8 @@ class _Backbone:
     key = (name, json.dumps(params, sort_keys=True, default=str))
     if key not in self._fitted:
       heads, dk, dv = self.model.head_dims()
-      shape = registry.CacheShape(len(self.model.layers), heads, self.run.data.max_len, dk, dv)
+      shape = registry.CacheShape(self.model.memory_layers(), heads, self.run.data.max_len,
+                                  dk, dv)
       e = self.run.eval
       caches = lambda: calibration_caches(
           self.model, self.data.valid, num_users=e.calibration_users, seed=self.run.seed,

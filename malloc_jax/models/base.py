@@ -76,6 +76,9 @@ class SequenceRecommender(nnx.Module):
   def output(self, x):  # final transform of the top layer's states
     return x
 
+  def memory_layers(self) -> int:  # layers of the stored cache (cross-layer sharing: fewer)
+    return len(self.layers)
+
   # --- core -----------------------------------------------------------------------------
   def _run(self, cache: Cache, events: Events, start: jax.Array, train_rng=None):
     """Runs new events through all layers against ``cache``.

@@ -21,7 +21,7 @@ class VariantSpec:
     name: the config name (``model.name``), e.g. "hstu_gqa".
     model: the class (``model(num_items, rngs=..., **options)``).
     granularity: what its memory saves on (DESIGN.md's catalogue: "none" for the native
-      backbones, else "token", "head", "sequence" or "architecture").
+      backbones, else "token", "head", "layer", "sequence" or "architecture").
     flops: ``(model, *, batch, cached, request) -> dict`` closed-form FLOPs of a serving
       request (see :mod:`malloc_jax.flops`), or None.
     reference: the paper it implements.
