@@ -28,24 +28,23 @@ Layout (keys of the key-value store)::
 
   bank.json          what the bank holds, as JSON: format and version, users, the memory's
                      structure (registered type names, static fields), the leaf table (path,
-                     array, per-user shape, dtype, user axis), the SHA-256 of every array's
-                     zarr.json; and the SHA-256 of all that. Written last at creation.
-  users/             one zarr3 array of the users' records, uint8 [num_users, record bytes],
-                     one user per chunk (``users/c/<id>/0``); each chunk encoded bytes ->
-                     blosc-lz4 -> crc32c.
+                     array, per-user shape, dtype, user axis), how records are stored, the
+                     SHA-256 of every shared leaf's zarr.json; and the SHA-256 of all that.
+                     Written last at creation.
+  users/0000000042   one key per user: its record as a blosc-lz4 frame (python-blosc), then
+                     the crc32c of key and frame (4 bytes little-endian; google-crc32c).
   s000/ ...          one zarr3 array per shared leaf, one chunk, bytes -> crc32c.
 
 A user's record is its per-user leaves' bytes (user axis removed, C order, little-endian) one
 after another in leaf order, each at a multiple of 8 bytes (:func:`record_layout`, derived
-from the leaf table: the metadata holds no offsets). One record per user makes one key per
-user in the store: a batch of 256 users is 256 B+tree entries per commit and per read, where
-an array per leaf made one per leaf (HSTU low-rank memories: 4 keys per user; on 10,000
-users this layout with blosc-lz4 cut the CPU time per user of the per-leaf layout with zstd
-from 148 to 53 us writing and from 103 to 33 us reading; ``scripts/bench_bank.py`` and
-BENCHMARKS.md have the 100,000-user run against the hand-written bank this one replaced).
-The per-leaf dtypes and shapes live in ``bank.json``; a read is one TensorStore read of the
-records, then one NumPy copy per leaf out of them (no per-user Python loop); a write copies
-each leaf once into the records and writes them in one transaction.
+from the leaf table: the metadata holds no offsets). One key per user, written through the
+OCDBT :class:`tensorstore.KvStore` directly: a zarr3 array of records (one chunk per user,
+bytes -> blosc -> crc32c codecs; format version 3) spent about 110 us of CPU per user per
+write and 25 more per read in the zarr driver's per-chunk work, on top of the key-value
+store's own (BENCHMARKS.md, "TensorStore bank throughput"). A write copies each leaf once into
+a [B, record bytes] array, compresses each row straight from it and stages B writes in one
+transaction; a read issues the B reads at once, checks each value's crc32c and decompresses
+it straight into its row of a [B, record bytes] array, then one NumPy copy per leaf.
 
 Variable lengths: empty slots of a memory (past a user's length, evicted slots) hold zeros
 when the compressor zeroes them, and blosc-lz4 stores a run of zeros in a few bytes, so a
@@ -57,23 +56,25 @@ Atomicity: all records of one :meth:`MemoryBank.write` are committed in one atom
 transaction (an OCDBT commit, or one update of a ``memory://`` store): after a crash at any
 point each user of the call is entirely old or entirely new.
 
-Integrity: every chunk carries a crc32c (checked by TensorStore on every read); OCDBT's
-manifest and B+tree nodes carry their own crc32c; ``bank.json`` carries a SHA-256 of its
-contents and records the SHA-256 of every array's ``zarr.json``, all checked at
-:meth:`MemoryBank.open`. A mismatch raises :class:`BankCorruptedError` naming the key (and,
-for a local directory, TensorStore names the database directory or data file). No pickle:
-the memory's node types are found by registered name in :data:`MEMORY_TYPES`, static fields
-are JSON (primitives and ``QuantSpec``), and opening a crafted bank runs no code of it.
+Integrity: every record carries the crc32c of its key and frame, checked on every read
+before the frame is decoded (with its decoded size checked against the record's); the
+shared leaves' chunks a crc32c checked by TensorStore; OCDBT's manifest and B+tree nodes their
+own crc32c; ``bank.json`` a SHA-256 of its contents and the SHA-256 of every shared leaf's
+``zarr.json``, all checked at :meth:`MemoryBank.open`. A mismatch raises
+:class:`BankCorruptedError` naming the key (and, for a local directory, TensorStore names the
+database directory or data file). No pickle: the memory's node types are found by registered
+name in :data:`MEMORY_TYPES`, static fields are JSON (primitives and ``QuantSpec``), and
+opening a crafted bank runs no code of it.
 
-Concurrency: readers in any process see every committed write (chunks are not cached; OCDBT
-re-reads its manifest). Several writer processes may write one bank concurrently: each
+Concurrency: readers in any process see every committed write (records are not cached;
+OCDBT re-reads its manifest). Several writer processes may write one bank concurrently: each
 write's OCDBT commit is a conditional update of the manifest, so concurrent commits retry
 rather than overwrite each other (tested with two processes on a local directory). OCDBT's
 distributed coordinator is not supported: TensorStore 0.1.86 refuses multi-key atomic
 transactions under a coordinator, and a write spans several keys.
 
-References: Zarr v3 specification (zarr-specs, 2023); TensorStore OCDBT key-value store
-  (google.github.io/tensorstore/kvstore/ocdbt).
+References: Zarr v3 specification (zarr-specs, 2023); Blosc (blosc.org); crc32c (RFC 3720);
+  TensorStore OCDBT key-value store (google.github.io/tensorstore/kvstore/ocdbt).
 """
 
 from __future__ import annotations
@@ -109,10 +110,12 @@ _ALIGN = 8  # each leaf starts at a multiple of 8 bytes of the record
 _RECORD_CODEC = {"compressor": "blosc", "cname": "lz4", "clevel": 1, "shuffle": "noshuffle",
                  "typesize": 1, "checksum": "crc32c(key + frame), 4 bytes little-endian"}
 _SHARED_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
-# B+tree nodes of at most 256 KiB, uncompressed (OCDBT's default: 8 MiB, zstd). Each commit
-# re-encodes every B+tree leaf it touches; with random ids that is every leaf, so its cost
-# grows with the bank (measured with scripts/bench_bank.py and BENCHMARKS.md).
-_OCDBT_CONFIG = {"max_decoded_node_bytes": 262144, "compression": None}
+# B+tree nodes of at most 4 KiB, uncompressed (OCDBT's default: 8 MiB, zstd). A commit
+# re-encodes every B+tree leaf it touches; with random ids and large nodes that is every leaf,
+# so its cost grows with the bank. At 100,000 users (CPU per user write / read, disk per
+# user; machine shared, load 16-19): 4 KiB 96 / 44 us, 31,041 B; 16 KiB 133 / 45, 32,857;
+# 64 KiB 135 / 47, 33,652; 256 KiB 97 / 44, 32,449 (BENCHMARKS.md, issue 19 throughput).
+_OCDBT_CONFIG = {"max_decoded_node_bytes": 4096, "compression": None}
 _DTYPES = frozenset(["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
                      "uint64", "float16", "bfloat16", "float32", "float64"])
 _DATA_CACHE = "cache_pool#malloc_jax_bank_data"  # shared leaves: read once at open
