@@ -39,12 +39,13 @@ A user's record is its per-user leaves' bytes (user axis removed, C order, littl
 after another in leaf order, each at a multiple of 8 bytes (:func:`record_layout`, derived
 from the leaf table: the metadata holds no offsets). One key per user, written through the
 OCDBT :class:`tensorstore.KvStore` directly: a zarr3 array of records (one chunk per user,
-bytes -> blosc -> crc32c codecs; format version 3) spent about 110 us of CPU per user per
-write and 25 more per read in the zarr driver's per-chunk work, on top of the key-value
-store's own (BENCHMARKS.md, "TensorStore bank throughput"). A write copies each leaf once into
-a [B, record bytes] array, compresses each row straight from it and stages B writes in one
-transaction; a read issues the B reads at once, checks each value's crc32c and decompresses
-it straight into its row of a [B, record bytes] array, then one NumPy copy per leaf.
+bytes -> blosc -> crc32c codecs; format version 3) cost about twice the CPU per user written
+(109 against 50 us at 20,000 users) and a little more per read (43 against 36 us), the
+machine being shared (BENCHMARKS.md, "TensorStore bank throughput"). A write copies each
+leaf into a [B, record bytes] array, compresses each row straight from it and stages B
+writes in one transaction; a read issues the B reads at once, checks each value's crc32c and
+decompresses it straight into its row of a [B, record bytes] array, then one NumPy copy per
+leaf.
 
 Variable lengths: empty slots of a memory (past a user's length, evicted slots) hold zeros
 when the compressor zeroes them, and blosc-lz4 stores a run of zeros in a few bytes, so a
