@@ -28,24 +28,24 @@ Layout (keys of the key-value store)::
 
   bank.json          what the bank holds, as JSON: format and version, users, the memory's
                      structure (registered type names, static fields), the leaf table (path,
-                     array, per-user shape, dtype, user axis), the SHA-256 of every array's
-                     zarr.json; and the SHA-256 of all that. Written last at creation.
-  users/             one zarr3 array of the users' records, uint8 [num_users, record bytes],
-                     one user per chunk (``users/c/<id>/0``); each chunk encoded bytes ->
-                     blosc-lz4 -> crc32c.
+                     array, per-user shape, dtype, user axis), how records are stored, the
+                     SHA-256 of every shared leaf's zarr.json; and the SHA-256 of all that.
+                     Written last at creation.
+  users/0000000042   one key per user: its record as a blosc-lz4 frame (python-blosc), then
+                     the crc32c of key and frame (4 bytes little-endian; google-crc32c).
   s000/ ...          one zarr3 array per shared leaf, one chunk, bytes -> crc32c.
 
 A user's record is its per-user leaves' bytes (user axis removed, C order, little-endian) one
 after another in leaf order, each at a multiple of 8 bytes (:func:`record_layout`, derived
-from the leaf table: the metadata holds no offsets). One record per user makes one key per
-user in the store: a batch of 256 users is 256 B+tree entries per commit and per read, where
-an array per leaf made one per leaf (HSTU low-rank memories: 4 keys per user; on 10,000
-users this layout with blosc-lz4 cut the CPU time per user of the per-leaf layout with zstd
-from 148 to 53 us writing and from 103 to 33 us reading; ``scripts/bench_bank.py`` and
-BENCHMARKS.md have the 100,000-user run against the hand-written bank this one replaced).
-The per-leaf dtypes and shapes live in ``bank.json``; a read is one TensorStore read of the
-records, then one NumPy copy per leaf out of them (no per-user Python loop); a write copies
-each leaf once into the records and writes them in one transaction.
+from the leaf table: the metadata holds no offsets). One key per user, written through the
+OCDBT :class:`tensorstore.KvStore` directly: a zarr3 array of records (one chunk per user,
+bytes -> blosc -> crc32c codecs; format version 3) cost about twice the CPU per user written
+(109 against 50 us at 20,000 users) and a little more per read (43 against 36 us), the
+machine being shared (BENCHMARKS.md, "TensorStore bank throughput"). A write copies each
+leaf into a [B, record bytes] array, compresses each row straight from it and stages B
+writes in one transaction; a read issues the B reads at once, checks each value's crc32c and
+decompresses it straight into its row of a [B, record bytes] array, then one NumPy copy per
+leaf.
 
 Variable lengths: empty slots of a memory (past a user's length, evicted slots) hold zeros
 when the compressor zeroes them, and blosc-lz4 stores a run of zeros in a few bytes, so a
@@ -57,23 +57,25 @@ Atomicity: all records of one :meth:`MemoryBank.write` are committed in one atom
 transaction (an OCDBT commit, or one update of a ``memory://`` store): after a crash at any
 point each user of the call is entirely old or entirely new.
 
-Integrity: every chunk carries a crc32c (checked by TensorStore on every read); OCDBT's
-manifest and B+tree nodes carry their own crc32c; ``bank.json`` carries a SHA-256 of its
-contents and records the SHA-256 of every array's ``zarr.json``, all checked at
-:meth:`MemoryBank.open`. A mismatch raises :class:`BankCorruptedError` naming the key (and,
-for a local directory, TensorStore names the database directory or data file). No pickle:
-the memory's node types are found by registered name in :data:`MEMORY_TYPES`, static fields
-are JSON (primitives and ``QuantSpec``), and opening a crafted bank runs no code of it.
+Integrity: every record carries the crc32c of its key and frame, checked on every read
+before the frame is decoded (with its decoded size checked against the record's); the
+shared leaves' chunks a crc32c checked by TensorStore; OCDBT's manifest and B+tree nodes their
+own crc32c; ``bank.json`` a SHA-256 of its contents and the SHA-256 of every shared leaf's
+``zarr.json``, all checked at :meth:`MemoryBank.open`. A mismatch raises
+:class:`BankCorruptedError` naming the key (and, for a local directory, TensorStore names the
+database directory or data file). No pickle: the memory's node types are found by registered
+name in :data:`MEMORY_TYPES`, static fields are JSON (primitives and ``QuantSpec``), and
+opening a crafted bank runs no code of it.
 
-Concurrency: readers in any process see every committed write (chunks are not cached; OCDBT
-re-reads its manifest). Several writer processes may write one bank concurrently: each
+Concurrency: readers in any process see every committed write (records are not cached;
+OCDBT re-reads its manifest). Several writer processes may write one bank concurrently: each
 write's OCDBT commit is a conditional update of the manifest, so concurrent commits retry
 rather than overwrite each other (tested with two processes on a local directory). OCDBT's
 distributed coordinator is not supported: TensorStore 0.1.86 refuses multi-key atomic
 transactions under a coordinator, and a write spans several keys.
 
-References: Zarr v3 specification (zarr-specs, 2023); TensorStore OCDBT key-value store
-  (google.github.io/tensorstore/kvstore/ocdbt).
+References: Zarr v3 specification (zarr-specs, 2023); Blosc (blosc.org); crc32c (RFC 3720);
+  TensorStore OCDBT key-value store (google.github.io/tensorstore/kvstore/ocdbt).
 """
 
 from __future__ import annotations
@@ -84,45 +86,45 @@ import importlib
 import json
 import os
 import re
+import struct
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import blosc
+import google_crc32c
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
 FORMAT = "malloc_jax.bank"
-FORMAT_VERSION = 3  # 1: hand-written shard files; 2: a zarr3 array per leaf; 3: records
+FORMAT_VERSION = 4  # 1: shard files; 2: a zarr3 array per leaf; 3: a zarr3 array of records
 METADATA_KEY = "bank.json"
 _LITTLE_ENDIAN = sys.byteorder == "little"
-RECORDS = "users"  # key prefix of the array of users' records
+RECORDS = "users"  # the users' records: keys "users/0000000042" (:func:`record_key`)
 _ALIGN = 8  # each leaf starts at a multiple of 8 bytes of the record
-# Records: blosc-lz4 (fast; a run of zeros, e.g. a user's empty slots, costs a few bytes) then
-# crc32c. Measured on 10,000-20,000 users (CPU time per user, the machine being shared):
-# reads 33 us with blosc-lz4, 34 uncompressed, 51 zstd(1); writes 53, 55, 99.
-_RECORD_CODECS = [{"name": "bytes"},
-                  {"name": "blosc", "configuration": {"cname": "lz4", "clevel": 1, "typesize": 1,
-                                                      "shuffle": "noshuffle", "blocksize": 0}},
-                  {"name": "crc32c"}]
+# How a record is stored (recorded in bank.json and checked at open): a blosc-lz4 frame of the
+# record (a run of zeros, e.g. a user's empty slots, costs a few bytes), then the crc32c of key
+# and frame (4 bytes, little-endian).
+_RECORD_CODEC = {"compressor": "blosc", "cname": "lz4", "clevel": 1, "shuffle": "noshuffle",
+                 "typesize": 1, "checksum": "crc32c(key + frame), 4 bytes little-endian"}
 _SHARED_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
-# B+tree nodes of at most 64 KiB (default 8 MiB): a random read decodes a small node (measured
-# on 10,000-20,000 users: reads about 2x faster, writes unchanged within noise; 16 KiB nodes
-# cost 1.6x the write CPU time of 64 KiB, 256 KiB the same). At 100,000 users written in
-# random order (CPU time per user): 64 KiB write 158 us / read 36 us, 8 KiB 151 / 39, 2 KiB
-# 126 / 45; uncompressed 64 KiB nodes 137 / 38 with 6% more disk. A commit re-encodes every
-# B+tree leaf it touches (zstd, and the leaf's table of referenced data files, one file per
-# earlier commit), so with random ids the cost of a commit grows with the bank.
-_OCDBT_CONFIG = {"max_decoded_node_bytes": 65536}
+# B+tree nodes of at most 4 KiB, uncompressed (OCDBT's default: 8 MiB, zstd). A commit
+# re-encodes every B+tree leaf it touches; with random ids and large nodes that is every leaf,
+# so its cost grows with the bank. At 100,000 users (CPU per user write / read, disk per
+# user; machine shared, load 16-19): 4 KiB 96 / 44 us, 31,041 B; 16 KiB 133 / 45, 32,857;
+# 64 KiB 135 / 47, 33,652; 256 KiB 97 / 44, 32,449 (BENCHMARKS.md, issue 19 throughput).
+_OCDBT_CONFIG = {"max_decoded_node_bytes": 4096, "compression": None}
 _DTYPES = frozenset(["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
                      "uint64", "float16", "bfloat16", "float32", "float64"])
-_DATA_CACHE = "cache_pool#malloc_jax_bank_data"  # chunks are never cached: readers stay fresh
+_DATA_CACHE = "cache_pool#malloc_jax_bank_data"  # shared leaves: read once at open
 # One root context for every bank of the process: a "memory://" bank can be reopened, and
 # OCDBT's B+tree nodes (immutable once written) are cached across reads.
 _ROOT_CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 256 << 20},
                             _DATA_CACHE: {"total_bytes_limit": 0}})
+_CRC = struct.Struct("<I")
 
 UserAxes = Mapping[str, int | None] | Callable[[str, Any], int | None] | None
 Storage = str | os.PathLike | dict
@@ -459,9 +461,47 @@ def _sha256(data: bytes) -> str:
   return hashlib.sha256(data).hexdigest()
 
 
-def _chunk_user(message: str) -> int | None:
-  m = re.search(r"chunk \{(\d+)", message)
-  return int(m.group(1)) if m else None
+def record_key(user: int) -> bytes:
+  """The key of a user's record: ``users/`` and the id in 10 digits (keys sort as ids)."""
+  return b"%s/%010d" % (RECORDS.encode(), user)
+
+
+def encode_record(key: bytes, address: int, size: int) -> bytes:
+  """The stored value of a record: its blosc-lz4 frame, then the crc32c of key and frame.
+
+  Args:
+    key: the record's key (in the checksum: a record copied under another key fails it).
+    address: where the record's ``size`` bytes lie in memory (a row of a NumPy array).
+    size: the record's bytes.
+
+  Returns:
+    frame + crc32c (4 bytes, little-endian).
+
+  References: Blosc (blosc.org), crc32c (RFC 3720).
+  """
+  frame = blosc.compress_ptr(address, size, typesize=1, clevel=_RECORD_CODEC["clevel"],
+                             shuffle=blosc.NOSHUFFLE, cname=_RECORD_CODEC["cname"])
+  return frame + _CRC.pack(google_crc32c.extend(google_crc32c.value(key), frame))
+
+
+def decode_record(key: bytes, value: bytes, size: int, where: str) -> bytes:
+  """The blosc frame of a stored record, after checking its crc32c and its sizes.
+
+  Raises:
+    BankCorruptedError: naming the bank and the key, if the checksum fails or the frame does
+      not hold ``size`` bytes.
+  """
+  frame = value[:-_CRC.size]
+  if (len(value) < _CRC.size + 16 or
+      google_crc32c.extend(google_crc32c.value(key), frame) !=
+      _CRC.unpack_from(value, len(value) - _CRC.size)[0]):
+    raise BankCorruptedError(f"bank {where}: {key.decode()} fails its crc32c "
+                             f"({len(value)} bytes)")
+  nbytes, cbytes, _ = blosc.get_cbuffer_sizes(frame[:16])  # the frame's header
+  if nbytes != size or cbytes != len(frame):
+    raise BankCorruptedError(f"bank {where}: {key.decode()} holds a frame of {nbytes} bytes "
+                             f"({cbytes} compressed) in {len(frame)}, expected {size}")
+  return frame
 
 
 # ----------------------------------------------------------------------------------------
@@ -551,12 +591,9 @@ class MemoryBank:
         arrays[s.array] = ts.open(cls._array_spec(spec, s, num_users), create=True,
                                   context=context).result()
         arrays[s.array].write(arr).result()
-    record = cls._records_spec(spec, record_layout([s for s in specs if s.axis is not None])[1],
-                               num_users)
-    arrays[RECORDS] = ts.open(record, create=True, context=context).result()
     digests = {a: _sha256(kv.read(f"{a}/zarr.json").result().value) for a in arrays}
     body = dict(num_users=num_users, tree=tree, leaves=[s.to_json() for s in specs],
-                zarr_json_sha256=digests)
+                records=_RECORD_CODEC, zarr_json_sha256=digests)
     text = json.dumps(body, sort_keys=True)
     doc = dict(format=FORMAT, format_version=FORMAT_VERSION, sha256=_sha256(text.encode()),
                body=text)
@@ -609,18 +646,22 @@ class MemoryBank:
     except json.JSONDecodeError as e:
       raise BankCorruptedError(f"{meta}: body is not valid JSON ({e})") from e
     if (not isinstance(body, dict) or
-        set(body) != {"num_users", "tree", "leaves", "zarr_json_sha256"} or
+        set(body) != {"num_users", "tree", "leaves", "records", "zarr_json_sha256"} or
         not isinstance(body["num_users"], int) or body["num_users"] < 1 or
         not isinstance(body["leaves"], list) or not isinstance(body["zarr_json_sha256"], dict)):
       raise BankCorruptedError(f"{meta}: malformed body")
     specs = [LeafSpec.from_json(d, meta) for d in body["leaves"]]
-    if set(body["zarr_json_sha256"]) != {s.array for s in specs}:
-      raise BankCorruptedError(f"{meta}: the checksums do not list the arrays of the leaves")
+    if set(body["zarr_json_sha256"]) != {s.array for s in specs if s.axis is None}:
+      raise BankCorruptedError(f"{meta}: the checksums do not list the arrays of the shared "
+                               f"leaves")
     if not any(s.axis is not None for s in specs):
       raise BankCorruptedError(f"{meta}: no per-user leaves")
-    arrays, record_bytes = {}, record_layout([s for s in specs if s.axis is not None])[1]
+    if body["records"] != _RECORD_CODEC:
+      raise BankCorruptedError(f"{meta}: records stored as {json.dumps(body['records'])[:300]}, "
+                               f"this code reads {json.dumps(_RECORD_CODEC)}")
+    arrays = {}
     for s in specs:
-      if s.array in arrays:
+      if s.axis is not None:
         continue
       key = f"{s.array}/zarr.json"
       try:
@@ -631,10 +672,7 @@ class MemoryBank:
         raise BankCorruptedError(f"bank {where_s}: {key} is missing")
       if _sha256(got.value) != body["zarr_json_sha256"][s.array]:
         raise BankCorruptedError(f"bank {where_s}: {key} checksum mismatch (leaf '{s.path}')")
-      if s.axis is None:
-        want = cls._array_spec(spec, s, body["num_users"])
-      else:
-        want = cls._records_spec(spec, record_bytes, body["num_users"])
+      want = cls._array_spec(spec, s, body["num_users"])
       try:
         arrays[s.array] = ts.open(want, open=True, context=context).result()
       except ValueError as e:
@@ -673,12 +711,6 @@ class MemoryBank:
     return cls._zarr_spec(spec, leaf.array, list(leaf.shape), [max(1, n) for n in leaf.shape],
                           leaf.dtype.name, _SHARED_CODECS)
 
-  @classmethod
-  def _records_spec(cls, spec, record_bytes: int, num_users: int) -> dict:
-    """The zarr3 spec of the users' records: uint8 [num_users, record_bytes], a user a chunk."""
-    return cls._zarr_spec(spec, RECORDS, [num_users, record_bytes], [1, record_bytes], "uint8",
-                          _RECORD_CODECS)
-
   def close(self) -> None:
     """Releases the arrays (a bank holds no locks; committed writes are already durable)."""
     self._arrays = {}
@@ -707,10 +739,10 @@ class MemoryBank:
     return total
 
   def _written(self) -> np.ndarray:
-    """int64 ids of the users written so far (the records' chunks)."""
-    keys = self._run(lambda: self._arrays[RECORDS].kvstore.list().result(), RECORDS)
-    ids = [int(k.split(b"/")[1]) for k in keys if k.startswith(b"c/")]
-    return np.asarray(sorted(ids), np.int64)
+    """int64 ids of the users written so far (the records' keys)."""
+    users = ts.KvStore.KeyRange(f"{RECORDS}/".encode(), f"{RECORDS}0".encode())
+    keys = self._run(lambda: self._kv.list(users).result(), RECORDS)
+    return np.asarray(sorted(int(k[len(RECORDS) + 1:]) for k in keys), np.int64)
 
   def __len__(self) -> int:
     """Number of users written so far (lists the keys of one leaf: O(users))."""
@@ -738,10 +770,25 @@ class MemoryBank:
       return fn()
     except ValueError as e:
       message = str(e)
-      if message.startswith("NOT_FOUND") and "is missing" in message:
-        user = _chunk_user(message)
-        raise KeyError(f"user {user} was never written to the bank {self._where}") from e
-      raise BankCorruptedError(f"bank {self._where}: leaf '{path}': {message}") from e
+      raise BankCorruptedError(f"bank {self._where}: {path}: {message}") from e
+
+  def _read_records(self, ids: np.ndarray) -> np.ndarray:
+    """uint8 [n, record_bytes]: the records of ``ids`` (in range), each checked and decoded.
+
+    One read of the store per id, all issued before any is awaited; then, per user, its
+    crc32c is checked and its blosc frame decoded into its row (no intermediate copy).
+    """
+    keys = [record_key(u) for u in ids.tolist()]
+    futures = self._run(lambda: [self._kv.read(k) for k in keys], RECORDS)
+    out = np.empty((len(ids), self.record_bytes), np.uint8)  # [n, bytes]
+    address, size = out.ctypes.data, self.record_bytes
+    for i, (key, future) in enumerate(zip(keys, futures)):
+      got = self._run(future.result, key.decode())
+      if got.state != "value":
+        raise KeyError(f"user {ids[i]} was never written to the bank {self._where}")
+      frame = decode_record(key, got.value, size, self._where)
+      blosc.decompress_ptr(frame, address + i * size)
+    return out
 
   def read(self, user_ids) -> Any:
     """Reads the memories of ``user_ids`` (any order, repeats allowed).
@@ -766,10 +813,7 @@ class MemoryBank:
       raise KeyError(f"user {ids[bad[0]]} is not in the bank {self._where} (ids are "
                      f"0..{self.num_users - 1})")
     n = len(ids)
-    if n:
-      records = self._run(self._arrays[RECORDS][ids].read().result, RECORDS)  # [n, bytes]
-    else:
-      records = np.zeros((0, self.record_bytes), np.uint8)
+    records = self._read_records(ids)  # [n, bytes]
     leaves, offsets = [], iter(self._offsets)
     for s in self.specs:
       if s.axis is None:
@@ -845,10 +889,19 @@ class MemoryBank:
     for x, s, start in zip(rows, self._user_leaves, self._offsets):
       dest = records[:, start:start + s.nbytes].view(s.dtype).reshape((len(ids),) + s.shape)
       np.copyto(dest, x if _LITTLE_ENDIAN else x.byteswap())  # one copy per leaf, [B, *shape]
+    size, address = self.record_bytes, records.ctypes.data
     txn = ts.Transaction(atomic=True)
     try:
-      self._run(self._arrays[RECORDS].with_transaction(txn)[ids].write(records).result, RECORDS)
+      kv = self._kv.with_transaction(txn)
+
+      def stage():  # one write per user; they complete with the commit
+        return [kv.write(key, encode_record(key, address + i * size, size))
+                for i, key in enumerate(map(record_key, ids.tolist()))]
+
+      futures = self._run(stage, RECORDS)
       self._run(lambda: txn.commit_async().result(), "<commit>")
+      for future in futures:
+        self._run(future.result, "<commit>")
     except BaseException:
       if not txn.commit_started:
         txn.abort()

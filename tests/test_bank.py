@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import blosc
+import google_crc32c
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -215,8 +217,10 @@ def test_overwrite_keeps_other_users(bank_of):
 
 
 def test_a_users_record_is_its_leaves_bytes_little_endian_8_byte_aligned(tmp_path, storage):
-  """The stored record of a user, read as raw bytes, equals its leaves' little-endian bytes
-  in leaf order, each padded with zeros to a multiple of 8 (reference built by hand)."""
+  """The stored value of a user, read from the key-value store as raw bytes, is a blosc frame
+  of its leaves' little-endian bytes in leaf order, each padded with zeros to a multiple of 8,
+  then the crc32c of key and frame (reference built by hand; decoded with python-blosc and
+  google-crc32c directly)."""
   rng = np.random.default_rng(3)
   mem = {"a": rng.integers(-9, 9, size=(4, 3)).astype(np.int8),  # users on axis 0: 3 bytes
          "b": rng.normal(size=(2, 4, 3)).astype(np.float32),  # users on axis 1: 2x3x4 bytes
@@ -226,13 +230,20 @@ def test_a_users_record_is_its_leaves_bytes_little_endian_8_byte_aligned(tmp_pat
                          user_axes=axes) as bank:
     bank.write([5, 0, 3, 1], mem)
     assert bank.record_bytes == 8 + 24 + 8  # 3 -> 8, 24, 1 -> 8
-    stored = bank._arrays[bank_lib.RECORDS][[5, 0, 3, 1]].read().result()  # uint8 [4, 40]
-  for u in range(4):
+    kv = raw_kv(bank)
+    assert sorted(kv.list().result()) == sorted(
+        [b"bank.json", b"s003/zarr.json", b"s003/c/0"] +
+        [b"users/%010d" % u for u in (0, 1, 3, 5)])
+  for u, user in enumerate([5, 0, 3, 1]):
+    key = b"users/%010d" % user
+    value = kv.read(key).result().value
+    frame, crc = value[:-4], int.from_bytes(value[-4:], "little")
+    assert crc == google_crc32c.value(key + frame), u
     want = bytearray(40)
     want[0:3] = mem["a"][u].tobytes()
     want[8:32] = mem["b"][:, u].astype("<f4").tobytes()
     want[32:33] = mem["c"][u:u + 1].tobytes()
-    assert stored[u].tobytes() == bytes(want), u
+    assert blosc.decompress(frame) == bytes(want), u
 
 
 def test_explicit_user_axes(tmp_path, storage):
@@ -386,7 +397,8 @@ def _open_and_read(loc, ids):
 
 
 def test_flipped_byte_in_any_key_raises_naming_it(tmp_path):
-  """memory://: every key (bank.json, each zarr.json, each chunk), three positions each."""
+  """memory://: every key (bank.json, each shared leaf's zarr.json and chunk, each user's
+  record), three positions each."""
   like = make_memory("kivi2", 4, 0)
   loc = location(tmp_path, "memory", "flip")
   ids = np.array([3, 0, 7, 12])
@@ -394,7 +406,7 @@ def test_flipped_byte_in_any_key_raises_naming_it(tmp_path):
     bank.write(ids, like)
     kv = raw_kv(bank)
   keys = kv.list().result()
-  assert len(keys) == 1 + 1 + 4  # bank.json; the records' zarr.json; 4 users (10 leaves each)
+  assert len(keys) == 1 + 4  # bank.json; 4 users' records (10 leaves each; none shared)
   for key in keys:
     data = kv.read(key).result().value
     for pos in sorted({0, len(data) // 2, len(data) - 1}):
@@ -403,6 +415,26 @@ def test_flipped_byte_in_any_key_raises_naming_it(tmp_path):
         _open_and_read(loc, ids)
       kv.write(key, data).result()
   assert_same(_open_and_read(loc, ids[[2, 0, 3, 1]]), select(like, [2, 0, 3, 1]))
+
+
+def test_moved_or_resized_records_are_refused_naming_the_key(tmp_path, storage):
+  """A record copied under another user's key fails its crc32c (the key is in it); a frame of
+  another size with a valid crc32c (a crafted value) is refused before it is decoded."""
+  like = make_memory("native", 4, 0)
+  with MemoryBank.create(location(tmp_path, storage, "moved"), like, num_users=8) as bank:
+    bank.write([0, 1, 2, 3], like)
+    kv = raw_kv(bank)
+    kv.write(b"users/0000000007", kv.read(b"users/0000000003").result().value).result()
+    with pytest.raises(BankCorruptedError, match="users/0000000007 fails its crc32c"):
+      bank.read([7])
+    key = b"users/0000000005"
+    frame = blosc.compress(bytes(bank.record_bytes * 2), typesize=1, cname="lz4")
+    crc = google_crc32c.value(key + frame).to_bytes(4, "little")
+    kv.write(key, frame + crc).result()
+    with pytest.raises(BankCorruptedError, match=f"users/0000000005 holds a frame of "
+                                                 f"{bank.record_bytes * 2} bytes"):
+      bank.read([5])
+    assert_same(bank.read([3, 0]), select(like, [3, 0]))
 
 
 def test_flipped_byte_in_any_file_is_detected(tmp_path):
@@ -496,9 +528,9 @@ def test_format_version_is_checked(bank_of):
   bank = bank_of("native")
   kv = raw_kv(bank)
   doc = json.loads(kv.read(bank_lib.METADATA_KEY).result().value)
-  assert doc["format_version"] == 3
+  assert doc["format_version"] == 4
   kv.write(bank_lib.METADATA_KEY, json.dumps(doc | {"format_version": 99}).encode()).result()
-  with pytest.raises(ValueError, match="format version 99, this code reads version 3"):
+  with pytest.raises(ValueError, match="format version 99, this code reads version 4"):
     MemoryBank.open(where(bank))
 
 
