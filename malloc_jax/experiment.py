@@ -93,7 +93,11 @@ def check_workdir(workdir: Path, config) -> None:
   current = _train_config(config)
   if path.exists():
     saved = json.loads(path.read_text())
-    if saved != current:
+    # train.steps only says where training stops (the learning rate is constant), so a
+    # finished run may be extended with more steps (train_model continues it).
+    strip = lambda c: {**c, "train": {k: v for k, v in c.get("train", {}).items()
+                                      if k != "steps"}}
+    if strip(saved) != strip(current):
       diffs = [f"{k}" for k in TRAIN_FIELDS if saved.get(k) != current.get(k)]
       raise ValueError(f"workdir {workdir} holds a run trained with a different config "
                        f"(differs in: {', '.join(diffs)}); use another --workdir or delete it")
@@ -196,8 +200,14 @@ def train_model(config, workdir: Path, data: SequenceDataset, print_fn=print):
   if restored is not None:
     step, saved, meta = restored
     state, best = saved["train"], saved["best"]
+    extend = (meta["done"] and meta["step"] < t.steps
+              and not (t.patience and meta["bad_evals"] >= t.patience))
+    if extend:  # stopped by an earlier, smaller train.steps: continue to the new limit
+      meta["done"] = False
+      write_json_atomic(workdir / "train_config.json", _train_config(config))
     print_fn(f"resumed from checkpoint step {step}" + (" (training finished)"
-                                                         if meta["done"] else ""))
+                                                         if meta["done"] else "") +
+             (f", extended to {t.steps} steps" if extend else ""))
   t_start = time.time() - meta["train_seconds"]
   valid_users = t.eval_users or None
 

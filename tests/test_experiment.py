@@ -50,9 +50,9 @@ def test_config_arguments_are_typed_and_known():
     tiny("steps=x")
 
 
-def _main(workdir, *extra, wait=True):
+def _main(workdir, *extra, wait=True, steps=40):
   cmd = [sys.executable, "-m", "malloc_jax.main", "--config",
-         "configs/lowrank.py:runlocal=True,steps=40", "--workdir", str(workdir), *extra]
+         f"configs/lowrank.py:runlocal=True,steps={steps}", "--workdir", str(workdir), *extra]
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   if wait:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
@@ -99,10 +99,23 @@ def test_sigkill_then_rerun_resumes_and_matches_uninterrupted(tmp_path):
   # A different training config in the same workdir is refused, not mixed.
   other = subprocess.run(
       [sys.executable, "-m", "malloc_jax.main", "--config",
-       "configs/lowrank.py:runlocal=True,steps=41", "--workdir", str(run)],
+       "configs/lowrank.py:runlocal=True,steps=40,seed=1", "--workdir", str(run)],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert other.returncode != 0
-  assert "different config" in other.stderr and "train" in other.stderr
+  assert "different config" in other.stderr and "seed" in other.stderr
+
+  # A run finished at 20 steps, extended to 40 (train.steps only says where training stops),
+  # ends where the uninterrupted 40-step run ends.
+  short = tmp_path / "short"
+  first = _main(short, steps=20)
+  assert first.returncode == 0, first.stderr[-3000:]
+  longer = _main(short)
+  assert longer.returncode == 0, longer.stderr[-3000:]
+  assert "extended to 40 steps" in longer.stdout
+  c = _metrics(short)
+  for method in ("native", "lowrank_4x"):
+    assert a[method]["NDCG@10"] == c[method]["NDCG@10"]
+    assert a[method]["MRR"] == c[method]["MRR"]
 
 
 def test_corrupted_checkpoint_falls_back_then_errors(tmp_path):
