@@ -91,8 +91,8 @@ def validate_config(config) -> None:
   _int(config, "train.num_negatives", 0)  # 0: full softmax
   sharing = config.train.get("negative_sharing", "batch")
   if sharing not in ("batch", "user", "position"):
-    raise ValueError(f"train.negative_sharing={sharing!r}: expected 'batch', 'user' or "
-                     "'position'")
+    raise ValueError(f"config.train.negative_sharing={sharing!r}: expected 'batch', 'user' "
+                     "or 'position'")
   if "length_buckets" in config.train:
     _int(config, "train.length_buckets", 0)
   _int(config, "train.log_every", 1)

@@ -31,6 +31,7 @@ def tiny(arg="runlocal=True"):
     (lambda c: c.model.update(name="gpt"), "model.name"),
     (lambda c: c.model.update(heads=3), "model.heads"),
     (lambda c: c.train.update(lr=-1.0), "train.lr"),
+    (lambda c: c.train.update(negative_sharing="items"), "train.negative_sharing"),
     (lambda c: c.data.synthetic.update(min_len=-3), "data.synthetic.min_len"),
     (lambda c: c.eval.update(split="train"), "eval.split"),
     (lambda c: c.data.update(source="ml-100k", path=""), "data.path"),
