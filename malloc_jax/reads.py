@@ -156,15 +156,19 @@ def finish(p: Partial) -> jax.Array:
 # Index of one layer.
 
 
-def _index_chunk(index, layer: int, heads: int, start, size: int):
-  """pos, ts [B, H, size] of slots start .. start + size - 1 of ``layer``."""
+def _index_chunk(index, layer: int, heads: int, start, size: int, shared: bool = False):
+  """pos, ts [B, H, size] of slots start .. start + size - 1 of ``layer``.
+
+  shared: a DenseIndex (one index for every layer and head) is returned as [B, 1, size], so
+  the bias indices are computed once for all heads (HSTULayer.bias).
+  """
   if isinstance(index, DenseIndex):
     B = index.ts.shape[0]
     slot = start + jnp.arange(size, dtype=jnp.int32)
     pos = jnp.where(slot[None] < index.length[:, None], slot[None], -1)  # [B, size]
     ts = jax.lax.dynamic_slice_in_dim(index.ts, start, size, axis=1)
     ts = jnp.where(pos >= 0, ts, 0)
-    shape = (B, heads, size)
+    shape = (B, 1 if shared else heads, size)
     return (jnp.broadcast_to(pos[:, None], shape), jnp.broadcast_to(ts[:, None], shape))
   if isinstance(index, SparseIndex):
     return (jax.lax.dynamic_slice_in_dim(index.pos[layer], start, size, axis=-1),
@@ -333,7 +337,7 @@ def blocked_read(attn: Attention, view: LayerView, q, q_pos, q_ts, q_valid) -> P
 
   def chunk_partial(start):
     k, v = decode(mem, layer, start, c, counts)
-    kpos, kts = _index_chunk(mem.index, layer, H, start, c)
+    kpos, kts = _index_chunk(mem.index, layer, H, start, c, shared=True)
     return block_partial(attn, q, k, v, kpos, kts, q_pos, q_ts, q_valid)
 
   return _scan(attn, T, c, (B, H, m, _value_dim(mem)), chunk_partial)
@@ -373,7 +377,7 @@ def lowrank_read(attn: Attention, view: LayerView, q, q_pos, q_ts, q_valid) -> P
     ck = _slice(mem.ck[i], start, c).astype(jnp.float32)  # [B, H, c, r]
     cv = _slice(mem.cv[i], start, c).astype(jnp.float32)
     cv = jnp.concatenate([cv, jnp.ones(cv.shape[:-1] + (1,), jnp.float32)], -1)  # Σw column
-    kpos, kts = _index_chunk(mem.index, i, H, start, c)
+    kpos, kts = _index_chunk(mem.index, i, H, start, c, shared=True)
     s = jnp.einsum("bhmr,bhtr->bhmt", qk, ck) + qmu
     w, mx = weights(attn, s, q_pos, q_ts, q_valid, kpos, kts)
     acc = jnp.einsum("bhmt,bhtr->bhmr", w, cv)  # [B, H, m, r + 1]
@@ -417,8 +421,7 @@ def attend_memory(attn: Attention, view: LayerView, q, k, v, q_pos, q_ts, q_vali
   """
   B, H, m, _ = q.shape
   mem_part = read_memory(attn, view, q, q_pos, q_ts, q_valid)
-  kpos = jnp.broadcast_to(q_pos[:, None], (B, H, m))
-  kts = jnp.broadcast_to(q_ts[:, None], (B, H, m))
+  kpos, kts = q_pos[:, None], q_ts[:, None]  # [B, 1, m]: one index for every head
   new_part = block_partial(attn, q.astype(jnp.float32), k, v, kpos, kts, q_pos, q_ts, q_valid)
   return finish(combine(mem_part, new_part))
 
