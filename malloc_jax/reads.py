@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from malloc_jax.cache import Cache
 from malloc_jax.compressors.base import DenseIndex, DenseMemory, SparseIndex
@@ -393,12 +394,64 @@ _READS = {DenseMemory: blocked_read, LowRankMemory: lowrank_read, KiviMemory: bl
           UniformMemory: blocked_read, IntactKVMemory: blocked_read}
 
 
+@struct.dataclass
+class PallasRead:
+  """A memory read through the Pallas kernels of ``malloc_jax.kernels`` (the flag).
+
+  ``model.score(PallasRead(memory), queries)`` (or ``serving_view(model, memory,
+  kernel="pallas")``) reads a KiviMemory (2 or 4 bits), an 8-bit UniformMemory or a
+  LowRankMemory with its kernel; any other memory raises. interpret: run the kernel in
+  Pallas' interpreter (None: on CPU only). chunk: slots per grid step (must divide the
+  capacity; KIVI: a multiple of its group; None: :func:`chunk_size` up to 128).
+  """
+
+  memory: Any
+  interpret: bool | None = struct.field(pytree_node=False, default=None)
+  chunk: int | None = struct.field(pytree_node=False, default=None)
+
+  @property
+  def index(self):
+    return self.memory.index
+
+  def materialize(self) -> Cache:
+    return self.memory.materialize()
+
+
+def _pallas_fn(memory):
+  """The kernel read of a memory, or None when no kernel reads its type."""
+  from malloc_jax import kernels  # noqa: PLC0415 (kernels import this module)
+  if isinstance(memory, KiviMemory) and memory.spec.bits in (2, 4):
+    return kernels.kivi_read
+  if isinstance(memory, UniformMemory) and memory.spec.bits == 8:
+    return kernels.uniform_read
+  if isinstance(memory, LowRankMemory):
+    return kernels.lowrank_read
+  return None
+
+
+def pallas_memory_read(attn: Attention, view: LayerView, q, q_pos, q_ts, q_valid) -> Partial:
+  """read_memory of a :class:`PallasRead`: the wrapped memory's Pallas kernel read."""
+  wrap = view.memory
+  fn = _pallas_fn(wrap.memory)
+  if fn is None:
+    raise TypeError(f"PallasRead: no Pallas kernel reads {type(wrap.memory).__name__}; "
+                    "kernels exist for KiviMemory (2, 4 bits), UniformMemory (8 bits) and "
+                    "LowRankMemory (read it without the flag instead)")
+  interpret = (jax.default_backend() == "cpu") if wrap.interpret is None else wrap.interpret
+  mem = wrap.memory
+  chunk = wrap.chunk or chunk_size(mem, _capacity(mem), 128)
+  return fn(attn, LayerView(mem, view.layer), q, q_pos, q_ts, q_valid, chunk=chunk,
+            interpret=interpret)
+
+
 def read_memory(attn: Attention, view: LayerView, q, q_pos, q_ts, q_valid) -> Partial:
   """The memory's Partial, read by the memory's type (see the module docstring).
 
   Raises:
     TypeError: a memory type without a compressed read (materialize() it instead).
   """
+  if isinstance(view.memory, PallasRead):
+    return pallas_memory_read(attn, view, q, q_pos, q_ts, q_valid)
   fn = _READS.get(type(view.memory))
   if fn is None:
     raise TypeError(f"no compressed read for {type(view.memory).__name__}; supported: "
@@ -433,17 +486,31 @@ def reads_compressed(model, memory) -> bool:
   from malloc_jax.models.sasrec import SASRecLayer  # noqa: PLC0415
   plain = type(model) in (HSTU, SASRec) and all(
       type(layer) in (HSTULayer, SASRecLayer) for layer in model.layers)
+  if isinstance(memory, PallasRead):
+    return plain and _pallas_fn(memory.memory) is not None
   return plain and type(memory) in _READS
 
 
-def serving_view(model, memory):
+def serving_view(model, memory, kernel: str | None = None):
   """What ``model.score`` / ``model.encode`` should read: the memory itself where it can.
 
   The memory as it is when the model is a plain HSTU or SASRec (their layers call
   :func:`attend_memory`) and the memory's type has a compressed read; otherwise, explicitly,
   ``memory.materialize()`` (trained variants and their memories have their own layers and
   read the dense view).
+
+  Args:
+    kernel: None (the jnp reads) or "pallas": a memory with a Pallas kernel read
+      (:func:`_pallas_fn`) is wrapped in :class:`PallasRead`; a plain model and a memory
+      without one raise (no silent fallback).
   """
+  if kernel not in (None, "pallas"):
+    raise ValueError(f"serving_view: kernel must be None or 'pallas', got {kernel!r}")
+  if kernel == "pallas" and reads_compressed(model, memory):
+    if _pallas_fn(memory) is None:
+      raise TypeError(f"serving_view(kernel='pallas'): no Pallas kernel reads "
+                      f"{type(memory).__name__}")
+    return PallasRead(memory)
   return memory if reads_compressed(model, memory) else memory.materialize()
 
 
@@ -479,8 +546,8 @@ def read_bytes(memory) -> int:
   return int(sum(x.nbytes for x in jax.tree.leaves(memory)))
 
 
-__all__ = ["Attention", "LayerView", "Partial", "attend_memory", "block_partial",
+__all__ = ["Attention", "LayerView", "PallasRead", "Partial", "attend_memory", "block_partial",
            "blocked_read", "combine", "finish", "is_view",
-           "lowrank_read", "memory_length", "read_bytes", "read_costs", "read_memory",
-           "reads_compressed", "serving_view",
+           "lowrank_read", "memory_length", "pallas_memory_read", "read_bytes", "read_costs",
+           "read_memory", "reads_compressed", "serving_view",
            "weights"]

@@ -128,3 +128,41 @@ def test_pallas_kivi_unpack_matches_pack_codes():
     codes = rng.integers(0, 2 ** bits, (5, 12))
     got = _unpack(pack_codes(jnp.asarray(codes, jnp.int32), bits), bits, 12)
     np.testing.assert_array_equal(np.asarray(got), codes)
+
+
+def test_model_encode_and_score_pick_the_kivi_kernel_by_flag():
+  """serving_view(..., kernel="pallas") reads KIVI with the kernel; the default stays jnp."""
+  import jax
+
+  from tests.helpers import random_events, random_model
+  model = random_model("hstu", dim=16, heads=2, max_len=64)
+  hist = random_events(3, 32, [32, 20, 7], seed=1)
+  cache, _ = jax.jit(lambda m, e: m.prefill(e))(model, hist)
+  comp = C.kivi(bits=2, group=8, residual=8)
+  mem = comp.compress(cache, comp.init(cache))[0]
+  req = random_events(3, 4, [4, 2, 3], seed=7)
+  req = req.replace(ts=req.ts + 10**7)
+  assert reads.serving_view(model, mem) is mem  # default: the jnp blocked read
+  view = reads.serving_view(model, mem, kernel="pallas")
+  assert isinstance(view, reads.PallasRead) and view.memory is mem
+  enc = jax.jit(lambda m, c, e: m.encode(c, e))
+  assert "pallas_call" in str(jax.make_jaxpr(lambda c: model.encode(c, req))(view))
+  valid = np.asarray(req.valid)[..., None]
+  got, want = enc(model, view, req), enc(model, mem.materialize(), req)
+  np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, want, 0), atol=1e-5,
+                             rtol=1e-5)
+  score = jax.jit(lambda m, c, e: m.score(c, e))
+  np.testing.assert_allclose(score(model, view, req), score(model, mem.materialize(), req),
+                             atol=1e-4, rtol=1e-5)  # logits: cosines / temperature 0.05
+
+
+def test_pallas_flag_rejects_memories_without_a_kernel():
+  from tests.helpers import random_model
+  model = random_model("hstu", dim=16, heads=2, max_len=64)
+  cache = _cache(D=8)
+  comp = C.uniform(4)
+  mem = comp.compress(cache, comp.init(cache))[0]
+  with pytest.raises(TypeError, match="no Pallas kernel reads UniformMemory"):
+    reads.serving_view(model, mem, kernel="pallas")
+  with pytest.raises(ValueError, match="kernel must be None or 'pallas'"):
+    reads.serving_view(model, mem, kernel="triton")
