@@ -423,7 +423,7 @@ def profile_parts(B, H, m, T, D, memories) -> None:
       "rab bias from a [B,1,T] index (reads: index + gathers)": (jax.jit(
           lambda layer, a, b, c, d: jnp.sum(layer.bias(a, b, c, d))), layer, q_pos, q_ts,
           kpos1, kts1),
-      "rab bias from a [B,H,T] index (native: runtime head check)": (jax.jit(
+      "rab bias from a [B,H,T] index (native cache: per head)": (jax.jit(
           lambda layer, a, b, c, d: jnp.sum(layer.bias(a, b, c, d))), layer, q_pos, q_ts, kpos,
           kts),
       "rab bias as before issue 21 (per head: log + two 2-D gathers)": (jax.jit(

@@ -172,9 +172,8 @@ def test_read_costs_times_the_compressed_read(setup):
 def test_hstu_rab_equals_numpy_tables(heads_agree):
   """HSTULayer.bias (shared bucket indices, flat-table gathers) against NumPy table lookups.
 
-  The head-shared index ([B, 1, T]), a [B, H, T] index whose heads agree (the runtime
-  check's shared branch) and one whose heads differ (its per-head branch) all give the
-  reference's values.
+  The head-shared index ([B, 1, T]: bucketed once for all heads), a [B, H, T] index whose
+  heads agree and one whose heads differ all give the reference's values.
   """
   from flax import nnx
 

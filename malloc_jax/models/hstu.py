@@ -61,16 +61,12 @@ class HSTULayer(nnx.Module):
   def bias(self, q_pos, q_ts, kpos, kts):
     """rab [B, H, m, T]: relative position plus time-gap bias.
 
-    kpos, kts [B, H, T] or [B, 1, T] (one index for every head, as a DenseIndex memory
-    stores it). The bucket indices are computed once for all heads when the index is shared:
-    statically for a [B, 1, T] index, and for a [B, H, T] one whose heads agree (the native
-    cache of a prefilled history) by a runtime check; see :func:`rab_index`.
+    kpos, kts [B, H, T], or [B, 1, T] when every head shares the slots' index (a DenseIndex
+    memory read by malloc_jax.reads): the bucket indices are then computed once for all
+    heads. A cache's [B, H, T] index is bucketed per head: a runtime check that its heads
+    agree (the native cache of a prefilled history) costs more on CPU than it saves, as the
+    shared branch's bias is materialized instead of fused into the scores (BENCHMARKS.md).
     """
-    if kpos.shape[1] > 1:
-      same = jnp.all(kpos == kpos[:, :1]) & jnp.all(kts == kts[:, :1])
-      return jax.lax.cond(same, lambda: self.rab(*self.rab_index(q_pos, q_ts, kpos[:, :1],
-                                                                   kts[:, :1])),
-                          lambda: self.rab(*self.rab_index(q_pos, q_ts, kpos, kts)))
     return self.rab(*self.rab_index(q_pos, q_ts, kpos, kts))
 
   def rab_index(self, q_pos, q_ts, kpos, kts):
