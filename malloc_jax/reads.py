@@ -19,7 +19,9 @@ attentions split exactly over disjoint key sets:
   softmax for SASRec).
 
 ``memory.materialize()`` followed by the dense read stays the reference; the tests compare
-every read with it.
+every read with it. :class:`PallasRead` (or ``serving_view(..., kernel="pallas")``) is the flag
+that reads KIVI, uniform-8 and low-rank memories with the Pallas kernels of
+``malloc_jax.kernels`` instead.
 
 References: Milakov & Gimelshein, "Online normalizer calculation for softmax" (2018); Dao et
   al., "FlashAttention" (NeurIPS 2022); Liu et al., KIVI (ICML 2024, fused dequantize-matmul);
@@ -59,7 +61,8 @@ class Attention(NamedTuple):
 
   kind: "pointwise" (HSTU: SiLU(s + bias) / norm, no softmax) or "softmax" (SASRec:
   softmax(s * scale)). bias: (q_pos [B,m], q_ts [B,m], kpos [B,H,T], kts [B,H,T]) ->
-  [B, H, m, T] additive bias, or None.
+  [B, H, m, T] additive bias, or None; kpos, kts may be [B, 1, T] (a DenseIndex memory's
+  one index for every head), then the bias is computed once per head from shared indices.
   """
 
   kind: str
