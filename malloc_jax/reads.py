@@ -19,7 +19,9 @@ attentions split exactly over disjoint key sets:
   softmax for SASRec).
 
 ``memory.materialize()`` followed by the dense read stays the reference; the tests compare
-every read with it.
+every read with it. :class:`PallasRead` (or ``serving_view(..., kernel="pallas")``) is the flag
+that reads KIVI, uniform-8 and low-rank memories with the Pallas kernels of
+``malloc_jax.kernels`` instead.
 
 References: Milakov & Gimelshein, "Online normalizer calculation for softmax" (2018); Dao et
   al., "FlashAttention" (NeurIPS 2022); Liu et al., KIVI (ICML 2024, fused dequantize-matmul);
@@ -35,6 +37,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from malloc_jax.cache import Cache
 from malloc_jax.compressors.base import DenseIndex, DenseMemory, SparseIndex
@@ -58,7 +61,8 @@ class Attention(NamedTuple):
 
   kind: "pointwise" (HSTU: SiLU(s + bias) / norm, no softmax) or "softmax" (SASRec:
   softmax(s * scale)). bias: (q_pos [B,m], q_ts [B,m], kpos [B,H,T], kts [B,H,T]) ->
-  [B, H, m, T] additive bias, or None.
+  [B, H, m, T] additive bias, or None; kpos, kts may be [B, 1, T] (a DenseIndex memory's
+  one index for every head), then the bias is computed once per head from shared indices.
   """
 
   kind: str
@@ -156,15 +160,19 @@ def finish(p: Partial) -> jax.Array:
 # Index of one layer.
 
 
-def _index_chunk(index, layer: int, heads: int, start, size: int):
-  """pos, ts [B, H, size] of slots start .. start + size - 1 of ``layer``."""
+def _index_chunk(index, layer: int, heads: int, start, size: int, shared: bool = False):
+  """pos, ts [B, H, size] of slots start .. start + size - 1 of ``layer``.
+
+  shared: a DenseIndex (one index for every layer and head) is returned as [B, 1, size], so
+  the bias indices are computed once for all heads (HSTULayer.bias).
+  """
   if isinstance(index, DenseIndex):
     B = index.ts.shape[0]
     slot = start + jnp.arange(size, dtype=jnp.int32)
     pos = jnp.where(slot[None] < index.length[:, None], slot[None], -1)  # [B, size]
     ts = jax.lax.dynamic_slice_in_dim(index.ts, start, size, axis=1)
     ts = jnp.where(pos >= 0, ts, 0)
-    shape = (B, heads, size)
+    shape = (B, 1 if shared else heads, size)
     return (jnp.broadcast_to(pos[:, None], shape), jnp.broadcast_to(ts[:, None], shape))
   if isinstance(index, SparseIndex):
     return (jax.lax.dynamic_slice_in_dim(index.pos[layer], start, size, axis=-1),
@@ -333,7 +341,7 @@ def blocked_read(attn: Attention, view: LayerView, q, q_pos, q_ts, q_valid) -> P
 
   def chunk_partial(start):
     k, v = decode(mem, layer, start, c, counts)
-    kpos, kts = _index_chunk(mem.index, layer, H, start, c)
+    kpos, kts = _index_chunk(mem.index, layer, H, start, c, shared=True)
     return block_partial(attn, q, k, v, kpos, kts, q_pos, q_ts, q_valid)
 
   return _scan(attn, T, c, (B, H, m, _value_dim(mem)), chunk_partial)
@@ -373,7 +381,7 @@ def lowrank_read(attn: Attention, view: LayerView, q, q_pos, q_ts, q_valid) -> P
     ck = _slice(mem.ck[i], start, c).astype(jnp.float32)  # [B, H, c, r]
     cv = _slice(mem.cv[i], start, c).astype(jnp.float32)
     cv = jnp.concatenate([cv, jnp.ones(cv.shape[:-1] + (1,), jnp.float32)], -1)  # Σw column
-    kpos, kts = _index_chunk(mem.index, i, H, start, c)
+    kpos, kts = _index_chunk(mem.index, i, H, start, c, shared=True)
     s = jnp.einsum("bhmr,bhtr->bhmt", qk, ck) + qmu
     w, mx = weights(attn, s, q_pos, q_ts, q_valid, kpos, kts)
     acc = jnp.einsum("bhmt,bhtr->bhmr", w, cv)  # [B, H, m, r + 1]
@@ -389,12 +397,64 @@ _READS = {DenseMemory: blocked_read, LowRankMemory: lowrank_read, KiviMemory: bl
           UniformMemory: blocked_read, IntactKVMemory: blocked_read}
 
 
+@struct.dataclass
+class PallasRead:
+  """A memory read through the Pallas kernels of ``malloc_jax.kernels`` (the flag).
+
+  ``model.score(PallasRead(memory), queries)`` (or ``serving_view(model, memory,
+  kernel="pallas")``) reads a KiviMemory (2 or 4 bits), an 8-bit UniformMemory or a
+  LowRankMemory with its kernel; any other memory raises. interpret: run the kernel in
+  Pallas' interpreter (None: on CPU only). chunk: slots per grid step (must divide the
+  capacity; KIVI: a multiple of its group; None: :func:`chunk_size` up to 128).
+  """
+
+  memory: Any
+  interpret: bool | None = struct.field(pytree_node=False, default=None)
+  chunk: int | None = struct.field(pytree_node=False, default=None)
+
+  @property
+  def index(self):
+    return self.memory.index
+
+  def materialize(self) -> Cache:
+    return self.memory.materialize()
+
+
+def _pallas_fn(memory):
+  """The kernel read of a memory, or None when no kernel reads its type."""
+  from malloc_jax import kernels  # noqa: PLC0415 (kernels import this module)
+  if isinstance(memory, KiviMemory) and memory.spec.bits in (2, 4):
+    return kernels.kivi_read
+  if isinstance(memory, UniformMemory) and memory.spec.bits == 8:
+    return kernels.uniform_read
+  if isinstance(memory, LowRankMemory):
+    return kernels.lowrank_read
+  return None
+
+
+def pallas_memory_read(attn: Attention, view: LayerView, q, q_pos, q_ts, q_valid) -> Partial:
+  """read_memory of a :class:`PallasRead`: the wrapped memory's Pallas kernel read."""
+  wrap = view.memory
+  fn = _pallas_fn(wrap.memory)
+  if fn is None:
+    raise TypeError(f"PallasRead: no Pallas kernel reads {type(wrap.memory).__name__}; "
+                    "kernels exist for KiviMemory (2, 4 bits), UniformMemory (8 bits) and "
+                    "LowRankMemory (read it without the flag instead)")
+  interpret = (jax.default_backend() == "cpu") if wrap.interpret is None else wrap.interpret
+  mem = wrap.memory
+  chunk = wrap.chunk or chunk_size(mem, _capacity(mem), 128)
+  return fn(attn, LayerView(mem, view.layer), q, q_pos, q_ts, q_valid, chunk=chunk,
+            interpret=interpret)
+
+
 def read_memory(attn: Attention, view: LayerView, q, q_pos, q_ts, q_valid) -> Partial:
   """The memory's Partial, read by the memory's type (see the module docstring).
 
   Raises:
     TypeError: a memory type without a compressed read (materialize() it instead).
   """
+  if isinstance(view.memory, PallasRead):
+    return pallas_memory_read(attn, view, q, q_pos, q_ts, q_valid)
   fn = _READS.get(type(view.memory))
   if fn is None:
     raise TypeError(f"no compressed read for {type(view.memory).__name__}; supported: "
@@ -417,8 +477,7 @@ def attend_memory(attn: Attention, view: LayerView, q, k, v, q_pos, q_ts, q_vali
   """
   B, H, m, _ = q.shape
   mem_part = read_memory(attn, view, q, q_pos, q_ts, q_valid)
-  kpos = jnp.broadcast_to(q_pos[:, None], (B, H, m))
-  kts = jnp.broadcast_to(q_ts[:, None], (B, H, m))
+  kpos, kts = q_pos[:, None], q_ts[:, None]  # [B, 1, m]: one index for every head
   new_part = block_partial(attn, q.astype(jnp.float32), k, v, kpos, kts, q_pos, q_ts, q_valid)
   return finish(combine(mem_part, new_part))
 
@@ -430,17 +489,31 @@ def reads_compressed(model, memory) -> bool:
   from malloc_jax.models.sasrec import SASRecLayer  # noqa: PLC0415
   plain = type(model) in (HSTU, SASRec) and all(
       type(layer) in (HSTULayer, SASRecLayer) for layer in model.layers)
+  if isinstance(memory, PallasRead):
+    return plain and _pallas_fn(memory.memory) is not None
   return plain and type(memory) in _READS
 
 
-def serving_view(model, memory):
+def serving_view(model, memory, kernel: str | None = None):
   """What ``model.score`` / ``model.encode`` should read: the memory itself where it can.
 
   The memory as it is when the model is a plain HSTU or SASRec (their layers call
   :func:`attend_memory`) and the memory's type has a compressed read; otherwise, explicitly,
   ``memory.materialize()`` (trained variants and their memories have their own layers and
   read the dense view).
+
+  Args:
+    kernel: None (the jnp reads) or "pallas": a memory with a Pallas kernel read
+      (:func:`_pallas_fn`) is wrapped in :class:`PallasRead`; a plain model and a memory
+      without one raise (no silent fallback).
   """
+  if kernel not in (None, "pallas"):
+    raise ValueError(f"serving_view: kernel must be None or 'pallas', got {kernel!r}")
+  if kernel == "pallas" and reads_compressed(model, memory):
+    if _pallas_fn(memory) is None:
+      raise TypeError(f"serving_view(kernel='pallas'): no Pallas kernel reads "
+                      f"{type(memory).__name__}")
+    return PallasRead(memory)
   return memory if reads_compressed(model, memory) else memory.materialize()
 
 
@@ -476,8 +549,8 @@ def read_bytes(memory) -> int:
   return int(sum(x.nbytes for x in jax.tree.leaves(memory)))
 
 
-__all__ = ["Attention", "LayerView", "Partial", "attend_memory", "block_partial",
+__all__ = ["Attention", "LayerView", "PallasRead", "Partial", "attend_memory", "block_partial",
            "blocked_read", "combine", "finish", "is_view",
-           "lowrank_read", "memory_length", "read_bytes", "read_costs", "read_memory",
-           "reads_compressed", "serving_view",
+           "lowrank_read", "memory_length", "pallas_memory_read", "read_bytes", "read_costs",
+           "read_memory", "reads_compressed", "serving_view",
            "weights"]

@@ -11,7 +11,8 @@ killed is ignored) and writes to ``--out`` (default: the workdir):
 * ``results.md``: per dataset, a Markdown table grouped by granularity (none / token /
   precision / low rank / head / sequence / architecture, then chains);
 * ``pareto.png``: the metric against bytes per user (log x), one marker per method family,
-  the Pareto frontier drawn (matplotlib, a core dependency, imported only here).
+  the Pareto frontier drawn (matplotlib, a core dependency, imported only here); where the
+  rows carry a latency (``latency_p50_ms``), a second row of panels plots it against bytes.
 
 It prints the best configuration under ``--budget_bytes`` per dataset, where the sweep's time
 went (training and each cell stage, also at the end of ``results.md``) and a projection line:
@@ -176,6 +177,36 @@ def _yerr(r: dict) -> tuple[float, float] | None:
   return ci["diff"] - ci["ci_low"], ci["ci_high"] - ci["diff"]
 
 
+def _latency(r: dict) -> float | None:
+  """A row's serving latency (``latency_p50_ms`` of its request batch), or None."""
+  x = r.get("latency_p50_ms")
+  return float(x) if _num(x) and math.isfinite(x) and x > 0 else None
+
+
+def _latency_panel(ax, rs: list[dict], dataset: str, style) -> None:
+  """Latency per request batch against stored bytes per user (both log), with the frontier
+  of the rows that no other row beats on both (fewer bytes and a lower latency)."""
+  if not rs:
+    return
+  x = np.array([_bytes(r) for r in rs], np.float64)
+  y = np.array([_latency(r) for r in rs], np.float64)
+  for i, r in enumerate(rs):
+    ax.scatter(x[i], y[i], s=42, alpha=0.85, **style(r))
+  front = pareto_front(x, -y)
+  ax.step(x[front], y[front], where="post", color="k", lw=1.2, alpha=0.7)
+  for i in front:
+    ax.annotate(f"{rs[i]['model']}/{rs[i]['method']}", (x[i], y[i]), fontsize=7,
+                xytext=(3, 3), textcoords="offset points")
+  batch = {r.get("cost_batch") for r in rs}
+  per = f" of {batch.pop()} users" if len(batch) == 1 and None not in batch else ""
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel("bytes per user (stored)")
+  ax.set_ylabel(f"latency per request batch{per}, p50 ms")
+  ax.set_title(f"{dataset}: serving latency")
+  ax.grid(True, which="both", alpha=0.3)
+
+
 def pareto_plot(rows: list[dict], path: str | os.PathLike, metric: str = "NDCG@10",
                 errorbars: bool = False) -> None:
   """Writes the metric against bytes per user (log x), one panel per dataset.
@@ -187,6 +218,11 @@ def pareto_plot(rows: list[dict], path: str | os.PathLike, metric: str = "NDCG@1
   native's level is a dotted line, and points within 10% of each other's bytes are drawn
   dodged apart by 5% steps in x, in family order, so that their bars do not overlap (the
   frontier is computed on the true bytes).
+
+  Where rows carry a latency (``latency_p50_ms``: the sweep times each cell's request batch
+  through its compressed read, ``reads.read_costs``), a second row of panels plots it against
+  the same bytes per user (log-log, lower is better, with its own frontier); rows without
+  one are left out of that panel, and with none at all the plot has the metric panels only.
   """
   import matplotlib
 
@@ -195,11 +231,13 @@ def pareto_plot(rows: list[dict], path: str | os.PathLike, metric: str = "NDCG@1
   from matplotlib.lines import Line2D
 
   datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-  fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets) + 2.2, 4.6),
-                           squeeze=False)
   family = lambda r: (r["family"] if r["family"] not in ("native", "recompute")
                       or r["model"] in ("hstu", "sasrec") else r["model"])
   cands = _candidates(rows, metric)
+  timed = [r for r in cands if _latency(r) is not None]
+  nrows = 2 if timed else 1  # the latency panels, where the rows carry a latency
+  fig, axes = plt.subplots(nrows, len(datasets),
+                           figsize=(5.5 * len(datasets) + 2.2, 4.6 * nrows), squeeze=False)
   families = list(dict.fromkeys(family(r) for r in cands))
   models = list(dict.fromkeys(r["model"] for r in cands))
   marker = {f: MARKERS[i % len(MARKERS)] for i, f in enumerate(families)}
@@ -239,6 +277,10 @@ def pareto_plot(rows: list[dict], path: str | os.PathLike, metric: str = "NDCG@1
     ax.set_ylabel(metric)
     ax.set_title(dataset)
     ax.grid(True, which="both", alpha=0.3)
+  if timed:
+    for ax, dataset in zip(axes[1], datasets):
+      _latency_panel(ax, [r for r in timed if r["dataset"] == dataset], dataset,
+                     lambda r: dict(marker=marker[family(r)], color=colour[r["model"]]))
   handles = [Line2D([], [], ls="", marker=marker[f], color="0.35", label=f) for f in families]
   handles += [Line2D([], [], ls="", marker="s", color=colour[m], label=m) for m in models]
   handles.append(Line2D([], [], color="k", lw=1.2, label="Pareto frontier"))

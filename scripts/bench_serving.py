@@ -390,6 +390,16 @@ def _timed(f, *args, reps=3) -> float:
   return statistics.median(t)
 
 
+def _old_bias(layer, q_pos, q_ts, kpos, kts):
+  """HSTULayer.bias as it was before issue 21 (the profile's reference, same values)."""
+  from malloc_jax.models.hstu import time_bucket  # noqa: PLC0415
+  heads = jnp.arange(layer.heads)[None, :, None, None]
+  rel = jnp.clip(q_pos[:, None, :, None] - kpos[:, :, None, :], 0, layer.max_len - 1)
+  dt = q_ts[:, None, :, None] - kts[:, :, None, :]
+  return (layer.rab_pos[...][heads, rel]
+          + layer.rab_time[...][heads, time_bucket(dt, layer.num_time_buckets)])
+
+
 def profile_parts(B, H, m, T, D, memories) -> None:
   """Times the parts of one HSTU layer's read at these shapes (where the time goes)."""
   from malloc_jax import reads  # noqa: PLC0415
@@ -402,10 +412,23 @@ def profile_parts(B, H, m, T, D, memories) -> None:
   kpos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, H, T))
   kts = kpos * 1000
   k = jnp.asarray(rng.normal(size=(B, H, T, D)), jnp.float32)
+  kpos1, kts1 = kpos[:, :1], kts[:, :1]  # [B, 1, T]: a DenseIndex memory's one index
+  rel, bkt = jax.jit(layer.rab_index)(q_pos, q_ts, kpos1, kts1)
   parts = {
-      "rab bias [B,H,m,T] (time bucket log + 2 table gathers)": (jax.jit(
+      "rab index [B,1,m,T] once for all heads (clip; time-gap log)": (jax.jit(
+          lambda a, b, c, d: jnp.sum(jnp.add(*layer.rab_index(a, b, c, d)))), q_pos, q_ts,
+          kpos1, kts1),
+      "rab gathers [B,H,m,T] from that index (two flat tables)": (jax.jit(
+          lambda layer, r, b: jnp.sum(layer.rab(r, b))), layer, rel, bkt),
+      "rab bias from a [B,1,T] index (reads: index + gathers)": (jax.jit(
+          lambda layer, a, b, c, d: jnp.sum(layer.bias(a, b, c, d))), layer, q_pos, q_ts,
+          kpos1, kts1),
+      "rab bias from a [B,H,T] index (native cache: per head)": (jax.jit(
           lambda layer, a, b, c, d: jnp.sum(layer.bias(a, b, c, d))), layer, q_pos, q_ts, kpos,
           kts),
+      "rab bias as before issue 21 (per head: log + two 2-D gathers)": (jax.jit(
+          lambda layer, a, b, c, d: jnp.sum(_old_bias(layer, a, b, c, d))), layer, q_pos,
+          q_ts, kpos, kts),
       "scores + A.V matmuls over T (dense K, V)": (jax.jit(
           lambda q, k: jnp.sum(jnp.einsum("bhmt,bhtd->bhmd", jax.nn.silu(
               jnp.einsum("bhmd,bhtd->bhmt", q, k)), k))), q, k),
@@ -420,7 +443,7 @@ def profile_parts(B, H, m, T, D, memories) -> None:
         jax.jit(kivi_decode), memories["kivi2"])
   print("profile of one layer's read (median of 3, ms):")
   for name, (f, *args) in parts.items():
-    print(f"   {name:58s} {_timed(f, *args) * 1e3:8.1f}")
+    print(f"   {name:64s} {_timed(f, *args) * 1e3:8.1f}")
 
 
 def run_forms(*, batch, histories, requests, forms, layers, heads, dim, items, rounds,
@@ -527,7 +550,8 @@ def run_forms(*, batch, histories, requests, forms, layers, heads, dim, items, r
                   f"-> {ref_cf['flops'] / rate * 1e3:.1f} ms; roofline ratio "
                   f"{est(cf) / est(ref_cf):.3f}; both also evaluate "
                   f"{cf['bias'] / 1e6:.1f}M / {ref_cf['bias'] / 1e6:.1f}M rab bias entries "
-                  f"(a log and two table gathers each, neither bytes nor FLOPs)")
+                  f"(two table gathers each, and a time-gap log per query and slot shared "
+                  f"by the heads; neither bytes nor FLOPs)")
       if (T, spec) == TARGET_CELL and backbone == "hstu":
         profile_parts(B, H, m, T, D, memories)
       del compiled

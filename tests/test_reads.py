@@ -166,3 +166,37 @@ def test_read_costs_times_the_compressed_read(setup):
   out = reads.read_costs(model, memories["kivi2"], req, warmup=1, iters=2)
   assert out["compressed_read"] is True
   assert out["latency_p50_ms"] > 0 and out["serving_temp_bytes"] > 0
+
+
+@pytest.mark.parametrize("heads_agree", [True, False])
+def test_hstu_rab_equals_numpy_tables(heads_agree):
+  """HSTULayer.bias (shared bucket indices, flat-table gathers) against NumPy table lookups.
+
+  The head-shared index ([B, 1, T]: bucketed once for all heads), a [B, H, T] index whose
+  heads agree and one whose heads differ all give the reference's values.
+  """
+  from flax import nnx
+
+  from malloc_jax.models.hstu import HSTULayer
+  rng = np.random.default_rng(5)
+  B, H, m, T, ML, NB = 3, 2, 4, 50, 64, 16
+  layer = HSTULayer(16, H, 8, 8, ML, NB, 0.0, rngs=nnx.Rngs(0))
+  layer.rab_pos[...] = jnp.asarray(rng.normal(size=(H, ML)), jnp.float32)
+  layer.rab_time[...] = jnp.asarray(rng.normal(size=(H, NB)), jnp.float32)
+  q_pos = rng.integers(0, 80, (B, m)).astype(np.int32)
+  q_ts = rng.integers(0, 10**8, (B, m)).astype(np.int32)
+  kpos = rng.integers(-1, 70, (B, 1 if heads_agree else H, T)).astype(np.int32)
+  kts = rng.integers(0, 10**8, kpos.shape).astype(np.int32)
+  tp, tt = np.asarray(layer.rab_pos[...]), np.asarray(layer.rab_time[...])
+  rel = np.clip(q_pos[:, None, :, None] - kpos[:, :, None, :], 0, ML - 1)
+  dt = np.maximum(np.abs(q_ts[:, None, :, None].astype(np.int64) - kts[:, :, None, :]), 1)
+  bkt = np.clip(np.floor(np.log(dt.astype(np.float32)) / np.float32(0.301)), 0, NB - 1)
+  h = np.arange(H)[None, :, None, None]
+  want = tp[h, rel] + tt[h, bkt.astype(np.int64)]  # [B, H, m, T]
+  kp = np.broadcast_to(kpos, (B, H, T))
+  kt = np.broadcast_to(kts, (B, H, T))
+  got = jax.jit(layer.bias)(q_pos, q_ts, jnp.asarray(kp), jnp.asarray(kt))
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
+  if heads_agree:  # the [B, 1, T] form of the same index
+    got1 = jax.jit(layer.bias)(q_pos, q_ts, jnp.asarray(kpos), jnp.asarray(kts))
+    np.testing.assert_allclose(np.asarray(got1), want, atol=1e-6)

@@ -27,6 +27,23 @@ def time_bucket(dt: jax.Array, num_buckets: int) -> jax.Array:
   return jnp.clip(jnp.floor(jnp.log(x) / 0.301), 0, num_buckets - 1).astype(jnp.int32)
 
 
+def rab_index(q_pos, q_ts, kpos, kts, max_len: int, num_buckets: int):
+  """Indices of HSTU's relative attention bias of queries against key slots.
+
+  Args:
+    q_pos, q_ts [B, m] int32; kpos, kts [B, Hk, T] int32 (Hk = 1 when every head shares the
+      slots' index). max_len: position table size; num_buckets: time-bucket table size.
+
+  Returns:
+    (rel, bucket) int32 [B, Hk, m, T]: clip(q_pos - kpos, 0, max_len - 1) and
+    time_bucket(q_ts - kts).
+
+  References: Zhai et al., HSTU (ICML 2024), relative attention bias (rab).
+  """
+  rel = jnp.clip(q_pos[:, None, :, None] - kpos[:, :, None, :], 0, max_len - 1)
+  return rel, time_bucket(q_ts[:, None, :, None] - kts[:, :, None, :], num_buckets)
+
+
 class HSTULayer(nnx.Module):
   """One HSTU layer. Cached per event: K [H, Dqk] and V [H, Dv] (after SiLU)."""
 
@@ -42,13 +59,33 @@ class HSTULayer(nnx.Module):
     self.out = nnx.Linear(heads * dv, dim, rngs=rngs)
 
   def bias(self, q_pos, q_ts, kpos, kts):
-    """rab [B, H, m, T]: relative position plus time-gap bias."""
+    """rab [B, H, m, T]: relative position plus time-gap bias.
+
+    kpos, kts [B, H, T], or [B, 1, T] when every head shares the slots' index (a DenseIndex
+    memory read by malloc_jax.reads): the bucket indices are then computed once for all
+    heads. A cache's [B, H, T] index is bucketed per head: a runtime check that its heads
+    agree (the native cache of a prefilled history) costs more on CPU than it saves, as the
+    shared branch's bias is materialized instead of fused into the scores (BENCHMARKS.md).
+    """
+    return self.rab(*self.rab_index(q_pos, q_ts, kpos, kts))
+
+  def rab_index(self, q_pos, q_ts, kpos, kts):
+    """See :func:`rab_index` (this layer's table sizes)."""
+    return rab_index(q_pos, q_ts, kpos, kts, self.max_len, self.num_time_buckets)
+
+  def rab(self, rel, bucket):
+    """rab [B, H, m, T] of the indices (rel, bucket) [B, H or 1, m, T] of :func:`rab_index`.
+
+    Two gathers from the flattened [H · max_len] and [H · buckets] tables with one index
+    component each (the indices are in range by construction, so no normalization).
+    """
     H = self.heads
-    heads = jnp.arange(H)[None, :, None, None]
-    rel = jnp.clip(q_pos[:, None, :, None] - kpos[:, :, None, :], 0, self.max_len - 1)
-    dt = q_ts[:, None, :, None] - kts[:, :, None, :]
-    return (self.rab_pos[...][heads, rel] +
-            self.rab_time[...][heads, time_bucket(dt, self.num_time_buckets)])
+    h = jnp.arange(H, dtype=jnp.int32)[None, :, None, None]
+    pos = self.rab_pos[...].reshape(-1).at[h * self.max_len + rel].get(
+        mode="promise_in_bounds")
+    tim = self.rab_time[...].reshape(-1).at[h * self.num_time_buckets + bucket].get(
+        mode="promise_in_bounds")
+    return pos + tim
 
   def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None, isolated=None):
     B, m, _ = x.shape
