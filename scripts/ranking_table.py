@@ -118,6 +118,16 @@ def lift_fraction(gauc, blind, bayes):
   return (gauc - blind) / (bayes - blind) if bayes != blind else float("nan")
 
 
+def reference_gauc(spec, hist, last, cands, popularity) -> dict:
+  """GAUC of the Bayes-optimal ranker (whole history, float64) and of the history-blind one
+  (training popularity of the candidates) on impressions ``cands`` [U, 1 + K]."""
+  p = bayes_ranking_scores(spec, hist, last, cands)
+  q = np.clip(p / p.sum(1, keepdims=True), 1e-12, 1 - 1e-12)
+  bayes = ranking.impression_metrics(np.log(q) - np.log1p(-q))[0]["GAUC"]
+  blind = ranking.impression_metrics(np.log(popularity[cands].astype(np.float64) + 1.0))[0]
+  return {"bayes": bayes, "blind": blind["GAUC"]}
+
+
 def main(argv):
   del argv
   s = settings()
@@ -150,6 +160,14 @@ def main(argv):
   n_val = min(256, len(data.valid))
   val_cands = ranking_candidates(spec, data.valid.target[:n_val], hard_eval, s["easy"],
                                  seed=2)
+  # Reference GAUCs of the validation impressions: the learning curve reports the fraction
+  # of the Bayes lift over the history-blind ranker each evaluation reaches.
+  val = data.valid
+  val_hist = [val.items[u, :max(val.length[u] - 1, 0)] for u in range(n_val)]
+  val_last = np.array([val.items[u, val.length[u] - 1] for u in range(n_val)])
+  val_bayes = reference_gauc(spec, val_hist, val_last, val_cands, data.popularity)
+  print(f"validation references: Bayes (whole) GAUC {val_bayes['bayes']:.4f}, history-blind "
+        f"{val_bayes['blind']:.4f}", flush=True)
   curve = []
   t_train = time.time()
 
@@ -165,11 +183,15 @@ def main(argv):
       # Top-1 among the positive and its topic's other members (the issue's probe metric).
       top1_hard = float(ranking.per_user_candidate_metrics(
           res["logits"][:, :1 + hard_eval])["top1"].mean())
+      lift = lift_fraction(m["GAUC"], val_bayes["blind"], val_bayes["bayes"])
       curve.append({"step": step, "seconds": time.time() - t_train, "loss": logs.get("loss"),
                     "valid_GAUC": m["GAUC"], "valid_NDCG@10": m["NDCG@10"],
-                    "valid_top1_hard": top1_hard})
-      print(f"  step {step}: valid GAUC {m['GAUC']:.4f} NDCG@10 {m['NDCG@10']:.4f} top-1 "
-            f"(topic) {top1_hard:.3f} ({time.time() - t_train:.0f}s)", flush=True)
+                    "valid_top1_hard": top1_hard, "valid_lift": lift,
+                    "train_seconds": time.time() - t_train - eval_seconds[0]})
+      print(f"  step {step}: valid GAUC {m['GAUC']:.4f} ({lift:.0%} of the Bayes lift) "
+            f"NDCG@10 {m['NDCG@10']:.4f} top-1 (topic) {top1_hard:.3f} loss "
+            f"{logs.get('loss', float('nan')):.4f} ({time.time() - t_train:.0f}s, "
+            f"{time.time() - t_train - eval_seconds[0]:.0f}s training)", flush=True)
       eval_seconds[0] += time.time() - t_eval
     return stop
 
@@ -181,7 +203,7 @@ def main(argv):
         "validation)", flush=True)
   if _TRAIN_ONLY.value:
     out = {"settings": s, "train_seconds": train_seconds, "steps_done": steps_done,
-           "curve": curve, "devices": [str(d) for d in jax.devices()]}
+           "curve": curve, "valid_references": val_bayes, "devices": [str(d) for d in jax.devices()]}
     if _OUT.value:
       Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
       write_json_atomic(Path(_OUT.value), json.loads(json.dumps(out, default=float)))
