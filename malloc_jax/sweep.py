@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -243,6 +244,28 @@ def task_run(base: ml_collections.ConfigDict, task: str, overrides=None):
   return run
 
 
+def multi_position_ranking(model) -> bool:
+  """Whether ``model`` trains ``train.rank_positions`` > 1 impressions per window in one pass
+  (``train.ranking_logits``: a per-event cache backbone whose layers take ``isolated``
+  tokens: HSTU, SASRec, GQA, MQA, MLA, LSH). Other variants train one impression per window
+  (``model.rank`` of the prefix)."""
+  return hasattr(model, "_run_tokens") and all(
+      "isolated" in inspect.signature(layer.step).parameters for layer in model.layers)
+
+
+def _ranking_positions(run, print_fn) -> None:
+  """Sets ``run.train.rank_positions`` to 1 (printed) for a backbone that cannot train more
+  impressions per window in one pass (:func:`multi_position_ranking`)."""
+  from flax import nnx
+
+  from malloc_jax.experiment import build_model
+  if run.train.get("rank_positions", 1) > 1 and not multi_position_ranking(
+      nnx.eval_shape(lambda: build_model(run, 2))):
+    print_fn(f"note: {run.model.name} trains for ranking with one impression per window "
+             f"(rank_positions {run.train.rank_positions} -> 1: no multi-position pass)")
+    run.train.rank_positions = 1
+
+
 def expand_cells(config, print_fn=print) -> list[Cell]:
   """All cells of a sweep config, in run order (grouped by trained backbone).
 
@@ -281,6 +304,8 @@ def expand_cells(config, print_fn=print) -> list[Cell]:
         run = task_run(base, task, config.get("ranking_task", {}).get(ds_label))
         run.model = ml_collections.ConfigDict(sections[ds_label].to_dict())
         run.seed = int(seed)
+        if task == "ranking":
+          _ranking_positions(run, print_fn)
         validate_config(run)
         key = train_key(run)
         spec = model_cache_spec(run)

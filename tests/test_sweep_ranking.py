@@ -42,6 +42,11 @@ def test_tasks_axis_expands_ranking_cells():
   # Retrieval-only sweeps keep their cells (and ids) when the axis is left at its default.
   plain = expand_cells(sweep_config("runlocal=True,methods=native+recompute+h2o"), quiet)
   assert [c.id for c in plain] == [c.id for c in cells if c.task == "retrieval"]
+  # A variant without a multi-position training pass trains one impression per window.
+  mixed = expand_cells(sweep_config("runlocal=True,methods=native,tasks=ranking,"
+                                    "models=hstu+hstu_linear+hstu_gqa"), quiet)
+  positions = {c.model: c.run.train.rank_positions for c in mixed}
+  assert positions == {"hstu": 4, "hstu_linear": 1, "hstu_gqa": 4}
   with pytest.raises(ValueError, match="tasks"):
     sweep_config("runlocal=True,tasks=retrieval+ctr")
   config.tasks = ("ranking", "ranking")
