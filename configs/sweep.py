@@ -22,7 +22,9 @@ Arguments (comma-separated ``key=value``; list values are joined with ``+``):
   (argument ``variant_methods``, default ``native+recompute``; post-hoc methods can be added
   for cache variants).
 * ``methods`` (default ``all``): labels of ``METHODS`` below (every registered method with
-  a tuned parameter, from ``malloc_jax.compressors.specs()``, plus fixed settings and chains).
+  a tuned parameter, from ``malloc_jax.compressors.specs()``, plus fixed settings and chains;
+  Quest, MiniCache, ThinK and DuoAttention, which have no tuned parameter, at their
+  ``configs/<name>.py`` defaults).
 * ``ratios`` (default ``2+4+8``): memory reductions for the methods marked ``ratios``,
   resolved per model with ``compressors.budget.ratio_table`` (a ratio a method cannot reach
   is skipped and printed).
@@ -72,6 +74,11 @@ METHODS = {
     "recompute": {"name": "recompute"},
     **{name: {"name": name, "ratios": True, **_EXTRA.get(name, {})}
        for name, spec in specs().items() if spec.tuned and name not in _FIXED_SETTINGS},
+    # Methods without a tuned parameter run at their configs/<name>.py defaults.
+    "quest": {"name": "quest", "page": 16},
+    "minicache": {"name": "minicache", "retain": 0.05, "t": 0.6, "start": 0},
+    "think": {"name": "think", "channels": "auto"},
+    "duoattention": {"name": "duoattention", "retrieval": 0.5, "sinks": 4, "recent": 64},
     "kivi2": {"name": "kivi", "bits": 2, **_KIVI},
     "kivi4": {"name": "kivi", "bits": 4, **_KIVI},
     "snapkv+kivi4": {"name": "chain", "steps": ({"name": "snapkv", "ratio": 2, "window": 8},

@@ -418,7 +418,7 @@ def write_report(workdir: str | os.PathLike, out: str | os.PathLike | None = Non
   if plot and ranked:
     paths["task_plot"] = out / "pareto_tasks.png"
     task_pareto_plot(all_rows, paths["task_plot"], metric)
-  print_fn(f"{len(rows)} rows -> " + ", ".join(str(p) for p in paths.values()))
+  print_fn(f"{len(all_rows)} rows -> " + ", ".join(str(p) for p in paths.values()))
   if budget_bytes is not None:
     best = best_under(rows, budget_bytes, metric)
     for dataset in dict.fromkeys(r["dataset"] for r in rows):

@@ -373,6 +373,9 @@ def validate_cells(cells: list[Cell], config) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
           raise ValueError(f"{field}.rank={rank!r}: expected an integer >= 1 (cell {cell.label})")
         continue
+      if registry.get_spec(name).calibrate is not None:
+        continue  # calibrated (DuoAttention, MiniCache, ThinK): its config parameters become
+        # the factory's only at calibration (registry.factory_params, on the trained backbone)
       try:
         comp_lib.make_compressor(name, **params)
       except (TypeError, ValueError) as err:
