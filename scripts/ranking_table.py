@@ -386,7 +386,7 @@ def main(argv):
   print(f"total {time.time() - t_all:.0f}s (training {train_seconds:.0f}s, "
         f"{steps_done} steps)", flush=True)
   out = {"settings": s, "train_seconds": train_seconds, "steps_done": steps_done,
-         "curve": curve, "rows": rows, "variants": variants,
+         "curve": curve, "valid_references": val_bayes, "rows": rows, "variants": variants,
          "num_users": n_eval, "candidates": int(cands.shape[1]), "table": table,
          "devices": [str(d) for d in jax.devices()], "total_seconds": time.time() - t_all}
   if _OUT.value:
