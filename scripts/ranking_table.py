@@ -15,6 +15,10 @@ the candidates), and the fraction of the Bayes GAUC lift over history-blind each
   python scripts/ranking_table.py --out runs/ranking_cpu.json
   # one H200, about 5-7 minutes of wall time: HSTU at 1,024 events, 150 s of training
   python scripts/ranking_table.py --preset=gpu --out runs/ranking_gpu.json
+  # plus a row per trained variant, each trained for ranking by the same steps/seconds rule
+  # and served from its own memory (variants without a multi-position training pass train
+  # one impression per window; the row label says so):
+  python scripts/ranking_table.py --variants=all --out runs/ranking_variants.json
   # learning curve only (no table), any backbone, e.g. HSTU on the CPU:
   python scripts/ranking_table.py --model=hstu --length=128 --train_only --steps=2500
 
