@@ -22,11 +22,20 @@ Arguments (comma-separated ``key=value``; list values are joined with ``+``):
   (argument ``variant_methods``, default ``native+recompute``; post-hoc methods can be added
   for cache variants).
 * ``methods`` (default ``all``): labels of ``METHODS`` below (every registered method with
-  a tuned parameter, from ``malloc_jax.compressors.specs()``, plus fixed settings and chains).
+  a tuned parameter, from ``malloc_jax.compressors.specs()``, plus fixed settings and chains;
+  Quest, MiniCache, ThinK and DuoAttention, which have no tuned parameter, at their
+  ``configs/<name>.py`` defaults).
 * ``ratios`` (default ``2+4+8``): memory reductions for the methods marked ``ratios``,
   resolved per model with ``compressors.budget.ratio_table`` (a ratio a method cannot reach
   is skipped and printed).
 * ``seeds`` (default ``0``): training / initialization seeds (data stay the same).
+* ``tasks`` (default ``retrieval``): ``retrieval``, ``ranking`` or ``retrieval+ranking``. A
+  ranking cell serves the same memories to a backbone trained with ``task="ranking"`` (the
+  dataset's run with ``config.ranking_task.<dataset>``'s train / eval fields: listwise loss,
+  16 impressions per window, W_k = W_q at init, 10 uniform negatives plus every topic mate
+  on ``topics`` data; see ``malloc_jax.sweep.run_ranking_cell``) and ranks each test user's
+  candidates target-aware: AUC, GAUC, logloss, candidate NDCG@10 and the paired difference to
+  native (SE and bootstrap CI, ``config.bootstrap``). ``recompute`` has no ranking cell.
 * ``requests`` (default ``4+16``): r values of the streaming protocol.
 * ``steps``, ``max_len``: override every dataset's training steps / history window.
 * ``buckets``: ``train.length_buckets`` of every dataset (0: off): batches of users of
@@ -51,6 +60,7 @@ from malloc_jax.compressors import specs
 
 ARGS = dict(datasets="synthetic+ml100k", models="hstu+sasrec", methods="all", ratios="2+4+8",
             seeds="0", requests="4+16", buckets=0, variant_methods="native+recompute",
+            tasks="retrieval",
             ml100k_path="../shared/data/ml-100k/u.data",
             beauty_path="../shared/data/amazon-beauty/Beauty.txt")
 
@@ -64,6 +74,11 @@ METHODS = {
     "recompute": {"name": "recompute"},
     **{name: {"name": name, "ratios": True, **_EXTRA.get(name, {})}
        for name, spec in specs().items() if spec.tuned and name not in _FIXED_SETTINGS},
+    # Methods without a tuned parameter run at their configs/<name>.py defaults.
+    "quest": {"name": "quest", "page": 16},
+    "minicache": {"name": "minicache", "retain": 0.05, "t": 0.6, "start": 0},
+    "think": {"name": "think", "channels": "auto"},
+    "duoattention": {"name": "duoattention", "retrieval": 0.5, "sinks": 4, "recent": 64},
     "kivi2": {"name": "kivi", "bits": 2, **_KIVI},
     "kivi4": {"name": "kivi", "bits": 4, **_KIVI},
     "snapkv+kivi4": {"name": "chain", "steps": ({"name": "snapkv", "ratio": 2, "window": 8},
@@ -99,6 +114,25 @@ def _dataset(label: str, args) -> ml_collections.ConfigDict:
     return common.base_config(f"{base},data=sasrec,path={args.beauty_path}")
   raise ValueError(f"config argument datasets: {label!r} is unknown; expected labels from "
                    "synthetic, syn1024, ml100k, beauty")
+
+
+def _ranking_task(run: ml_collections.ConfigDict, runlocal: bool) -> ml_collections.ConfigDict:
+  """The train / eval fields a dataset's run takes for ``task="ranking"`` (sweep.task_run).
+
+  The design that leaves the ranking plateau (BENCHMARKS.md, target-aware ranking): listwise
+  softmax loss, ``rank_positions`` impressions per window in one M-FALCON pass, W_k = W_q at
+  init; negatives 10 uniform plus, on synthetic ``topics`` data, every other member of the
+  positive's topic (hard). Test impressions: the target's topic plus ``rank_easy`` items of
+  other topics on ``topics`` data, else ``rank_negatives`` uniform items.
+  """
+  syn = run.data.synthetic
+  topics = run.data.source == "synthetic" and syn.kind == "topics"
+  hard = syn.topic_size - 1 if topics else 0
+  return ml_collections.ConfigDict({
+      "train": {"rank_loss": "listwise", "rank_positions": 4 if runlocal else 16,
+                "rank_tied_qk": True,
+                "rank_negatives": {"uniform": 10, "popularity": 0, "hard": hard}},
+      "eval": {"rank_easy": 10, "rank_negatives": 19}})
 
 
 def _variant_section(name: str, data_arg: str, run: ml_collections.ConfigDict):
@@ -162,6 +196,15 @@ def get_config(arg: str | None = None):
   c.methods = ml_collections.ConfigDict({m: METHODS[m] for m in wanted})
   c.ratios = common.split_list("ratios", args.ratios, float, minimum=1.0)
   c.seeds = common.split_list("seeds", args.seeds, int, minimum=0)
+  c.tasks = common.split_list("tasks", args.tasks, str)
+  bad = [t for t in c.tasks if t not in ("retrieval", "ranking")]
+  if bad:
+    raise ValueError(f"config argument tasks: {bad} unknown; expected retrieval, ranking or "
+                     "retrieval+ranking")
+  c.ranking_task = ml_collections.ConfigDict(
+      {label: _ranking_task(run, args.runlocal) for label, run in c.datasets.items()})
+  # Paired bootstrap of every ranking cell against native (malloc_jax.stats.paired_bootstrap).
+  c.bootstrap = ml_collections.ConfigDict(dict(resamples=1000, seed=0, level=0.95))
   c.stream_requests = common.split_list("requests", args.requests, int, minimum=1)
   c.ranking = ml_collections.ConfigDict(dict(num_negatives=20 if args.runlocal else 99, seed=0))
   # Each backbone's native caches of the eval users are kept for all its cells up to this

@@ -19,6 +19,12 @@ went (training and each cell stage, also at the end of ``results.md``) and a pro
 the bytes a memory bank needs for 10^9 users, per method. The recompute reference stores no
 memory (only the raw events), so it is listed but kept out of the frontier and the budget
 answer.
+
+Cells of ``task="ranking"`` (``sweep.run_ranking_cell``) get their own tables in
+``results.md`` (:func:`ranking_markdown`: AUC, GAUC, logloss, candidate NDCG@10, each
+paired difference to native with its SE and bootstrap CI, stored / buffer bytes) and the
+figure ``pareto_tasks.png`` (:func:`task_pareto_plot`: one panel per dataset and task, GAUC
+for ranking); the retrieval tables, plot and answers read the retrieval cells only.
 """
 
 from __future__ import annotations
@@ -37,8 +43,8 @@ from malloc_jax.costs import projection
 from malloc_jax.sweep import RESULTS, load_results, stage_summary
 
 GRANULARITY_ORDER = (*GRANULARITIES, "chain", "other")  # the MethodSpec granularities
-KEY = ("dataset", "model", "method")
-LEAD = ("dataset", "model", "method", "family", "granularity", "params", "seeds")
+KEY = ("dataset", "task", "model", "method")  # task: absent (retrieval) in older rows
+LEAD = ("dataset", "task", "model", "method", "family", "granularity", "params", "seeds")
 MARKERS = "osD^v<>pP*Xhd8H"
 
 
@@ -314,13 +320,125 @@ def projection_lines(rows: list[dict], users: float = 1e9) -> list[str]:
   return lines
 
 
+# ------------------------------------------------------------------------------------------
+# Ranking cells (task="ranking").
+
+TASK_METRIC = {"ranking": "GAUC"}  # a task's plot metric (retrieval: the report's metric)
+
+
+def _task(r: dict) -> str:
+  return r.get("task") or "retrieval"
+
+
+def _paired(r: dict, col: str) -> str:
+  """``+d (SE s) [lo, hi]`` of a ranking row's paired difference to native in ``col``."""
+  d = r.get(f"d{col}")
+  if not _num(d):
+    return "-"
+  return (f"{d:+.4f} ({_fmt(r.get(f'd{col}_se'))}) [{_fmt(r.get(f'd{col}_ci_low'), '+.4f')}, "
+          f"{_fmt(r.get(f'd{col}_ci_high'), '+.4f')}]")
+
+
+def ranking_markdown(rows: list[dict]) -> str:
+  """Markdown tables of the ranking cells, one per dataset, grouped by granularity.
+
+  Columns: AUC, GAUC, its paired difference to native on the same users ``+d (SE) [95%
+  CI]``, logloss, candidate NDCG@10 with its paired difference, stored and buffer bytes per
+  user, the compression ratio (stored bytes against native HSTU / SASRec of the same users).
+  """
+  rows = [r for r in rows if _task(r) == "ranking"]
+  lines = []
+  order = {g: i for i, g in enumerate(GRANULARITY_ORDER)}
+  for dataset in dict.fromkeys(r["dataset"] for r in rows):
+    rs = sorted((r for r in rows if r["dataset"] == dataset),
+                key=lambda r: (order.get(r.get("granularity"), len(order)), r["model"],
+                               _bytes(r) or 0))
+    lines.append(f"## {dataset}: ranking (candidates read the memory)\n")
+    lines.append(f"{rs[0].get('num_users', '?')} users, {rs[0].get('ranking_candidates', '?')}"
+                 " candidates each (positive first); differences are the cell minus native "
+                 "over the same users: mean (SE) [95% paired bootstrap CI].\n")
+    head = ["granularity", "model", "method", "params", "AUC", "GAUC", "ΔGAUC vs native",
+            "logloss", "NDCG@10 (cand.)", "ΔNDCG@10 (cand.)", "stored B/user",
+            "buffer B/user", "ratio", "seeds"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for r in rs:
+      ratio = r.get("compression_ratio")
+      lines.append("| " + " | ".join([
+          r.get("granularity", "?"), r["model"], r["method"], _params(r.get("params")),
+          _fmt(r.get("AUC")), _fmt(r.get("GAUC")), _paired(r, "GAUC"), _fmt(r.get("logloss")),
+          _fmt(r.get("cand_NDCG@10")), _paired(r, "cand_NDCG@10"),
+          _fmt(_bytes(r), ",.0f"), _fmt(r.get("buffer_bytes"), ",.0f"),
+          _fmt(ratio, ".2f") + ("x" if ratio else ""), str(r.get("seeds", 1))]) + " |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def task_pareto_plot(rows: list[dict], path: str | os.PathLike, metric: str = "NDCG@10") -> None:
+  """Writes one Pareto panel per (dataset, task): the task's metric against stored bytes.
+
+  Retrieval panels plot ``metric``, ranking panels GAUC (``TASK_METRIC``) with each cell's
+  paired 95% interval to native as an error bar (native + CI); one marker per method family,
+  one colour per backbone, the frontier as a step line (``pareto_front``).
+  """
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib.lines import Line2D
+
+  panels = []
+  for dataset in dict.fromkeys(r["dataset"] for r in rows):
+    for task in dict.fromkeys(_task(r) for r in rows if r["dataset"] == dataset):
+      m = TASK_METRIC.get(task, metric)
+      rs = [r for r in _candidates(rows, m) if r["dataset"] == dataset and _task(r) == task]
+      if rs:
+        panels.append((dataset, task, m, rs))
+  if not panels:
+    raise ValueError("task_pareto_plot: no rows with bytes and a metric to plot")
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels) + 2.2, 4.4),
+                           squeeze=False)
+  every = [r for *_, rs in panels for r in rs]
+  families = list(dict.fromkeys(r["family"] for r in every))
+  models = list(dict.fromkeys(r["model"] for r in every))
+  marker = {f: MARKERS[i % len(MARKERS)] for i, f in enumerate(families)}
+  colour = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(models)}
+  for ax, (dataset, task, m, rs) in zip(axes[0], panels):
+    x = np.array([_bytes(r) for r in rs], np.float64)
+    y = np.array([r[m] for r in rs], np.float64)
+    for i, r in enumerate(rs):
+      ax.scatter(x[i], y[i], marker=marker[r["family"]], color=colour[r["model"]], s=40,
+                 alpha=0.85)
+      err = _yerr(r) if task == "ranking" else None
+      if err is not None:
+        ax.errorbar(x[i], y[i], yerr=[[err[0]], [err[1]]], fmt="none",
+                    ecolor=colour[r["model"]], elinewidth=1, capsize=2, alpha=0.6)
+    front = pareto_front(x, y)
+    ax.step(x[front], y[front], where="post", color="k", lw=1.2, alpha=0.7)
+    for i in front:
+      ax.annotate(f"{rs[i]['model']}/{rs[i]['method']}", (x[i], y[i]), fontsize=7,
+                  xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per user (stored)")
+    ax.set_ylabel(m if task != "ranking" else f"{m} (candidates read the memory)")
+    ax.set_title(f"{dataset}: {task}")
+    ax.grid(True, which="both", alpha=0.3)
+  handles = [Line2D([], [], ls="", marker=marker[f], color="0.35", label=f) for f in families]
+  handles += [Line2D([], [], ls="", marker="s", color=colour[m], label=m) for m in models]
+  handles.append(Line2D([], [], color="k", lw=1.2, label="Pareto frontier"))
+  fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+  fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def write_report(workdir: str | os.PathLike, out: str | os.PathLike | None = None, *,
                  budget_bytes: float | None = None, metric: str = "NDCG@10",
                  plot: bool = True, print_fn=print) -> dict[str, Path]:
   """Writes results.csv, results.md and pareto.png for a sweep's results; prints answers.
 
   Returns:
-    {"csv", "markdown", "plot" (when written)}: the paths written.
+    {"csv", "markdown", "plot" and "task_plot" (when written)}: the paths written.
   """
   workdir = Path(workdir)
   out = Path(out) if out else workdir
@@ -332,11 +450,17 @@ def write_report(workdir: str | os.PathLike, out: str | os.PathLike | None = Non
   rows = aggregate(rows)
   paths = {"csv": out / "results.csv", "markdown": out / "results.md"}
   write_csv(rows, paths["csv"])
-  paths["markdown"].write_text(markdown(rows, metric) + f"\n{stages}\n")
-  if plot:
+  ranked = [r for r in rows if _task(r) == "ranking"]  # their own tables and plot panels
+  all_rows, rows = rows, [r for r in rows if _task(r) != "ranking"]
+  tables = (markdown(rows, metric) if rows else "") + (ranking_markdown(ranked) if ranked else "")
+  paths["markdown"].write_text(tables + f"\n{stages}\n")
+  if plot and rows:
     paths["plot"] = out / "pareto.png"
     pareto_plot(rows, paths["plot"], metric)
-  print_fn(f"{len(rows)} rows -> " + ", ".join(str(p) for p in paths.values()))
+  if plot and ranked:
+    paths["task_plot"] = out / "pareto_tasks.png"
+    task_pareto_plot(all_rows, paths["task_plot"], metric)
+  print_fn(f"{len(all_rows)} rows -> " + ", ".join(str(p) for p in paths.values()))
   if budget_bytes is not None:
     best = best_under(rows, budget_bytes, metric)
     for dataset in dict.fromkeys(r["dataset"] for r in rows):

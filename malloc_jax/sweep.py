@@ -18,6 +18,10 @@ r"""The benchmark runner: every (dataset, model, method, budget, seed) cell, res
    metrics over sampled candidates), the streaming protocol for every configured r, bytes per
    user, FLOPs per request, latency and throughput; for ``recompute`` the reference that
    stores no memory;
+   A cell of ``task="ranking"`` (``config.tasks``, see :func:`run_ranking_cell`) serves the
+   same memory to a backbone trained for ranking and ranks each user's candidates
+   target-aware (``ranking.rank_cell``): AUC, GAUC, logloss and candidate NDCG@10 with the
+   paired difference to native on the same users (standard error and bootstrap interval);
 5. appends the cell's result as one JSON line (written with a single ``write`` on an
    ``O_APPEND`` descriptor, then ``fsync``). A process killed at any point loses only the
    cell in progress: on load a torn last line is dropped and truncated away, finished cells
@@ -31,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -45,7 +50,7 @@ import numpy as np
 
 from malloc_jax import compressors as comp_lib
 from malloc_jax import costs as costs_lib
-from malloc_jax import reads, serving
+from malloc_jax import parallel, ranking, reads, serving, stats
 from malloc_jax.compressors import registry
 from malloc_jax.compressors.budget import cache_spec, memory_bytes, ratio_table, resolve_params
 from malloc_jax.config_validation import validate_config
@@ -56,12 +61,14 @@ from malloc_jax.experiment import (
   load_data,
   model_cache_spec,
   num_devices,
+  ranking_eval_candidates,
   train_model,
 )
 from malloc_jax.fileio import append_durably
 from malloc_jax.metrics import ranking_metrics, retrieval_metrics
 from malloc_jax.models import backbone_spec
 from malloc_jax.ranking import candidate_labels, sample_candidates
+from malloc_jax.train import TASKS
 
 RESULTS = "results.jsonl"
 BASE_MODELS = ("hstu", "sasrec")
@@ -170,10 +177,12 @@ class Cell:
   ratio: float | None
   run: Any = dataclasses.field(compare=False, repr=False)  # the run ConfigDict of the cell
   train_key: str = ""
+  task: str = "retrieval"  # "ranking": run_ranking_cell, on a backbone trained for ranking
 
   @property
   def label(self) -> str:
-    return f"{self.dataset}/{self.model}/{self.method}/s{self.seed}"
+    task = "" if self.task == "retrieval" else f"{self.task}:"
+    return f"{self.dataset}/{task}{self.model}/{self.method}/s{self.seed}"
 
 
 def _hash(obj, n: int = 10) -> str:
@@ -221,14 +230,54 @@ def _settings(label: str, m: dict, spec, ratios, where: str, print_fn) -> list[t
   return out
 
 
+def task_run(base: ml_collections.ConfigDict, task: str, overrides=None):
+  """The run config of one dataset for ``task``: ``base`` itself for retrieval; for ranking
+  a copy with ``task = "ranking"`` and the ``train`` / ``eval`` fields of ``overrides``
+  (``config.ranking_task.<dataset>``: negatives, loss, impressions per window, ...)."""
+  run = ml_collections.ConfigDict(base.to_dict())
+  if task == "retrieval":
+    return run
+  run.task = task
+  overrides = {} if overrides is None else overrides.to_dict()
+  for section in ("train", "eval"):
+    run[section].update(overrides.get(section, {}))
+  return run
+
+
+def multi_position_ranking(model) -> bool:
+  """Whether ``model`` trains ``train.rank_positions`` > 1 impressions per window in one pass
+  (``train.ranking_logits``: a per-event cache backbone whose layers take ``isolated``
+  tokens: HSTU, SASRec, GQA, MQA, MLA, LSH). Other variants train one impression per window
+  (``model.rank`` of the prefix)."""
+  return hasattr(model, "_run_tokens") and all(
+      "isolated" in inspect.signature(layer.step).parameters for layer in model.layers)
+
+
+def _ranking_positions(run, print_fn) -> None:
+  """Sets ``run.train.rank_positions`` to 1 (printed) for a backbone that cannot train more
+  impressions per window in one pass (:func:`multi_position_ranking`)."""
+  from flax import nnx
+
+  from malloc_jax.experiment import build_model
+  if run.train.get("rank_positions", 1) > 1 and not multi_position_ranking(
+      nnx.eval_shape(lambda: build_model(run, 2))):
+    print_fn(f"note: {run.model.name} trains for ranking with one impression per window "
+             f"(rank_positions {run.train.rank_positions} -> 1: no multi-position pass)")
+    run.train.rank_positions = 1
+
+
 def expand_cells(config, print_fn=print) -> list[Cell]:
   """All cells of a sweep config, in run order (grouped by trained backbone).
+
+  ``config.tasks`` (default ``("retrieval",)``) is an axis: each task trains its own
+  backbones (a ranking backbone's run is :func:`task_run`) and runs every method on them;
+  ``recompute`` (the retrieval compute reference) has no ranking cell.
 
   Args:
     config: a sweep config (configs/sweep.py). print_fn: notes on skipped settings.
 
   Returns:
-    The cells: datasets x models x seeds x methods (x ratios), the references first.
+    The cells: datasets x models x tasks x seeds x methods (x ratios), the references first.
 
   Raises:
     ValueError: an unknown method, a bad method field or an invalid run config (named).
@@ -240,6 +289,10 @@ def expand_cells(config, print_fn=print) -> list[Cell]:
     if m.get("name") not in registry.specs() and m.get("name") not in EXTRA_METHODS:
       raise ValueError(f"config.methods.{label}.name={m.get('name')!r}: expected one of "
                        f"{sorted(set(registry.specs()) | set(EXTRA_METHODS))}")
+  tasks = tuple(config.get("tasks", ("retrieval",)))
+  bad = [t for t in tasks if t not in TASKS]
+  if bad or not tasks or len(set(tasks)) != len(tasks):
+    raise ValueError(f"config.tasks={tasks!r}: expected distinct values from {TASKS}")
   for ds_label, base in config.datasets.items():
     for model_label, sections in config.models.items():
       if ds_label not in sections:
@@ -247,33 +300,43 @@ def expand_cells(config, print_fn=print) -> list[Cell]:
       allowed = None
       if model_label in config.get("model_methods", {}):
         allowed = [x for x in str(config.model_methods[model_label]).split("+") if x]
-      for seed in config.seeds:
-        run = ml_collections.ConfigDict(base.to_dict())
+      for task, seed in ((t, s) for t in tasks for s in config.seeds):
+        run = task_run(base, task, config.get("ranking_task", {}).get(ds_label))
         run.model = ml_collections.ConfigDict(sections[ds_label].to_dict())
         run.seed = int(seed)
+        if task == "ranking":
+          _ranking_positions(run, print_fn)
         validate_config(run)
         key = train_key(run)
         spec = model_cache_spec(run)
         posthoc = spec is not None
         evaluation = {"eval": run.eval.to_dict(), "ranking": config.ranking.to_dict(),
                       "requests": list(config.stream_requests)}
+        if task == "ranking":  # candidates from run.eval (ranking_eval_candidates), no stream
+          evaluation = {"task": task, "eval": run.eval.to_dict(),
+                        "bootstrap": config.get("bootstrap", {}).to_dict()
+                        if config.get("bootstrap") else {}}
         train = json.loads(run.to_json_best_effort(sort_keys=True))
+        where = ds_label if task == "retrieval" else f"{ds_label}/{task}"
         for method_label, m in methods:
           m = m.to_dict()
           if allowed is not None and method_label not in allowed:
             continue
+          if task == "ranking" and m["name"] == "recompute":
+            continue  # the retrieval compute reference: a ranking cell serves a memory
           if m["name"] not in ("native", "recompute") and not posthoc:
             print_fn(f"note: {method_label} skipped for {model_label} (its memory is not a "
                      "KV cache)")
             continue
           for label, steps, ratio in _settings(method_label, m, spec, config.ratios,
-                                               f"{ds_label}/{model_label}", print_fn):
+                                               f"{where}/{model_label}", print_fn):
             ident = _hash({"train": train, "steps": steps, "evaluation": evaluation,
                            "family": m["name"]})
-            cells.append(Cell(id=f"{ds_label}/{model_label}/{label}/s{seed}#{ident}",
+            head = ds_label if task == "retrieval" else f"{ds_label}/{task}"
+            cells.append(Cell(id=f"{head}/{model_label}/{label}/s{seed}#{ident}",
                               dataset=ds_label, model=model_label, method=label,
                               family=m["name"], seed=int(seed), steps=steps, ratio=ratio,
-                              run=run, train_key=key))
+                              run=run, train_key=key, task=task))
   return cells
 
 
@@ -310,6 +373,9 @@ def validate_cells(cells: list[Cell], config) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
           raise ValueError(f"{field}.rank={rank!r}: expected an integer >= 1 (cell {cell.label})")
         continue
+      if registry.get_spec(name).calibrate is not None:
+        continue  # calibrated (DuoAttention, MiniCache, ThinK): its config parameters become
+        # the factory's only at calibration (registry.factory_params, on the trained backbone)
       try:
         comp_lib.make_compressor(name, **params)
       except (TypeError, ValueError) as err:
@@ -328,6 +394,33 @@ class _Backbone:
     self._fitted: dict[tuple, dict] = {}
     self._prefilled: dict[tuple, list] = {}  # prefilled serving.Batch lists
     self.prefill_cache_bytes = prefill_cache_bytes
+    self._ranking_users = None  # (split, n, candidates [n, C]) of the ranking cells
+    self._native_ranking = None  # ranking.rank_cell of the native memory
+
+  def ranking_users(self):
+    """(eval split, users served n, candidates [n, 1 + K]) of this backbone's ranking cells:
+    ``experiment.ranking_eval_candidates`` of ``run.eval.split`` (the target's topic mates
+    plus other items on synthetic ``topics`` data, else uniform items), first n users."""
+    if self._ranking_users is None:
+      e = self.run.eval
+      split = self.data.eval_set(e.split)
+      n = len(split) if not e.max_users else min(e.max_users, len(split))
+      cands = ranking_eval_candidates(self.run, self.data, e.split)[:n]
+      self._ranking_users = (split, n, cands)
+    return self._ranking_users
+
+  def rank(self, comp: comp_lib.Compressor) -> dict:
+    """``ranking.rank_cell`` of ``comp``'s memory over :meth:`ranking_users`."""
+    split, _, cands = self.ranking_users()
+    e = self.run.eval
+    return ranking.rank_cell(self.model, split, cands, comp, batch_size=e.batch_size,
+                             query_len=e.query_len, window=e.window)
+
+  def native_ranking(self) -> dict:
+    """The native memory's ranking result, the paired reference of every ranking cell."""
+    if self._native_ranking is None:
+      self._native_ranking = self.rank(comp_lib.native())
+    return self._native_ranking
 
   def user_batches(self, split, n: int, e, prefill: bool = True):
     """The eval users' batches (``serving.batches``), prefilled once per backbone.
@@ -395,8 +488,11 @@ def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
 
   Stages: the eval users and their ranking candidates; the serving pipeline
   (``serving.serve``: compress, score, stream, guard; ``recompute`` re-encodes instead);
-  quality metrics; bytes and request costs; bookkeeping.
+  quality metrics; bytes and request costs; bookkeeping. A ranking cell is
+  :func:`run_ranking_cell`.
   """
+  if cell.task == "ranking":
+    return run_ranking_cell(cell, backbone, config)
   t0 = time.time()
   e = cell.run.eval
   split, n, candidates = _eval_users(cell, backbone, config)
@@ -421,11 +517,88 @@ def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
   row["train_seconds"] = backbone.info.get("train_seconds")
   row["best_valid_ndcg10"] = backbone.info.get("best_valid_ndcg10")
   row["eval_seconds"] = eval_seconds
+  return _finish_row(row, t0)
+
+
+def _finish_row(row: dict, t0: float) -> dict:
   row["cell_seconds"] = time.time() - t0
   row["host"] = socket.gethostname()
   row["device"] = str(jax.devices()[0])
   row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
   return row
+
+
+# Ranking metrics of a cell and the per-user arrays (``ranking.rank_cell``'s "per_user") their
+# paired differences to native are taken over: GAUC is the mean per-user AUC (every user has
+# 1 + K impressions), logloss the mean per-user logloss.
+RANKING_PAIRED = (("GAUC", "auc"), ("cand_NDCG@10", "ndcg10"), ("logloss", "logloss"))
+
+
+def ranking_columns(res: dict, native: dict, bootstrap=None) -> dict:
+  """The quality columns of a ranking cell from two ``ranking.rank_cell`` results.
+
+  Args:
+    res: the cell's result; native: the native memory's, on the same users and candidates.
+    bootstrap: options of ``stats.paired_bootstrap`` (resamples, seed, level).
+
+  Returns:
+    {"AUC", "GAUC", "logloss", "cand_NDCG@10", "top1", "ranking_candidates"} and, for each
+    of GAUC, cand_NDCG@10 and logloss, ``d<metric>`` (the cell minus native, mean over
+    users), ``d<metric>_se`` (``ranking.paired_se``), ``d<metric>_ci_low`` / ``_ci_high``
+    (paired bootstrap interval); ``ci``: the GAUC interval in the form of
+    ``stats.ci_columns`` (the report's error bars).
+  """
+  m = res["metrics"]
+  row = {"AUC": m["AUC"], "GAUC": m["GAUC"], "logloss": m["logloss"],
+         "cand_NDCG@10": m["NDCG@10"], "top1": m["top1"],
+         "ranking_candidates": int(res["logits"].shape[1])}
+  for col, key in RANKING_PAIRED:
+    ci = stats.paired_bootstrap(res["per_user"][key], native["per_user"][key],
+                                **(bootstrap or {}))
+    _, se = ranking.paired_se(res["per_user"][key], native["per_user"][key])
+    row.update({f"d{col}": ci["diff"], f"d{col}_se": se, f"d{col}_ci_low": ci["ci_low"],
+                f"d{col}_ci_high": ci["ci_high"]})
+    if col == "GAUC":
+      row["ci"] = ci
+  return row
+
+
+def run_ranking_cell(cell: Cell, backbone: _Backbone, config) -> dict:
+  """Runs one ``task="ranking"`` cell; returns its result row.
+
+  The backbone was trained for ranking (``config.task = "ranking"``). Each eval user's
+  memory goes through the cell's compressor and the user's candidates read it target-aware
+  (``ranking.rank_cell``, M-FALCON); the row has AUC, GAUC, logloss and candidate NDCG@10
+  (:func:`ranking_columns`, paired against the native memory of the same users), the
+  stored and buffer bytes of the same memories (``compressors.user_bytes``: the prefilled
+  caches compressed once more, as the retrieval rows count them) and the compression ratio
+  against the native HSTU / SASRec memory of the same users. No latency / FLOPs columns:
+  the request costs of the sweep measure the retrieval read.
+  """
+  t0 = time.time()
+  e = cell.run.eval
+  split, n, _ = backbone.ranking_users()
+  comp = backbone.compressor(cell.steps)
+  native = backbone.native_ranking()
+  res = native if not cell.steps else backbone.rank(comp)
+  eval_seconds = time.time() - t0
+  row = _cell_header(cell, backbone, n)
+  row.update(ranking_columns(res, native, config.get("bootstrap", {})))
+  figures, lengths = [], []
+  for b in backbone.user_batches(split, n, e):
+    memory = serving.compress_stage(b.cache, b.signals, compressor=comp)
+    figures.append(comp_lib.user_bytes(memory, comp)[:, b.real])
+    lengths.append(parallel.to_host(memory.index.length)[b.real])
+  stored, buffer = (float(x) for x in np.concatenate(figures, axis=1).mean(axis=1))
+  ref = float(np.mean(comp_lib.native_stored_bytes(reference_spec(cell.run),
+                                                   np.concatenate(lengths))))
+  row.update(stored_bytes=stored, buffer_bytes=buffer, bytes_per_user=res["bytes_per_user"],
+             reference_stored_bytes=ref, reference_bytes_per_user=reference_bytes(cell.run),
+             compression_ratio=ref / stored, stores_memory=True,
+             train_seconds=backbone.info.get("train_seconds"),
+             best_valid_gauc=backbone.info.get("best_valid_ndcg10"),  # GAUC when ranking
+             eval_seconds=eval_seconds)
+  return _finish_row(row, t0)
 
 
 def _eval_users(cell: Cell, backbone: _Backbone, config):
@@ -444,7 +617,7 @@ def _cell_header(cell: Cell, backbone: _Backbone, n: int) -> dict:
   return {"cell": cell.id, "dataset": cell.dataset, "dataset_name": backbone.data.summary(),
           "model": cell.model, "backbone": run.model.name, "method": cell.method,
           "family": cell.family, "granularity": granularity(cell.family, run.model.name),
-          "seed": cell.seed, "ratio_target": cell.ratio,
+          "seed": cell.seed, "ratio_target": cell.ratio, "task": cell.task,
           "params": {name: p for name, p in cell.steps} if cell.steps else {},
           "train_key": cell.train_key, "num_users": int(n), "split": run.eval.split}
 
@@ -563,6 +736,15 @@ def _run_locked(config, workdir: Path, print_fn) -> list[dict]:
     elapsed = time.time() - t_start
     left = sum(1 for c in cells if c.id not in done)
     eta = elapsed / computed * left
+    progress = (f"[{row['cell_seconds']:.0f}s; elapsed {_fmt_seconds(elapsed)}, "
+                f"ETA {_fmt_seconds(eta)}]")
+    if cell.task == "ranking":
+      print_fn(f"[{len(cells) - left}/{total}] {cell.label}: GAUC {row['GAUC']:.4f} "
+               f"({row['dGAUC']:+.4f}, SE {row['dGAUC_se']:.4f} vs native) AUC "
+               f"{row['AUC']:.4f} NDCG@10 (candidates) {row['cand_NDCG@10']:.4f} stored "
+               f"bytes/user {row['stored_bytes']:,.0f} ({row['compression_ratio']:.2f}x) "
+               + progress)
+      continue
     stream = [k for k in row if k.startswith("stream") and k.endswith("/NDCG@10")]
     print_fn(f"[{len(cells) - left}/{total}] {cell.label}: NDCG@10 {row['NDCG@10']:.4f}"
              + "".join(f" {k.split('/')[0]} {row[k]:.4f}" for k in stream)

@@ -15,6 +15,10 @@ the candidates), and the fraction of the Bayes GAUC lift over history-blind each
   python scripts/ranking_table.py --out runs/ranking_cpu.json
   # one H200, about 5-7 minutes of wall time: HSTU at 1,024 events, 150 s of training
   python scripts/ranking_table.py --preset=gpu --out runs/ranking_gpu.json
+  # plus a row per trained variant, each trained for ranking by the same steps/seconds rule
+  # and served from its own memory (variants without a multi-position training pass train
+  # one impression per window; the row label says so):
+  python scripts/ranking_table.py --variants=all --out runs/ranking_variants.json
   # learning curve only (no table), any backbone, e.g. HSTU on the CPU:
   python scripts/ranking_table.py --model=hstu --length=128 --train_only --steps=2500
 
@@ -27,6 +31,8 @@ are paired over users (``ranking.paired_se``; bootstrap CIs are the job of
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import math
 import time
@@ -37,7 +43,7 @@ import numpy as np
 from absl import app, flags
 
 from malloc_jax import compressors as C
-from malloc_jax import ranking
+from malloc_jax import config_lib, ranking
 from malloc_jax.checkpoint import write_json_atomic
 from malloc_jax.compressors.budget import cache_spec, ratio_table
 from malloc_jax.compressors.registry import make_compressor
@@ -51,7 +57,8 @@ from malloc_jax.data.synthetic import (
   topic_index,
 )
 from malloc_jax.evaluate import calibration_caches
-from malloc_jax.models import make_model
+from malloc_jax.models import VARIANT_SPECS, make_model
+from malloc_jax.sweep import multi_position_ranking
 from malloc_jax.train import RankingSampler, Trainer, fit, make_optimizer, tie_query_key_init
 
 PRESETS = {
@@ -88,6 +95,9 @@ _MODEL = flags.DEFINE_string("model", None, "Backbone (hstu, sasrec, or a varian
 _RATIOS = flags.DEFINE_list("ratios", "2,4,8,16,32", "Memory reductions.")
 _METHODS = flags.DEFINE_list("methods", "streaming,random,h2o,snapkv,lowrank,kivi,uniform",
                              "Post-hoc methods (native always runs; oracle rows with h2o).")
+_VARIANTS = flags.DEFINE_list("variants", [], "Trained variants, each trained for ranking with "
+                              "the preset's settings and budget and served from its own "
+                              "memory (a row each); 'all' = every variant.")
 _OUT = flags.DEFINE_string("out", None, "JSON output path.")
 
 
@@ -118,9 +128,125 @@ def lift_fraction(gauc, blind, bayes):
   return (gauc - blind) / (bayes - blind) if bayes != blind else float("nan")
 
 
+def reference_gauc(spec, hist, last, cands, popularity) -> dict:
+  """GAUC of the Bayes-optimal ranker (whole history, float64) and of the history-blind one
+  (training popularity of the candidates) on impressions ``cands`` [U, 1 + K]."""
+  p = bayes_ranking_scores(spec, hist, last, cands)
+  q = np.clip(p / p.sum(1, keepdims=True), 1e-12, 1 - 1e-12)
+  bayes = ranking.impression_metrics(np.log(q) - np.log1p(-q))[0]["GAUC"]
+  blind = ranking.impression_metrics(np.log(popularity[cands].astype(np.float64) + 1.0))[0]
+  return {"bayes": bayes, "blind": blind["GAUC"]}
+
+
+def variant_names(names: list[str]) -> list[str]:
+  """The ``--variants`` list ('all': every registered trained variant), checked."""
+  if names == ["all"]:
+    return sorted(VARIANT_SPECS)
+  bad = [n for n in names if n not in VARIANT_SPECS]
+  if bad:
+    raise ValueError(f"--variants: {bad} unknown; expected names from {sorted(VARIANT_SPECS)} "
+                     "or 'all'")
+  return list(names)
+
+
+def variant_options(name: str, s: dict) -> dict:
+  """Model arguments of trained variant ``name`` at the preset's width and depth: the
+  variant's own fields from ``configs/<name>.py`` (as the sweep builds it); head-sharing
+  variants (MQA, GQA) keep that config's query heads so that heads are shared."""
+  section = _sweep_config()._variant_section(
+      name, f"runlocal=False,steps=-1,max_len={s['length']},data=synthetic,path=",
+      config_lib.base_config(f"max_len={s['length']}")).to_dict()
+  heads = s["heads"]
+  if name.endswith(("_mqa", "_gqa")):
+    heads = max(heads, section["heads"])
+  opts = {k: v for k, v in section.items()
+          if k not in ("name", "dim", "num_layers", "dropout", "temperature", "heads")}
+  return {"heads": heads, **opts}
+
+
+def _sweep_config():
+  path = Path(__file__).resolve().parents[1] / "configs" / "sweep.py"
+  spec = importlib.util.spec_from_file_location("_ranking_table_sweep", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def train_ranker(name: str, options: dict, s: dict, data, sampler, valid):
+  """Trains backbone ``name`` for ranking with the preset's settings; returns (model, info).
+
+  The same rule for every backbone: ``s["steps"]`` steps or ``s["max_train_seconds"]`` of
+  training (validation excluded), whichever comes first. W_k = W_q at init where the layers
+  have a q/k projection (``tie_query_key_init``); a variant without one (MLA, RWKV, LSH)
+  trains from its plain init and ``info["tied_qk"]`` says so.
+
+  Args:
+    name: backbone. options: extra model arguments (``heads`` and variant fields).
+    valid: (validation candidates [U, C], {"bayes", "blind"} GAUCs, hard negatives per row).
+
+  Returns:
+    (trained model, {"curve", "train_seconds", "steps_done", "tied_qk", "eval_seconds"}).
+  """
+  val_cands, val_ref, hard_eval = valid
+  opts = {"heads": s["heads"], **options}
+  model = make_model(name, data.num_items, dim=s["dim"], num_layers=s["layers"],
+                     max_len=s["length"], dropout=0.0, seed=s["seed"], **opts)
+  if not multi_position_ranking(model) and s["positions"] > 1:
+    print(f"{name}: one impression per window (no multi-position training pass)", flush=True)
+    sampler = dataclasses.replace(sampler, positions=1)
+  tied = False
+  if s["tied_qk"]:
+    try:
+      tie_query_key_init(model, s["score_offset"])
+      tied = True
+    except ValueError as err:
+      if name in ("hstu", "sasrec"):
+        raise
+      print(f"{name}: trained without W_k = W_q ({err})", flush=True)
+  trainer = Trainer(model, make_optimizer(s["lr"], 0.0), 0, dropout=False, task="ranking",
+                    sampler=sampler)
+  curve = []
+  t_train = time.time()
+  eval_seconds = [0.0]
+
+  def on_step(step, state, logs):
+    stop = time.time() - t_train - eval_seconds[0] > s["max_train_seconds"]
+    if step % s["eval_every"] == 0 or step == s["steps"] or stop:
+      t_eval = time.time()
+      res = ranking.rank_cell(trainer.merge(state["params"]), data.valid, val_cands,
+                              C.native(), batch_size=64)
+      m = res["metrics"]
+      # Top-1 among the positive and its topic's other members (the issue's probe metric).
+      top1_hard = float(ranking.per_user_candidate_metrics(
+          res["logits"][:, :1 + hard_eval])["top1"].mean())
+      lift = lift_fraction(m["GAUC"], val_ref["blind"], val_ref["bayes"])
+      curve.append({"step": step, "seconds": time.time() - t_train, "loss": logs.get("loss"),
+                    "valid_GAUC": m["GAUC"], "valid_NDCG@10": m["NDCG@10"],
+                    "valid_top1_hard": top1_hard, "valid_lift": lift,
+                    "train_seconds": time.time() - t_train - eval_seconds[0]})
+      print(f"  {name} step {step}: valid GAUC {m['GAUC']:.4f} ({lift:.0%} of the Bayes lift)"
+            f" NDCG@10 {m['NDCG@10']:.4f} top-1 (topic) {top1_hard:.3f} loss "
+            f"{logs.get('loss', float('nan')):.4f} ({time.time() - t_train:.0f}s, "
+            f"{time.time() - t_train - eval_seconds[0]:.0f}s training)", flush=True)
+      eval_seconds[0] += time.time() - t_eval
+    return stop
+
+  state = fit(trainer, data, steps=s["steps"], batch_size=s["batch"], seed=s["seed"],
+              log_every=max(1, s["eval_every"] // 5), on_step=on_step)
+  train_seconds = time.time() - t_train - eval_seconds[0]
+  steps_done = curve[-1]["step"] if curve else 0
+  print(f"{name}: trained {steps_done} steps in {train_seconds:.0f}s (+{eval_seconds[0]:.0f}s "
+        "validation)", flush=True)
+  return trainer.merge(state["params"]), {"curve": curve, "train_seconds": train_seconds,
+                                          "steps_done": steps_done, "tied_qk": tied,
+                                          "positions": sampler.positions,
+                                          "eval_seconds": eval_seconds[0]}
+
+
 def main(argv):
   del argv
   s = settings()
+  variant_list = variant_names(_VARIANTS.value)  # checked before any training
   t_all = time.time()
   print(f"devices: {jax.devices()}  settings: {s}", flush=True)
   spec = SyntheticSpec(kind="topics", num_users=s["users"], num_items=s["items"],
@@ -137,56 +263,31 @@ def main(argv):
                            hard=s["hard_neg"], item_popularity=data.popularity, groups=members,
                            item_group=topic, loss=s["rank_loss"],
                            positions=s["positions"])
-  model = make_model(s["model"], spec.num_items, dim=s["dim"], heads=s["heads"],
-                     num_layers=s["layers"], max_len=s["length"], dropout=0.0, seed=s["seed"])
-  if s["tied_qk"]:
-    tie_query_key_init(model, s["score_offset"])
-  trainer = Trainer(model, make_optimizer(s["lr"], 0.0), 0, dropout=False, task="ranking",
-                    sampler=sampler)
-
   n_eval = min(s["eval_users"], len(data.test))
   test = data.test
   cands = ranking_candidates(spec, test.target[:n_eval], hard_eval, s["easy"], seed=1)
   n_val = min(256, len(data.valid))
   val_cands = ranking_candidates(spec, data.valid.target[:n_val], hard_eval, s["easy"],
                                  seed=2)
-  curve = []
-  t_train = time.time()
-
-  eval_seconds = [0.0]
-
-  def on_step(step, state, logs):
-    stop = time.time() - t_train - eval_seconds[0] > s["max_train_seconds"]
-    if step % s["eval_every"] == 0 or step == s["steps"] or stop:
-      t_eval = time.time()
-      res = ranking.rank_cell(trainer.merge(state["params"]), data.valid, val_cands,
-                              C.native(), batch_size=64)
-      m = res["metrics"]
-      # Top-1 among the positive and its topic's other members (the issue's probe metric).
-      top1_hard = float(ranking.per_user_candidate_metrics(
-          res["logits"][:, :1 + hard_eval])["top1"].mean())
-      curve.append({"step": step, "seconds": time.time() - t_train, "loss": logs.get("loss"),
-                    "valid_GAUC": m["GAUC"], "valid_NDCG@10": m["NDCG@10"],
-                    "valid_top1_hard": top1_hard})
-      print(f"  step {step}: valid GAUC {m['GAUC']:.4f} NDCG@10 {m['NDCG@10']:.4f} top-1 "
-            f"(topic) {top1_hard:.3f} ({time.time() - t_train:.0f}s)", flush=True)
-      eval_seconds[0] += time.time() - t_eval
-    return stop
-
-  state = fit(trainer, data, steps=s["steps"], batch_size=s["batch"], seed=s["seed"],
-              log_every=max(1, s["eval_every"] // 5), on_step=on_step)
-  train_seconds = time.time() - t_train - eval_seconds[0]
-  steps_done = curve[-1]["step"] if curve else 0
-  print(f"trained {steps_done} steps in {train_seconds:.0f}s (+{eval_seconds[0]:.0f}s "
-        "validation)", flush=True)
+  # Reference GAUCs of the validation impressions: the learning curve reports the fraction
+  # of the Bayes lift over the history-blind ranker each evaluation reaches.
+  val = data.valid
+  val_hist = [val.items[u, :max(val.length[u] - 1, 0)] for u in range(n_val)]
+  val_last = np.array([val.items[u, val.length[u] - 1] for u in range(n_val)])
+  val_bayes = reference_gauc(spec, val_hist, val_last, val_cands, data.popularity)
+  print(f"validation references: Bayes (whole) GAUC {val_bayes['bayes']:.4f}, history-blind "
+        f"{val_bayes['blind']:.4f}", flush=True)
+  valid = (val_cands, val_bayes, hard_eval)
+  model, info = train_ranker(s["model"], {}, s, data, sampler, valid)
+  curve, train_seconds, steps_done = info["curve"], info["train_seconds"], info["steps_done"]
   if _TRAIN_ONLY.value:
     out = {"settings": s, "train_seconds": train_seconds, "steps_done": steps_done,
-           "curve": curve, "devices": [str(d) for d in jax.devices()]}
+           "curve": curve, "valid_references": val_bayes,
+           "devices": [str(d) for d in jax.devices()]}
     if _OUT.value:
       Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
       write_json_atomic(Path(_OUT.value), json.loads(json.dumps(out, default=float)))
     return
-  model = trainer.merge(state["params"])
 
   # --- reference rows: Bayes-optimal (float64) and history-blind ----------------------------
   hist = [test.items[u, :max(test.length[u] - 1, 0)] for u in range(n_eval)]
@@ -249,6 +350,21 @@ def main(argv):
     add(label, group_name, res["metrics"], res["per_user"], res["bytes_per_user"])
     print(f"{label}: GAUC {res['metrics']['GAUC']:.4f} ({time.time() - t0:.1f}s)", flush=True)
 
+  # --- trained variants: each trained for ranking by the same rule, served from its memory --
+  variants = {}
+  for name in variant_list:
+    vmodel, vinfo = train_ranker(name, variant_options(name, s), s, data, sampler, valid)
+    t0 = time.time()
+    res = ranking.rank_cell(vmodel, test, cands, C.native(), batch_size=64)
+    label = (f"variant {name} ({vinfo['steps_done']} steps, {vinfo['train_seconds']:.0f}s"
+             + ("" if vinfo["tied_qk"] else ", W_k untied")
+             + (f", {vinfo['positions']} impression/window"
+                if vinfo["positions"] != s["positions"] else "") + ")")
+    add(label, "variant", res["metrics"], res["per_user"], res["bytes_per_user"])
+    variants[name] = {k: vinfo[k] for k in ("curve", "train_seconds", "steps_done", "tied_qk",
+                                            "positions")}
+    print(f"{label}: GAUC {res['metrics']['GAUC']:.4f} ({time.time() - t0:.1f}s)", flush=True)
+
   # --- table -------------------------------------------------------------------------------
   bayes, blind_g = rows[0]["GAUC"], next(r["GAUC"] for r in rows
                                           if r["row"].startswith("history-blind"))
@@ -274,7 +390,7 @@ def main(argv):
   print(f"total {time.time() - t_all:.0f}s (training {train_seconds:.0f}s, "
         f"{steps_done} steps)", flush=True)
   out = {"settings": s, "train_seconds": train_seconds, "steps_done": steps_done,
-         "curve": curve, "rows": rows,
+         "curve": curve, "valid_references": val_bayes, "rows": rows, "variants": variants,
          "num_users": n_eval, "candidates": int(cands.shape[1]), "table": table,
          "devices": [str(d) for d in jax.devices()], "total_seconds": time.time() - t_all}
   if _OUT.value:
