@@ -76,6 +76,56 @@ def aggregate(rows: list[dict]) -> list[dict]:
   return out
 
 
+def add_retrieval_ci(rows: list[dict], metric: str = "NDCG@10", *, resamples: int = 1000,
+                     seed: int = 0, level: float = 0.95) -> list[dict]:
+  """Adds the paired difference to native with its bootstrap interval to retrieval rows.
+
+  A retrieval row carrying ``ranks`` (the sweep's per-user 0-based target ranks) is paired
+  with the native row of the same dataset, model and seed (same users, same order); over
+  seeds, the per-user differences of every seed are pooled and resampled together
+  (``stats.paired_bootstrap``). Each row of a (dataset, model, method) group gets the same
+  ``ci`` ({"diff", "ci_low", "ci_high", "contains_zero", "num_users", "rel_diff"}) and
+  ``d<metric>``; rows without ranks (older results, ranking cells, recompute without a
+  native partner) are left as they are. Returns the rows (changed in place).
+  """
+  from malloc_jax import stats
+
+  retrieval = [r for r in rows if r.get("task", "retrieval") == "retrieval" and "ranks" in r]
+  native = {(r["dataset"], r["model"], r.get("seed")): r for r in retrieval
+            if r.get("method") == "native"}
+  groups: dict[tuple, list[dict]] = defaultdict(list)
+  for r in retrieval:
+    groups[(r["dataset"], r["model"], r["method"])].append(r)
+  for (dataset, model, _), members in groups.items():
+    pairs = []
+    for r in members:
+      ref = native.get((dataset, model, r.get("seed")))
+      if ref is None or len(ref["ranks"]) != len(r["ranks"]):
+        pairs = []
+        break
+      pairs.append((stats.per_user_metric(np.asarray(r["ranks"]), metric),
+                    stats.per_user_metric(np.asarray(ref["ranks"]), metric)))
+    if not pairs:
+      continue
+    ci = stats.paired_bootstrap(np.concatenate([a for a, _ in pairs]),
+                                np.concatenate([b for _, b in pairs]), resamples=resamples,
+                                seed=seed, level=level)
+    for r in members:
+      r["ci"], r[f"d{metric}"] = ci, ci["diff"]
+  return rows
+
+
+def _ci_text(r: dict) -> str:
+  """'+0.0012 [-0.0030, +0.0051] tie' (or 'NO' when the interval excludes 0); '-' if none."""
+  ci = r.get("ci")
+  if not ci or r.get("task", "retrieval") != "retrieval":
+    return "-"
+  if r.get("method") == "native":
+    return "ref"
+  return (f"{ci['diff']:+.4f} [{ci['ci_low']:+.4f}, {ci['ci_high']:+.4f}] "
+          + ("tie" if ci["contains_zero"] else "**differs**"))
+
+
 def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
   """Writes rows to CSV: the key columns first, then every other field (sorted)."""
   fields = list(LEAD) + sorted({k for r in rows for k in r} - set(LEAD))
@@ -117,7 +167,8 @@ def markdown(rows: list[dict], metric: str = "NDCG@10") -> str:
     if rs[0].get("dataset_name"):
       lines.append(f"{rs[0]['dataset_name']}; split {rs[0].get('split', '?')}, "
                    f"{rs[0].get('num_users', '?')} users.\n")
-    head = (["granularity", "model", "method", "params", metric, "HR@10"]
+    head = (["granularity", "model", "method", "params", metric,
+             f"Δ{metric} vs native [95% CI]", "HR@10"]
             + [f"r={k[len('stream'):].split('/')[0]} {metric}" for k in skeys]
             + ["AUC", "GAUC", "logloss", "stored B/user", "buffer B/user", "ratio", "10^9 users", "FLOPs/req",
                "XLA/closed", "p50 ms", "p99 ms", "users/s", "seeds"])
@@ -130,7 +181,7 @@ def markdown(rows: list[dict], metric: str = "NDCG@10") -> str:
       std = r.get(f"{metric}_std")
       cells = [r.get("granularity", "?"), r["model"], r["method"], _params(r.get("params")),
                _fmt(r.get(metric)) + (f" ± {std:.4f}" if std is not None else ""),
-               _fmt(r.get("HR@10"))]
+               _ci_text(r), _fmt(r.get("HR@10"))]
       cells += [_fmt(r.get(k)) for k in skeys]
       b = _bytes(r)
       cells += [_fmt(r.get("AUC")), _fmt(r.get("GAUC")), _fmt(r.get("logloss")),
@@ -447,7 +498,8 @@ def write_report(workdir: str | os.PathLike, out: str | os.PathLike | None = Non
   if not rows:
     raise ValueError(f"{workdir / RESULTS}: no results (run the sweep first)")
   stages = stage_summary(rows)
-  rows = aggregate(rows)
+  add_retrieval_ci(rows, metric)  # paired CI to native from each cell's per-user ranks
+  rows = aggregate([{k: v for k, v in r.items() if k != "ranks"} for r in rows])
   paths = {"csv": out / "results.csv", "markdown": out / "results.md"}
   write_csv(rows, paths["csv"])
   ranked = [r for r in rows if _task(r) == "ranking"]  # their own tables and plot panels
@@ -456,7 +508,7 @@ def write_report(workdir: str | os.PathLike, out: str | os.PathLike | None = Non
   paths["markdown"].write_text(tables + f"\n{stages}\n")
   if plot and rows:
     paths["plot"] = out / "pareto.png"
-    pareto_plot(rows, paths["plot"], metric)
+    pareto_plot(rows, paths["plot"], metric, errorbars=any("ci" in r for r in rows))
   if plot and ranked:
     paths["task_plot"] = out / "pareto_tasks.png"
     task_pareto_plot(all_rows, paths["task_plot"], metric)

@@ -517,6 +517,9 @@ def run_cell(cell: Cell, backbone: _Backbone, config) -> dict:
   row["train_seconds"] = backbone.info.get("train_seconds")
   row["best_valid_ndcg10"] = backbone.info.get("best_valid_ndcg10")
   row["eval_seconds"] = eval_seconds
+  # 0-based target ranks of the served users, in order: the report's paired CIs to native
+  # (report.add_retrieval_ci) are computed from them.
+  row["ranks"] = [int(x) for x in np.asarray(served.ranks)]
   return _finish_row(row, t0)
 
 

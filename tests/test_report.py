@@ -120,3 +120,37 @@ def test_pareto_plot_error_bars_from_ci(tmp_path, monkeypatch):
   calls.clear()
   report.pareto_plot(rows, tmp_path / "q.png")  # default: no bars
   assert calls == [] and (tmp_path / "q.png").exists()
+
+
+def test_retrieval_ci_from_per_user_ranks_matches_a_numpy_bootstrap(tmp_path):
+  """report.add_retrieval_ci: the paired NDCG@10 difference to native of the same dataset,
+  model and seed, pooled over seeds, with the percentile interval of 1,000 resamples of
+  users; checked against a float64 NumPy bootstrap with the same resampling indices."""
+  from malloc_jax import stats
+
+  rng = np.random.default_rng(0)
+  U = 200
+  nat = {s: rng.integers(0, 30, U) for s in (0, 1)}
+  ev = {s: np.where(rng.random(U) < 0.3, nat[s] + rng.integers(0, 20, U), nat[s]) for s in (0, 1)}
+  rows = [_row("d", "hstu", "native", "native", "none", 0.1, 1000, seed=s, ranks=nat[s].tolist())
+          for s in (0, 1)]
+  rows += [_row("d", "hstu", "h2o@8x", "h2o", "token", 0.09, 100, seed=s, ranks=ev[s].tolist())
+           for s in (0, 1)]
+  rows.append(_row("d", "hstu", "old", "h2o", "token", 0.09, 100))  # no ranks: untouched
+  report.add_retrieval_ci(rows, resamples=1000, seed=0)
+  ndcg = lambda r: np.where(r < 10, 1.0 / np.log2(np.asarray(r, np.float64) + 2.0), 0.0)
+  d = np.concatenate([ndcg(ev[s]) - ndcg(nat[s]) for s in (0, 1)])
+  idx = stats.bootstrap_indices(len(d), 1000, 0)
+  lo, hi = np.percentile(d[idx].mean(axis=1), [2.5, 97.5])
+  for r in rows[2:4]:
+    assert r["ci"]["diff"] == pytest.approx(d.mean(), abs=1e-12)
+    assert (r["ci"]["ci_low"], r["ci"]["ci_high"]) == pytest.approx((lo, hi), abs=1e-12)
+    assert r["ci"]["contains_zero"] == bool(lo <= 0 <= hi)
+    assert r["dNDCG@10"] == r["ci"]["diff"]
+  assert rows[0]["ci"]["diff"] == 0.0 and "ci" not in rows[4]
+  for r in rows:
+    append_result(tmp_path / RESULTS, r)
+  md = write_report(tmp_path, tmp_path / "out", plot=False,
+                    print_fn=lambda *_: None)["markdown"].read_text()
+  want = f"{d.mean():+.4f} [{lo:+.4f}, {hi:+.4f}] " + ("tie" if lo <= 0 <= hi else "**differs**")
+  assert want in md and "| ref |" in md
