@@ -124,7 +124,7 @@ def test_kvquant_fixed_vector_by_hand():
   pos = np.broadcast_to(np.arange(T, dtype=np.int32), (L, B, H, T))  # every slot real
   cache = cache.replace(v=jnp.asarray(v), pos=jnp.asarray(pos))
   cb = Q.KVQuantCodebooks(k=jnp.asarray([[-0.5, 0.5]] * L), v=jnp.asarray([[-0.5, 0.5]] * L))
-  memory = _compress(cb, cache, outliers=0.125)
+  memory, _ = C.kvquant(cb, outliers=0.125).compress(cache, None, None)
   # z = x / 3 - 1 -> codes 0 for x <= 3 (z <= 0: the tie at 0 takes the smaller entry), else
   # 1; x̂ = 0 + (c + 1) * 3 = 1.5 or 4.5.
   got = np.asarray(memory.materialize().v[0, 0, 0, 0])
