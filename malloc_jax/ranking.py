@@ -12,25 +12,25 @@ Two sources of impressions:
   The sequence minus its last ``query_len`` events is prefilled into the memory and
   compressed; the last events are the request; the candidate is scored against the memory.
 
-Scores are the model's logits ``model.score(cache, request, candidates=ids [B, C])`` (cosine
-similarity / temperature). Metrics (:func:`malloc_jax.metrics.ranking_metrics`): AUC, GAUC
-(per-user AUC weighted by impressions, single-class users skipped and counted), logloss of
-p = sigmoid(logits * temperature) = sigmoid(cosine), a fixed calibration documented there.
+Every path serves users through :mod:`malloc_jax.serving`'s stages (prefill -> compress ->
+read, with its non-finite guard and multi-device sharding); this module only builds the
+candidates and the metrics. :func:`evaluate_ranking` and :func:`evaluate_ctr` score the
+candidates by the request's state (``serving.score_stage``: cosine similarity / temperature);
+:func:`rank_cell` ranks them target-aware (``serving.rank_stage``: ``model.rank``).
+Metrics (:func:`malloc_jax.metrics.ranking_metrics`): AUC, GAUC (per-user AUC weighted by
+impressions, single-class users skipped and counted), logloss of p = sigmoid(logits *
+temperature) = sigmoid(cosine), a fixed calibration documented there.
 """
 
 from __future__ import annotations
 
-import functools
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from malloc_jax import compressors as comp_lib
-from malloc_jax.cache import Signals
+from malloc_jax import serving
 from malloc_jax.data.dataset import EvalSet
-from malloc_jax.evaluate import padded_batches, split_request
 from malloc_jax.metrics import ranking_metrics
+from malloc_jax.serving import candidate_signals  # noqa: F401 (public here too)
 
 
 def sample_candidates(target: np.ndarray, num_items: int, num_negatives: int,
@@ -67,52 +67,34 @@ def candidate_labels(candidates: np.ndarray) -> np.ndarray:
   return labels
 
 
-@functools.partial(jax.jit, static_argnames=("compressor", "query_len", "window"))
-def serve_candidates(model, items, ts, length, candidates, *, compressor, query_len=1,
-                     window=8):
-  """Prefill, compress and score candidates for one batch.
-
-  Args:
-    model: backbone. items, ts: [B, N] histories (right-padded); length: [B].
-    candidates: [B, C] item ids. compressor: static Compressor.
-
-  Returns:
-    (logits [B, C], memory).
-  """
-  prefix, req = split_request(items, ts, length, query_len)
-  cache, signals = model.prefill(prefix, window)
-  memory, _ = compressor.compress(cache, compressor.init(cache), signals)
-  return model.score(memory.materialize(), req, candidates), memory
-
-
 def evaluate_ranking(model, data: EvalSet, compressor: comp_lib.Compressor, *,
                      num_negatives: int = 99, seed: int = 0, batch_size: int = 256,
                      query_len: int = 1, window: int = 8, max_users: int | None = None,
-                     candidates: np.ndarray | None = None) -> dict[str, float]:
+                     candidates: np.ndarray | None = None,
+                     num_devices: int = 0) -> dict[str, float]:
   """Ranking metrics of the held-out positive against sampled negatives, per compressor.
 
   Args:
     model: backbone. data: an evaluation split (held-out ``target`` per user).
     compressor: the memory to serve from. num_negatives, seed: see :func:`sample_candidates`
       (ignored when ``candidates`` [U, C] is given, whose column 0 must be the positive).
-    batch_size, query_len, window, max_users: as :func:`malloc_jax.evaluate.evaluate`.
+    batch_size, query_len, window, max_users, num_devices: as
+      :func:`malloc_jax.evaluate.evaluate`.
 
   Returns:
     :func:`malloc_jax.metrics.ranking_metrics` of the impressions (users x candidates).
+
+  Raises:
+    FloatingPointError: a user's scores are not finite (``serving.check_finite``).
   """
   n = len(data) if not max_users else min(max_users, len(data))
   if n == 0:
     raise ValueError("evaluate_ranking: the evaluation split has no users")
   if candidates is None:
     candidates = sample_candidates(data.target[:n], model.num_items, num_negatives, seed)
-  bs = min(batch_size, n)
-  out = []
-  for _start, idx, real in padded_batches(n, bs):
-    logits, _ = serve_candidates(model, jnp.asarray(data.items[idx]), jnp.asarray(data.ts[idx]),
-                                 jnp.asarray(data.length[idx]), jnp.asarray(candidates[idx]),
-                                 compressor=compressor, query_len=query_len, window=window)
-    out.append(np.asarray(logits)[real])
-  logits = np.concatenate(out)
+  logits = _serve(model, data, compressor, candidates[:n], batch_size=batch_size,
+                  query_len=query_len, window=window, num_devices=num_devices,
+                  where="evaluate_ranking").candidate_logits
   labels = candidate_labels(logits)
   users = np.broadcast_to(np.arange(n)[:, None], labels.shape)
   return ranking_metrics(users, labels, logits, model.temperature)
@@ -143,7 +125,7 @@ def ctr_arrays(samples, max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 def evaluate_ctr(model, samples, compressor: comp_lib.Compressor, *, max_len: int,
                  batch_size: int = 256, query_len: int = 1, window: int = 8,
-                 max_rows: int | None = None) -> dict[str, float]:
+                 max_rows: int | None = None, num_devices: int = 0) -> dict[str, float]:
   """AUC / GAUC / logloss of a model on FuxiCTR-layout impressions, served from a memory.
 
   Rows are scored in fixed-size batches (the last one padded and masked). A row whose history
@@ -153,7 +135,7 @@ def evaluate_ctr(model, samples, compressor: comp_lib.Compressor, *, max_len: in
   Args:
     model: a backbone trained on the same dense item ids (``samples.item`` in 1..V).
     samples: :class:`malloc_jax.data.parsers.CTRSamples`. compressor: memory to serve from.
-    max_len: history window N. batch_size, query_len, window: as ``evaluate``.
+    max_len: history window N. batch_size, query_len, window, num_devices: as ``evaluate``.
     max_rows: evaluate only the first rows.
 
   Returns:
@@ -166,16 +148,13 @@ def evaluate_ctr(model, samples, compressor: comp_lib.Compressor, *, max_len: in
   if samples.item.max(initial=0) > model.num_items:
     raise ValueError(f"evaluate_ctr: {samples.source} has item ids up to {samples.item.max()}"
                      f" but the model knows {model.num_items} items")
-  cand = samples.item[:, None].astype(np.int32)
-  bs = min(batch_size, n)
-  out = []
-  for _start, idx, real in padded_batches(n, bs):
-    logits, _ = serve_candidates(model, jnp.asarray(items[idx]), jnp.asarray(ts[idx]),
-                                 jnp.asarray(length[idx]), jnp.asarray(cand[idx]),
-                                 compressor=compressor, query_len=query_len, window=window)
-    out.append(np.asarray(logits)[real, 0])
-  res = ranking_metrics(samples.user[:n], samples.label[:n], np.concatenate(out),
-                        model.temperature)
+  cand = samples.item[:n, None].astype(np.int32)  # [n, 1]
+  # The serving pipeline reads an EvalSet; an impression's "target" is its candidate (the
+  # pipeline's next-item rank of it is not used here).
+  rows = EvalSet(items[:n], ts[:n], length[:n], cand[:, 0], np.zeros(n, np.int32))
+  logits = _serve(model, rows, compressor, cand, batch_size=batch_size, query_len=query_len,
+                  window=window, num_devices=num_devices, where="evaluate_ctr").candidate_logits
+  res = ranking_metrics(samples.user[:n], samples.label[:n], logits[:, 0], model.temperature)
   res["empty_history"] = int(np.sum(length[:n] == 0))
   return res
 
@@ -184,46 +163,16 @@ def evaluate_ctr(model, samples, compressor: comp_lib.Compressor, *, max_len: in
 # Target-aware ranking (M-FALCON): candidates read the memory through ``model.rank``.
 
 
-def candidate_signals(model, cache, request, candidates, window: int) -> Signals:
-  """Attention signals from the request's actual candidates (the "oracle vote").
-
-  ``acc_attn`` [L, B, H, T] is the attention the C candidates pay each memory slot, summed
-  over candidates; ``window_attn`` [L, B, H, window, T] repeats that sum in every row, so
-  SnapKV's vote (a sum over its window's rows) ranks slots by it too. Any attention-based
-  eviction fed these signals keeps what the candidates read: it sees the request's
-  candidates before compressing, which no deployable method can, so it is an upper
-  reference for eviction, not a method.
-
-  Returns:
-    :class:`malloc_jax.cache.Signals` over the cache's T slots.
-  """
-  _, attn = model.rank(cache, request, candidates, return_attn=True)  # [L, B, H, C, T]
-  acc = jnp.sum(attn, axis=3)
-  win = jnp.broadcast_to(acc[:, :, :, None, :], acc.shape[:3] + (window,) + acc.shape[3:])
-  B = acc.shape[1]
-  return Signals(acc_attn=acc, window_attn=win, window_valid=jnp.ones((B, window), bool))
-
-
-@functools.partial(jax.jit, static_argnames=("compressor", "query_len", "window", "oracle"))
-def serve_rank(model, items, ts, length, candidates, *, compressor, query_len=1, window=8,
-               oracle=False):
-  """Prefill, compress and rank candidates target-aware (``model.rank``) for one batch.
-
-  Args:
-    model: backbone. items, ts: [B, N] histories (right-padded); length: [B].
-    candidates: [B, C] item ids. compressor: static Compressor. query_len: request events.
-    window: W of the prefill signals. oracle: feed the compressor :func:`candidate_signals`
-      instead of the history's own attention (a non-deployable reference).
-
-  Returns:
-    (logits [B, C], memory).
-  """
-  prefix, req = split_request(items, ts, length, query_len)
-  cache, signals = model.prefill(prefix, window)
-  if oracle:
-    signals = candidate_signals(model, cache, req, candidates, window)
-  memory, _ = compressor.compress(cache, compressor.init(cache), signals)
-  return model.rank(memory.materialize(), req, candidates), memory
+def _serve(model, data: EvalSet, compressor, candidates: np.ndarray, *, batch_size: int,
+           query_len: int, window: int, num_devices: int, where: str,
+           target_aware: bool = False, oracle: bool = False) -> serving.Served:
+  """The first ``len(candidates)`` users of ``data`` through the serving pipeline."""
+  n = len(candidates)
+  user_batches = serving.batches(model, data, batch_size=batch_size, max_users=n,
+                                 query_len=query_len, window=window, num_devices=num_devices)
+  return serving.serve(model, user_batches, compressor, candidates=candidates, window=window,
+                       num_devices=num_devices, where=where, target_aware=target_aware,
+                       oracle=oracle)
 
 
 def per_user_candidate_metrics(scores: np.ndarray) -> dict[str, np.ndarray]:
@@ -278,35 +227,42 @@ def paired_se(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 def rank_cell(model, data: EvalSet, candidates: np.ndarray, compressor: comp_lib.Compressor, *,
               batch_size: int = 64, query_len: int = 1, window: int = 8,
-              oracle: bool = False) -> dict:
+              oracle: bool = False, num_devices: int = 0) -> dict:
   """One ranking cell: serve each user's memory through ``compressor`` and rank candidates.
 
-  The call a sweep makes for a (method, ratio, task="ranking") cell. Users are served in
-  fixed-size batches (the last padded and masked).
+  The call a sweep makes for a (method, ratio, task="ranking") cell: the serving pipeline
+  (``serving.batches`` -> ``serving.serve(..., target_aware=True)``: prefill, compress,
+  ``model.rank`` of the materialized memory, the non-finite guard) over the first U users
+  in fixed-size batches (the last padded and masked), then :func:`impression_metrics`.
 
   Args:
     model: backbone with ``rank``. data: evaluation split; candidates: [U, 1 + K] ids with
       the held-out positive in column 0 (see ``sample_candidates`` or
-      ``data.synthetic.ranking_candidates``). compressor: the memory. oracle: see
-      :func:`serve_rank`.
+      ``data.synthetic.ranking_candidates``). compressor: the memory, or None for the
+      recompute reference (history + request re-encoded, nothing stored). oracle: compress
+      with :func:`candidate_signals` (the candidates' own attention; a non-deployable upper
+      reference for attention-based eviction). batch_size, query_len, window, num_devices:
+      as :func:`malloc_jax.evaluate.evaluate`.
 
   Returns:
     {"metrics": summary (AUC, GAUC, logloss, NDCG@10, top1, ...), "per_user": {"auc",
     "ndcg10", "top1", "logloss"} arrays [U], "logits": [U, 1 + K], "bytes_per_user": stored
-    bytes of the served memories / U}.
+    bytes of the served memories / U}: ``compressors.bytes_per_user``, the static-capacity
+    buffer bytes, equal for every batch (recompute: the mean stored bytes of the raw events).
+
+  Raises:
+    FloatingPointError: a user's scores are not finite (the user is named).
   """
   U = len(candidates)
   if U == 0 or U > len(data):
     raise ValueError(f"rank_cell: {U} candidate rows for {len(data)} users")
-  bs = min(batch_size, U)
-  out, nbytes = [], 0.0
-  for _start, idx, real in padded_batches(U, bs):
-    logits, memory = serve_rank(model, jnp.asarray(data.items[idx]), jnp.asarray(data.ts[idx]),
-                                jnp.asarray(data.length[idx]), jnp.asarray(candidates[idx]),
-                                compressor=compressor, query_len=query_len, window=window,
-                                oracle=oracle)
-    out.append(np.asarray(logits)[real])
-    nbytes += float(comp_lib.bytes_per_user(memory)) * int(real.sum())
-  logits = np.concatenate(out)
+  served = _serve(model, data, compressor, np.asarray(candidates), batch_size=batch_size,
+                  query_len=query_len, window=window, num_devices=num_devices,
+                  where="rank_cell", target_aware=True, oracle=oracle)
+  if compressor is None:
+    nbytes = float(served.user_bytes[0].mean())
+  else:
+    nbytes = float(comp_lib.bytes_per_user(served.memory))
+  logits = served.candidate_logits
   summary, per = impression_metrics(logits)
-  return {"metrics": summary, "per_user": per, "logits": logits, "bytes_per_user": nbytes / U}
+  return {"metrics": summary, "per_user": per, "logits": logits, "bytes_per_user": nbytes}

@@ -13,7 +13,10 @@ Stages (each one ``jax.jit``-compiled once per shape and static setting):
 1. :func:`prefill_stage`: each user's history minus the request -> native cache and signals.
 2. :func:`compress_stage`: the one-shot compressed memory.
 3. :func:`score_stage`: the request read against the memory; rank of the target over all
-   items, optional candidate logits (ranking), and a finiteness flag per user.
+   items, optional candidate logits (cosine candidate scores), and a finiteness flag per
+   user. :func:`rank_stage` replaces it for target-aware ranking (``serve(...,
+   target_aware=True)``: each candidate a query token reading the memory, ``model.rank``),
+   optionally after :func:`oracle_signals_stage` replaced the prefill signals.
 4. :func:`stream_stage`: the streaming protocol (the prefix arrives in r requests, the memory
    is extended and re-compressed after each) -> ranks and memory.
 5. :func:`recompute_stage`: the reference that stores nothing and re-encodes everything.
@@ -38,6 +41,7 @@ import numpy as np
 
 from malloc_jax import compressors as comp_lib
 from malloc_jax import parallel, reads
+from malloc_jax.cache import Signals
 from malloc_jax.metrics import target_rank
 from malloc_jax.models.base import Events
 from malloc_jax.streaming import stream_memory
@@ -100,6 +104,45 @@ def score_stage(model, memory, req, target, candidates=None):
                candidates)
 
 
+def candidate_signals(model, cache, request, candidates, window: int) -> Signals:
+  """Attention signals from the request's actual candidates (the "oracle vote").
+
+  ``acc_attn`` [L, B, H, T] is the attention the C candidates pay each memory slot, summed
+  over candidates; ``window_attn`` [L, B, H, window, T] repeats that sum in every row, so
+  SnapKV's vote (a sum over its window's rows) ranks slots by it too. Any attention-based
+  eviction fed these signals keeps what the candidates read: it sees the request's
+  candidates before compressing, which no deployable method can, so it is an upper
+  reference for eviction, not a method.
+
+  Returns:
+    :class:`malloc_jax.cache.Signals` over the cache's T slots.
+  """
+  _, attn = model.rank(cache, request, candidates, return_attn=True)  # [L, B, H, C, T]
+  acc = jnp.sum(attn, axis=3)
+  win = jnp.broadcast_to(acc[:, :, :, None, :], acc.shape[:3] + (window,) + acc.shape[3:])
+  B = acc.shape[1]
+  return Signals(acc_attn=acc, window_attn=win, window_valid=jnp.ones((B, window), bool))
+
+
+@functools.partial(jax.jit, static_argnames=("window",))
+def oracle_signals_stage(model, cache, req, candidates, *, window: int) -> Signals:
+  """Stage 1b (target-aware ranking with ``oracle``): :func:`candidate_signals` of the cache."""
+  return candidate_signals(model, cache, req, candidates, window)
+
+
+@jax.jit
+def rank_stage(model, memory, req, target, candidates):
+  """Stage 3, target-aware: (target ranks [B], ``model.rank`` logits [B, C], finite [B]).
+
+  The candidates read ``memory.materialize()`` (the compressed reads have no candidate block
+  mask); the next-item rank of the target is read as in :func:`score_stage`, and ``finite``
+  covers both the next-item logits and the candidate logits."""
+  ranks, _, finite = _read(model, model.user_embedding(reads.serving_view(model, memory), req),
+                           target, None)
+  logits = model.rank(memory.materialize(), req, candidates)  # [B, C]
+  return ranks, logits, finite & jnp.all(jnp.isfinite(logits), axis=1)
+
+
 @functools.partial(jax.jit, static_argnames=("compressor", "requests", "window"))
 def stream_stage(model, prefix, req, target, *, compressor, requests: int, window: int):
   """Stage 4, the streaming protocol with r = ``requests``: (ranks [B], memory, finite [B])."""
@@ -109,11 +152,19 @@ def stream_stage(model, prefix, req, target, *, compressor, requests: int, windo
   return ranks, memory, finite
 
 
-@jax.jit
-def recompute_stage(model, items, ts, length, target, candidates=None):
-  """The recompute reference (history + request re-encoded, no memory): as score_stage."""
-  h = model.user_embedding(model.empty_cache(items.shape[0]), Events(items, ts, length))
-  return _read(model, h, target, candidates)
+@functools.partial(jax.jit, static_argnames=("target_aware",))
+def recompute_stage(model, items, ts, length, target, candidates=None, *,
+                    target_aware: bool = False):
+  """The recompute reference (history + request re-encoded, no memory): as score_stage, or
+  with ``target_aware`` as rank_stage (the whole history is the request of ``model.rank``)."""
+  events = Events(items, ts, length)
+  empty = model.empty_cache(items.shape[0])
+  h = model.user_embedding(empty, events)
+  if not target_aware:
+    return _read(model, h, target, candidates)
+  ranks, _, finite = _read(model, h, target, None)
+  logits = model.rank(empty, events, candidates)  # [B, C]
+  return ranks, logits, finite & jnp.all(jnp.isfinite(logits), axis=1)
 
 
 def check_finite(finite, real: np.ndarray, start: int, where: str) -> None:
@@ -201,7 +252,7 @@ class Served:
 
 def serve(model, user_batches: Iterable[Batch], compressor, *, candidates=None,
           requests: tuple[int, ...] = (), window: int = 8, num_devices: int = 0,
-          where: str = "serve") -> Served:
+          where: str = "serve", target_aware: bool = False, oracle: bool = False) -> Served:
   """Stages 2-4 (or the recompute reference when ``compressor`` is None) over ``batches``.
 
   Args:
@@ -211,13 +262,23 @@ def serve(model, user_batches: Iterable[Batch], compressor, *, candidates=None,
     requests: r values of the streaming protocol (none: one-shot only).
     window: signal rows, as in prefill. num_devices: as given to :func:`batches`.
     where: names the caller in the non-finite guard's message.
+    target_aware: score the candidates with ``model.rank`` (:func:`rank_stage`: each
+      candidate a query token reading the memory and the request) instead of the cosine of
+      the request's state with their embeddings; needs ``candidates``.
+    oracle: compress with :func:`candidate_signals` (the candidates' own attention) instead
+      of the prefill signals: the non-deployable upper reference of attention-based eviction.
+      Needs ``target_aware`` and a compressor.
 
   Returns:
-    :class:`Served`.
+    :class:`Served` (``candidate_logits`` from ``model.rank`` when ``target_aware``).
 
   Raises:
     FloatingPointError: a user's scores are not finite (the user is named).
   """
+  if target_aware and candidates is None:
+    raise ValueError(f"{where}: target_aware ranking needs candidates [n, C]")
+  if oracle and (not target_aware or compressor is None):
+    raise ValueError(f"{where}: oracle signals need target_aware=True and a compressor")
   model = parallel.replicate(parallel.data_mesh(num_devices), model)
   ranks, logits = [], []
   stream = {r: [] for r in requests}
@@ -233,15 +294,20 @@ def serve(model, user_batches: Iterable[Batch], compressor, *, candidates=None,
     t = time.time()
     if compressor is None:
       r, c, finite = jax.block_until_ready(recompute_stage(
-          model, b.events.items, b.events.ts, b.events.length, b.target, cand))
+          model, b.events.items, b.events.ts, b.events.length, b.target, cand,
+          target_aware=target_aware))
       seconds["score"] += time.time() - t
       stored = comp_lib.events_stored_bytes(b.events.items, b.events.ts, b.events.length)
       figures.append(np.stack([stored, stored]).astype(np.float64)[:, b.real])
       lengths.append(parallel.to_host(b.events.length)[b.real])
     else:
-      memory = jax.block_until_ready(compress_stage(b.cache, b.signals, compressor=compressor))
+      signals = b.signals
+      if oracle:
+        signals = oracle_signals_stage(model, b.cache, b.req, cand, window=window)
+      memory = jax.block_until_ready(compress_stage(b.cache, signals, compressor=compressor))
       t1 = time.time()
-      r, c, finite = jax.block_until_ready(score_stage(model, memory, b.req, b.target, cand))
+      stage = rank_stage if target_aware else score_stage
+      r, c, finite = jax.block_until_ready(stage(model, memory, b.req, b.target, cand))
       t2 = time.time()
       for q in requests:
         s_r, smem[q], ok = jax.block_until_ready(stream_stage(

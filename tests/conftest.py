@@ -11,8 +11,17 @@ import pytest
 # environment before any test module imports jax, so subprocesses inherit it too. Set
 # JAX_COMPILATION_CACHE_DIR yourself to choose the directory (or "" to disable).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), "malloc_jax_tests_xla_cache"))
+                      os.path.join(tempfile.gettempdir(), "malloc_jax_tests_xla_cache_locked"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# The default run uses two pytest-xdist workers (pyproject addopts), and other processes (the
+# subprocess tests, other checkouts) share the directory. Without a size limit JAX writes an
+# entry with a plain write_bytes, which a concurrent reader can see half-written; with a
+# limit set, every read and write of the cache takes the directory's file lock (the
+# ``filelock`` package, a test dependency), so no process reads a partial executable. 4 GiB
+# is far above what the suite writes (~100 MB), so nothing is evicted in practice. (The
+# directory is not the unlocked one earlier checkouts wrote: JAX's eviction scan needs the
+# access-time file it writes beside each entry when the limit is set.)
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

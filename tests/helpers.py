@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,3 +62,14 @@ jit_prefill = jax.jit(lambda m, e: m.prefill(e, 4))
 jit_extend = jax.jit(lambda m, c, e: m.extend(c, e, 4))
 jit_encode = jax.jit(lambda m, c, e: m.encode(c, e))
 jit_score = jax.jit(lambda m, c, e: m.score(c, e))
+
+
+@functools.cache
+def jitted_compress(name: str, params: tuple):
+  """(compressor, jax.jit(compressor.compress)) of ``make_compressor(name, **dict(params))``,
+  built once per setting, so the hypothesis examples of one setting share one compile (a
+  new compressor per example is a new function to trace and compile)."""
+  from malloc_jax.compressors import make_compressor  # noqa: PLC0415
+
+  comp = make_compressor(name, **dict(params))
+  return comp, jax.jit(comp.compress)

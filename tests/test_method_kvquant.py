@@ -4,6 +4,7 @@ sets, codes, reconstructions, stored bytes, bit packing and the k-means codebook
 from __future__ import annotations
 
 import fractions
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -59,14 +60,21 @@ def make_codebooks(seed, bits):
   return Q.KVQuantCodebooks(k=jnp.asarray(f(), jnp.float32), v=jnp.asarray(f(), jnp.float32))
 
 
+@functools.partial(jax.jit, static_argnames="outliers")
+def _compress(cb, cache, outliers):
+  """kvquant's compress with the codebooks a traced argument: one compile per (bits,
+  outliers), not one per drawn codebook (closed over, they would be baked into the program)."""
+  comp = C.kvquant(cb, outliers=outliers)
+  return comp.compress(cache, comp.init(cache), None)[0]
+
+
 @pytest.mark.parametrize("bits,outliers", [(2, 0.25), (3, 0.1), (1, 0.0), (4, 0.5)])
 @SETTINGS
 @given(seed=SEEDS, sparse=st.booleans())
 def test_kvquant_matches_reference(bits, outliers, seed, sparse):
   cache, _ = make_cache(seed, sparse)
   cb = make_codebooks(seed, bits)
-  comp = C.kvquant(cb, outliers=outliers)
-  memory, _ = jax.jit(comp.compress)(cache, comp.init(cache), None)
+  memory = _compress(cb, cache, outliers=outliers)
   dense = memory.materialize()
   got_k, got_v = np.asarray(dense.k, np.float64), np.asarray(dense.v, np.float64)
   kcodes = np.asarray(Q.unpack_bits(memory.k_codes, bits, D))  # [L, B, H, T, D]

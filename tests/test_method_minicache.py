@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from malloc_jax import compressors as C
 from malloc_jax.compressors.cross_layer_merge import slerp_directions
+from tests.helpers import jitted_compress
 from tests.test_compressors_eviction import SEEDS, SETTINGS, B, D, H, L, T, make_cache
 from tests.test_method_tova import stack_users
 
@@ -51,8 +52,8 @@ def with_layers(cache, layers):
 def test_minicache_matches_reference(layers, start, t, retain, seed, sparse):
   cache = with_layers(make_cache(seed, sparse)[0], layers)
   nl = len(layers)
-  comp = C.minicache(start=start, t=t, retain=retain)
-  memory, _ = jax.jit(comp.compress)(cache, comp.init(cache), None)
+  comp, compress = jitted_compress("minicache", (("start", start), ("t", t), ("retain", retain)))
+  memory, _ = compress(cache, comp.init(cache), None)
   dense = memory.materialize()
   pairs = list(range(start, nl - 1, 2))
   unmerged = [l for l in range(nl) if not any(p <= l <= p + 1 for p in pairs)]

@@ -17,6 +17,7 @@ from malloc_jax.compressors.quest_pages import (
   quest_select,
   quest_view,
 )
+from tests.helpers import jitted_compress
 from tests.test_compressors_eviction import SEEDS, SETTINGS, B, D, H, L, T, make_cache
 from tests.test_method_tova import check_vmap
 
@@ -50,8 +51,8 @@ def ref_quest(pos, k, v, q, page, pages):
 @given(seed=SEEDS, sparse=st.booleans())
 def test_quest_matches_reference(page, pages, seed, sparse):
   cache, q = half_integer_cache(seed, sparse)
-  comp = C.quest(page=page)
-  memory, _ = jax.jit(comp.compress)(cache, comp.init(cache), None)
+  comp, compress = jitted_compress("quest", (("page", page),))
+  memory, _ = compress(cache, comp.init(cache), None)
   chosen = np.asarray(jax.jit(quest_select, static_argnums=2)(memory, q, pages))
   P = -(-T // page)
   assert memory.kmin.shape == (L, B, H, P, D) and chosen.shape == (L, B, H, P)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from malloc_jax import compressors as C
+from tests.helpers import jitted_compress
 from tests.test_compressors_eviction import SEEDS, SETTINGS, B, D, H, L, T, W, make_cache
 from tests.test_method_tova import check_vmap
 
@@ -32,8 +32,8 @@ def test_think_matches_reference(channels, seed, sparse, short):
   q = np.asarray(sig.window_queries).copy()
   q[:, 0, :, :short] = 1e3  # padding rows hold garbage that must not count
   sig = sig.replace(window_valid=jnp.asarray(wv), window_queries=jnp.asarray(q))
-  comp = C.think(channels=channels)
-  memory, _ = jax.jit(comp.compress)(cache, comp.init(cache), sig)
+  comp, compress = jitted_compress("think", (("channels", channels),))
+  memory, _ = compress(cache, comp.init(cache), sig)
   dense = memory.materialize()
   ck, cv, cp = np.asarray(cache.k), np.asarray(cache.v), np.asarray(cache.pos)
   gk, gv = np.asarray(dense.k), np.asarray(dense.v)

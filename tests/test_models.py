@@ -158,7 +158,7 @@ def test_prefill_returns_the_last_window_queries(name):
   W, lengths = 4, [9, 2, 0]
   model = random_model(name, 40, max_len=12)
   ev = random_events(3, 12, lengths, 40, seed=3)
-  _, sig = model.prefill(ev, W)
+  _, sig = jit_prefill(model, ev)  # W = 4
   L, H = len(model.layers), model.layers[0].heads
   x = model.embed(ev.items, jnp.broadcast_to(jnp.arange(12), (3, 12)))  # [B, N, d]
   layer = model.layers[0]

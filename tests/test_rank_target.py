@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from malloc_jax.models import Events, make_model
-from tests.helpers import VARIANT_OPTIONS, random_events
+from tests.helpers import VARIANT_OPTIONS, jit_forward, random_events
 
 NUM_ITEMS = 40
 HIST = [7, 0, 12, 3]  # one user with an empty history
@@ -27,20 +27,29 @@ def _inputs(seed=0):
 
 
 def _direct(model, hist, req, cands):
-  """float64 NumPy-assembled reference: one full forward pass per (user, candidate)."""
-  out = np.zeros(cands.shape, np.float64)
+  """Reference: one full forward pass (no cache) per (user, candidate) over history +
+  request + that candidate, assembled in NumPy; the B * C sequences run as one batch."""
   hi, ht, hl = map(np.asarray, (hist.items, hist.ts, hist.length))
   ri, rt, rl = map(np.asarray, (req.items, req.ts, req.length))
-  for b in range(cands.shape[0]):
+  cands = np.asarray(cands)
+  B, Cn = cands.shape
+  W = int((hl + rl).max()) + 1
+  items = np.zeros((B * Cn, W), np.int32)
+  ts = np.zeros((B * Cn, W), np.int32)
+  lengths = np.zeros(B * Cn, np.int32)
+  for b in range(B):
     t_c = rt[b, rl[b] - 1] if rl[b] else 0
-    for c in range(cands.shape[1]):
-      items = np.concatenate([hi[b, :hl[b]], ri[b, :rl[b]], [int(cands[b, c])]])
-      ts = np.concatenate([ht[b, :hl[b]], rt[b, :rl[b]], [t_c]])
-      ev = Events(jnp.asarray(items[None], jnp.int32), jnp.asarray(ts[None], jnp.int32),
-                  jnp.asarray([len(items)], jnp.int32))
-      h = model(ev)[:, -1:]  # [1, 1, d]
-      out[b, c] = float(model.rank_logits(h, cands[b:b + 1, c:c + 1])[0, 0])
-  return out
+    for c in range(Cn):
+      row = np.concatenate([hi[b, :hl[b]], ri[b, :rl[b]], [cands[b, c]]])
+      n = len(row)
+      items[b * Cn + c, :n] = row
+      ts[b * Cn + c, :n] = np.concatenate([ht[b, :hl[b]], rt[b, :rl[b]], [t_c]])
+      lengths[b * Cn + c] = n
+  x = np.asarray(jit_forward(model, Events(jnp.asarray(items), jnp.asarray(ts),
+                                           jnp.asarray(lengths))))  # [B * C, W, d]
+  h = x[np.arange(B * Cn), lengths - 1][:, None]  # [B * C, 1, d]: each candidate's state
+  out = model.rank_logits(jnp.asarray(h), jnp.asarray(cands.reshape(B * Cn, 1)))
+  return np.asarray(out, np.float64).reshape(B, Cn)
 
 
 _rank = jax.jit(lambda m, cache, req, cands: m.rank(cache, req, cands))
@@ -110,7 +119,8 @@ def test_rank_attention_rows_cover_memory():
   model = make("sasrec")
   hist, req, cands = _inputs()
   cache = _prefill(model, hist)
-  logits, attn = model.rank(cache, req, cands, return_attn=True)
+  logits, attn = jax.jit(lambda m, c, r, k: m.rank(c, r, k, return_attn=True))(
+      model, cache, req, cands)
   L, B, H, Cc, T = attn.shape
   assert (L, B, Cc, T) == (2, 4, C, cache.capacity)
   np.testing.assert_allclose(np.asarray(logits), np.asarray(_rank(model, cache, req, cands)),
@@ -119,3 +129,36 @@ def test_rank_attention_rows_cover_memory():
   assert np.all(np.asarray(attn)[np.broadcast_to(empty, attn.shape)] == 0)
   # Softmax rows: memory + request + self sum to 1, so the memory part is at most 1.
   assert np.all(np.asarray(attn).sum(-1) <= 1 + 1e-5)
+
+
+def test_rank_cell_serves_through_the_pipeline():
+  """``ranking.rank_cell`` (serving.batches -> serve(target_aware=True)) against the direct
+  forward passes: native memory, the recompute reference, and oracle signals (which the
+  native memory ignores); batches of 3 over 4 users (the last batch padded)."""
+  from malloc_jax import compressors as comp_lib  # noqa: PLC0415
+  from malloc_jax.data.dataset import EvalSet  # noqa: PLC0415
+  from malloc_jax.ranking import rank_cell  # noqa: PLC0415
+  from tests.helpers import take  # noqa: PLC0415
+
+  model = make("hstu")  # the pipeline is backbone-agnostic; rank itself is tested above
+  q = 2
+  full = random_events(4, 12, [8, 1, 12, 5], NUM_ITEMS, seed=7)
+  length = np.asarray(full.length)
+  split = np.maximum(length - q, 0)  # users shorter than the request keep what they have
+  hist, req = take(full, np.zeros(4, int), split), take(full, split, length)
+  cands = np.random.default_rng(8).integers(1, NUM_ITEMS + 1, (4, C)).astype(np.int32)
+  data = EvalSet(np.asarray(full.items), np.asarray(full.ts), length, cands[:, 0].copy(),
+                 np.zeros(4, np.int32))
+  ref = _direct(model, hist, req, jnp.asarray(cands))
+  native = rank_cell(model, data, cands, comp_lib.native(), batch_size=3, query_len=q,
+                     window=4)
+  np.testing.assert_allclose(native["logits"], ref, atol=1e-5, rtol=1e-5)
+  recompute = rank_cell(model, data, cands, None, batch_size=3, query_len=q, window=4)
+  np.testing.assert_allclose(recompute["logits"], ref, atol=1e-5, rtol=1e-5)
+  # recompute keeps the raw events: one item id and one time stamp per event, plus a length
+  assert recompute["bytes_per_user"] == pytest.approx(np.mean(length * 8 + 4))
+  oracle = rank_cell(model, data, cands, comp_lib.native(), batch_size=3, query_len=q,
+                     window=4, oracle=True)
+  np.testing.assert_allclose(oracle["logits"], ref, atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="oracle signals need"):
+    rank_cell(model, data, cands, None, oracle=True)

@@ -57,9 +57,10 @@ def test_positions_in_one_pass_equal_rank_of_each_prefix(name):
                       jnp.int32)
   got = np.asarray(jax.jit(ranking_logits)(model, items, ts, length, p, cands))
   N = items.shape[1] - 1
+  rank_alone = jax.jit(lambda m, req, c: m.rank(m.empty_cache(3), req, c))
   for j in range(p.shape[1]):
     req = Events(items[:, :N], ts[:, :N], p[:, j])
-    want = np.asarray(model.rank(model.empty_cache(3), req, cands[:, j]))
+    want = np.asarray(rank_alone(model, req, cands[:, j]))
     np.testing.assert_allclose(got[:, j], want, rtol=1e-5, atol=1e-5)
 
 
@@ -69,9 +70,11 @@ def test_listwise_loss_is_softmax_cross_entropy():
   sampler = RankingSampler(uniform=3, hard=4, groups=GROUPS, item_group=ITEM_GROUP,
                            positions=3, loss="listwise")
   rng = jax.random.key(3)
-  loss, count = ranking_loss(model, items, ts, length, rng, sampler, dropout=False)
+  loss, count = jax.jit(lambda m, *a: ranking_loss(m, *a, sampler, dropout=False))(
+      model, items, ts, length, rng)
   p, cands = ranking_impressions(items, length, jax.random.split(rng)[0], sampler, NUM_ITEMS)
-  z = np.asarray(ranking_logits(model, items, ts, length, p, cands), np.float64)  # [B, P, C]
+  z = np.asarray(jax.jit(ranking_logits)(model, items, ts, length, p, cands),
+                 np.float64)  # [B, P, C]
   c = np.asarray(cands)
   keep = np.ones(c.shape, bool)
   keep[..., 1:] = c[..., 1:] != c[..., :1]  # a uniform draw equal to the positive drops out

@@ -22,6 +22,7 @@ from tests.helpers import (
   jit_forward,
   jit_prefill,
   jit_score,
+  jitted_compress,
   random_events,
   random_model,
   take,
@@ -342,9 +343,11 @@ def test_fuzz_serving_path_against_full_forward(data):
   np.testing.assert_allclose(got[:, 1:], ref[:, 1:], atol=1e-4, rtol=1e-5)
   # Eviction whose budget covers the capacity keeps every event: native scores exactly.
   cache, sig = jit_prefill(model, _take_fixed(ev, 0 * n, n - 1, N))
-  comp = data.draw(st.sampled_from([C.h2o(heavy=N - 1, recent=1), C.snapkv(budget=N, window=1),
-                                    C.streaming(sinks=1, recent=N - 1)]), label="compressor")
-  mem, _ = jax.jit(comp.compress)(cache, comp.init(cache), sig)
+  method, params = data.draw(st.sampled_from([
+      ("h2o", (("heavy", N - 1), ("recent", 1))), ("snapkv", (("budget", N), ("window", 1))),
+      ("streaming", (("sinks", 1), ("recent", N - 1)))]), label="compressor")
+  comp, compress = jitted_compress(method, params)  # one compile per compressor
+  mem, _ = compress(cache, comp.init(cache), sig)
   np.testing.assert_array_equal(np.asarray(jit_score(model, mem.materialize(), req)),
                                 np.asarray(jit_score(model, cache, req)))
 
