@@ -136,8 +136,15 @@ def test_sweep_with_both_tasks_matches_rank_cell(tmp_path):
   paths = write_report(tmp_path, print_fn=quiet)
   text = paths["markdown"].read_text()
   assert "## synthetic: ranking" in text and "ΔGAUC vs native" in text
-  line = next(x for x in text.splitlines() if "| streaming@2x |" in x and "[" in x)
+  ranking_part = text.split("## synthetic: ranking", 1)[1]
+  line = next(x for x in ranking_part.splitlines() if "| streaming@2x |" in x and "[" in x)
   assert f"{st['GAUC']:.4f}" in line and f"{st['dGAUC']:+.4f}" in line
+  # The retrieval table: the paired NDCG@10 interval to native from the rows' ranks.
+  rt = by["retrieval", "streaming@2x"]
+  retrieval_part = text.split("## synthetic: ranking", 1)[0]
+  line = next(x for x in retrieval_part.splitlines() if "| streaming@2x |" in x)
+  assert "ranks" in rt and len(rt["ranks"]) == rt["num_users"]
+  assert (" tie |" in line or "**differs** |" in line) and "| ref |" in retrieval_part
   assert paths["plot"].exists() and paths["task_plot"].exists()
   csv = paths["csv"].read_text().splitlines()
   assert csv[0].startswith("dataset,task,model,method") and len(csv) == 5  # tasks kept apart
