@@ -49,8 +49,9 @@ native_read (the same cache as a DenseMemory through the read), lowrank4 / lowra
 D/4, D/8, bases fitted on the cache), kivi2 / kivi4 (G=32, R=128), uniform8 / uniform4, h2o8 /
 snapkv8 (budget T/8), chain (snapkv8 then kivi2). Requests: ``m`` new events, or ``m+C``: m
 events plus C ranking candidates scored as extra query events (the candidates' keys join the
-request's own keys; ``model.rank`` is not on this branch, so candidates are not isolated from
-each other: the same reads, a few more new keys). All forms are timed interleaved in one
+request's own keys; ``model.rank``'s candidate block mask needs the materialized memory, which
+the compressed reads exist to avoid, so here candidates are not isolated from each other: the
+same reads of the memory, a few more new keys). All forms are timed interleaved in one
 process (every round calls every form once; medians over rounds). Peak memory: XLA's temp
 bytes of the compiled request (``memory_analysis``) and VmHWM after one call (reset through
 /proc/self/clear_refs before it). Bytes read: every stored leaf of the memory once, per user.
