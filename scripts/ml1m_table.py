@@ -293,10 +293,19 @@ def main(argv):
   pop = retrieval_metrics(popularity_ranks(data.popularity, split.target[:n]), (10,))
   result = {"dataset": data.summary(), "model": config.model.to_dict(),
             "capacity": config.data.max_len, "train": info, "popularity": pop}
-  # Full history lengths (before the capacity cut): the parser's per-user event counts.
-  from malloc_jax.data import parsers
-  inter = parsers.load(config.data.source, config.data.path, min_events=config.data.min_events)
-  lengths = (np.diff(inter.offsets) - (1 if config.eval.split == "test" else 2))[:n]
+  # Full history lengths (before the capacity cut): the parser's per-user event counts. The
+  # synthetic generator's histories fit the window (data.synthetic.max_len <= data.max_len is
+  # checked below), so there the served history lengths are the full ones.
+  if config.data.source == "synthetic":
+    if config.data.synthetic.max_len > config.data.max_len:
+      raise ValueError("synthetic data: data.synthetic.max_len > data.max_len; the full "
+                       "history lengths of the length breakdown are not kept")
+    lengths = np.asarray(split.length[:n], np.int64)
+  else:
+    from malloc_jax.data import parsers
+    inter = parsers.load(config.data.source, config.data.path,
+                         min_events=config.data.min_events)
+    lengths = (np.diff(inter.offsets) - (1 if config.eval.split == "test" else 2))[:n]
 
   heads, dk, dv = model.head_dims()
   spec = cache_spec(len(model.layers), heads, config.data.max_len, dk, dv)
