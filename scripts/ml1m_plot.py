@@ -37,7 +37,9 @@ def table_rows(path: str) -> list[dict]:
                 if key == "stored_bytes" else "")
         raise ValueError(f"{path}: row {r.get('method')!r} has no field {key!r}{hint}")
     family = "+".join(m for m, _ in r["steps"]) or "native"
-    out.append({**r, "bytes_per_user": r["stored_bytes"], "dataset": f"ML-1M {name} (capacity {d['capacity']})", "model": name,
+    data = d.get("dataset", "ML-1M").split(":")[0]
+    out.append({**r, "bytes_per_user": r["stored_bytes"],
+                "dataset": f"{data} {name} (capacity {d['capacity']})", "model": name,
                 "family": family})
   return out
 
