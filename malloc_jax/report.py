@@ -240,6 +240,22 @@ def _latency(r: dict) -> float | None:
   return float(x) if _num(x) and math.isfinite(x) and x > 0 else None
 
 
+def _draw_point(ax, x: float, y: float, err, colour, marker, size: int = 42) -> None:
+  """One row's marker, with its error bar ``err`` = (below, above) when given."""
+  ax.scatter(x, y, marker=marker, color=colour, s=size, alpha=0.85)
+  if err is not None:
+    ax.errorbar(x, y, yerr=[[err[0]], [err[1]]], fmt="none", ecolor=colour, elinewidth=1,
+                capsize=2, alpha=0.6)
+
+
+def _draw_frontier(ax, x: np.ndarray, y: np.ndarray, rs: list[dict], front) -> None:
+  """The frontier points ``front`` (indices into x, y, rs) as a step line, each one named."""
+  ax.step(x[front], y[front], where="post", color="k", lw=1.2, alpha=0.7)
+  for i in front:
+    ax.annotate(f"{rs[i]['model']}/{rs[i]['method']}", (x[i], y[i]), fontsize=7,
+                xytext=(3, 3), textcoords="offset points")
+
+
 def _latency_panel(ax, rs: list[dict], dataset: str, style) -> None:
   """Latency per request batch against stored bytes per user (both log), with the frontier
   of the rows that no other row beats on both (fewer bytes and a lower latency)."""
@@ -249,11 +265,7 @@ def _latency_panel(ax, rs: list[dict], dataset: str, style) -> None:
   y = np.array([_latency(r) for r in rs], np.float64)
   for i, r in enumerate(rs):
     ax.scatter(x[i], y[i], s=42, alpha=0.85, **style(r))
-  front = pareto_front(x, -y)
-  ax.step(x[front], y[front], where="post", color="k", lw=1.2, alpha=0.7)
-  for i in front:
-    ax.annotate(f"{rs[i]['model']}/{rs[i]['method']}", (x[i], y[i]), fontsize=7,
-                xytext=(3, 3), textcoords="offset points")
+  _draw_frontier(ax, x, y, rs, pareto_front(x, -y))
   batch = {r.get("cost_batch") for r in rs}
   per = f" of {batch.pop()} users" if len(batch) == 1 and None not in batch else ""
   ax.set_xscale("log")
@@ -318,17 +330,9 @@ def pareto_plot(rows: list[dict], path: str | os.PathLike, metric: str = "NDCG@1
         if r["family"] == "native" and r["model"] in ("hstu", "sasrec"):
           ax.axhline(r[metric], color=colour[r["model"]], ls=":", lw=1, alpha=0.7)
     for i, r in enumerate(rs):
-      ax.scatter(xs[i], y[i], marker=marker[family(r)], color=colour[r["model"]], s=42,
-                 alpha=0.85)
-      err = _yerr(r) if errorbars else None
-      if err is not None:
-        ax.errorbar(xs[i], y[i], yerr=[[err[0]], [err[1]]], fmt="none",
-                    ecolor=colour[r["model"]], elinewidth=1, capsize=2, alpha=0.6)
-    front = pareto_front(x, y)
-    ax.step(xs[front], y[front], where="post", color="k", lw=1.2, alpha=0.7)
-    for i in front:
-      ax.annotate(f"{rs[i]['model']}/{rs[i]['method']}", (xs[i], y[i]), fontsize=7,
-                  xytext=(3, 3), textcoords="offset points")
+      _draw_point(ax, xs[i], y[i], _yerr(r) if errorbars else None, colour[r["model"]],
+                  marker[family(r)])
+    _draw_frontier(ax, xs, y, rs, pareto_front(x, y))
     ax.set_xscale("log")
     ax.set_xlabel("bytes per user (stored)")
     ax.set_ylabel(metric)
@@ -458,17 +462,9 @@ def task_pareto_plot(rows: list[dict], path: str | os.PathLike, metric: str = "N
     x = np.array([_bytes(r) for r in rs], np.float64)
     y = np.array([r[m] for r in rs], np.float64)
     for i, r in enumerate(rs):
-      ax.scatter(x[i], y[i], marker=marker[r["family"]], color=colour[r["model"]], s=40,
-                 alpha=0.85)
-      err = _yerr(r) if task == "ranking" else None
-      if err is not None:
-        ax.errorbar(x[i], y[i], yerr=[[err[0]], [err[1]]], fmt="none",
-                    ecolor=colour[r["model"]], elinewidth=1, capsize=2, alpha=0.6)
-    front = pareto_front(x, y)
-    ax.step(x[front], y[front], where="post", color="k", lw=1.2, alpha=0.7)
-    for i in front:
-      ax.annotate(f"{rs[i]['model']}/{rs[i]['method']}", (x[i], y[i]), fontsize=7,
-                  xytext=(3, 3), textcoords="offset points")
+      _draw_point(ax, x[i], y[i], _yerr(r) if task == "ranking" else None,
+                  colour[r["model"]], marker[r["family"]], size=40)
+    _draw_frontier(ax, x, y, rs, pareto_front(x, y))
     ax.set_xscale("log")
     ax.set_xlabel("bytes per user (stored)")
     ax.set_ylabel(m if task != "ranking" else f"{m} (candidates read the memory)")
