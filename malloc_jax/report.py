@@ -256,6 +256,20 @@ def _draw_frontier(ax, x: np.ndarray, y: np.ndarray, rs: list[dict], front) -> N
                 xytext=(3, 3), textcoords="offset points")
 
 
+def _legend_and_save(fig, path, families, marker, models, colour) -> None:
+  """The figure legend (a marker per family, a colour per model, the frontier), saved."""
+  import matplotlib.pyplot as plt
+  from matplotlib.lines import Line2D
+
+  handles = [Line2D([], [], ls="", marker=marker[f], color="0.35", label=f) for f in families]
+  handles += [Line2D([], [], ls="", marker="s", color=colour[m], label=m) for m in models]
+  handles.append(Line2D([], [], color="k", lw=1.2, label="Pareto frontier"))
+  fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+  fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def _latency_panel(ax, rs: list[dict], dataset: str, style) -> None:
   """Latency per request batch against stored bytes per user (both log), with the frontier
   of the rows that no other row beats on both (fewer bytes and a lower latency)."""
@@ -297,7 +311,6 @@ def pareto_plot(rows: list[dict], path: str | os.PathLike, metric: str = "NDCG@1
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from matplotlib.lines import Line2D
 
   datasets = list(dict.fromkeys(r["dataset"] for r in rows))
   family = lambda r: (r["family"] if r["family"] not in ("native", "recompute")
@@ -342,13 +355,7 @@ def pareto_plot(rows: list[dict], path: str | os.PathLike, metric: str = "NDCG@1
     for ax, dataset in zip(axes[1], datasets):
       _latency_panel(ax, [r for r in timed if r["dataset"] == dataset], dataset,
                      lambda r: dict(marker=marker[family(r)], color=colour[r["model"]]))
-  handles = [Line2D([], [], ls="", marker=marker[f], color="0.35", label=f) for f in families]
-  handles += [Line2D([], [], ls="", marker="s", color=colour[m], label=m) for m in models]
-  handles.append(Line2D([], [], color="k", lw=1.2, label="Pareto frontier"))
-  fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
-  fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _legend_and_save(fig, path, families, marker, models, colour)
 
 
 def best_under(rows: list[dict], budget_bytes: float, metric: str = "NDCG@10") -> dict:
@@ -440,7 +447,6 @@ def task_pareto_plot(rows: list[dict], path: str | os.PathLike, metric: str = "N
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from matplotlib.lines import Line2D
 
   panels = []
   for dataset in dict.fromkeys(r["dataset"] for r in rows):
@@ -470,13 +476,7 @@ def task_pareto_plot(rows: list[dict], path: str | os.PathLike, metric: str = "N
     ax.set_ylabel(m if task != "ranking" else f"{m} (candidates read the memory)")
     ax.set_title(f"{dataset}: {task}")
     ax.grid(True, which="both", alpha=0.3)
-  handles = [Line2D([], [], ls="", marker=marker[f], color="0.35", label=f) for f in families]
-  handles += [Line2D([], [], ls="", marker="s", color=colour[m], label=m) for m in models]
-  handles.append(Line2D([], [], color="k", lw=1.2, label="Pareto frontier"))
-  fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
-  fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _legend_and_save(fig, path, families, marker, models, colour)
 
 
 def write_report(workdir: str | os.PathLike, out: str | os.PathLike | None = None, *,

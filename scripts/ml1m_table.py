@@ -193,6 +193,31 @@ def _curve_printer(workdir: Path):
   return print_fn, curve
 
 
+def compressor_builder(model, data, config):
+  """``build(steps)``: the compressor of a cell's ``[(method, params), ...]`` (native when
+  empty, a chain when several); calibrated methods (low rank, KVQuant, ...) are fitted through
+  the registry's calibration hooks on validation histories, once per setting."""
+  fitted = {}
+  heads, dk, dv = model.head_dims()
+  shape = C.CacheShape(model.memory_layers(), heads, config.data.max_len, dk, dv)
+
+  def build(steps):
+    built = []
+    for name, params in steps:
+      key = (name, json.dumps(params, sort_keys=True, default=str))
+      if key not in fitted:
+        fitted[key] = C.factory_params(name, dict(params), shape, lambda name=name: (
+            calibration_caches(model, data.valid, num_users=config.eval.calibration_users,
+                               seed=config.seed,
+                               signals=C.get_spec(name).calibration_signals)))
+      built.append(make_compressor(name, **fitted[key]))
+    if not built:
+      return C.native()
+    return built[0] if len(built) == 1 else C.chain(*built)
+
+  return build
+
+
 def restate(config, old_path: Path, out: Path) -> None:
   """Rewrites ``old_path``'s byte columns from its recorded steps (see the module doc)."""
   import gzip
@@ -217,21 +242,10 @@ def restate(config, old_path: Path, out: Path) -> None:
   split = data.eval_set(config.eval.split)
   n = len(old["lengths"])
   served = Served(model, split, config.eval.batch_size, config.eval.window, n)
-  bases = {}
+  build = compressor_builder(model, data, config)  # fitted values do not matter to bytes
   rows = []
   for row in old["rows"]:
-    steps = []
-    for name, params in row["steps"]:
-      params = dict(params)
-      if name == "lowrank":
-        rank = int(params.pop("rank"))
-        if rank not in bases:  # values do not matter to bytes; the shapes do
-          bases[rank] = C.fit_lowrank(calibration_caches(
-              model, data.valid, num_users=config.eval.calibration_users, seed=config.seed), rank)
-        params["bases"] = bases[rank]
-      steps.append(make_compressor(name, **params))
-    comp = C.native() if not steps else steps[0] if len(steps) == 1 else C.chain(*steps)
-    _, figures = served.serve(comp)
+    _, figures = served.serve(build(row["steps"]))
     new = {**row, **figures, "compression_ratio":
            figures["reference_stored_bytes"] / figures["stored_bytes"],
            "restated_from": {"bytes_per_user": row.get("bytes_per_user"),
@@ -308,7 +322,7 @@ def main(argv):
     lengths = (np.diff(inter.offsets) - (1 if config.eval.split == "test" else 2))[:n]
 
   heads, dk, dv = model.head_dims()
-  spec = cache_spec(len(model.layers), heads, config.data.max_len, dk, dv)
+  spec = cache_spec(model.memory_layers(), heads, config.data.max_len, dk, dv)
   group = max(g for g in range(1, min(32, dv) + 1) if dv % g == 0)
   qfix = {"kivi": {"group": group, "residual": group}, "intactkv": {}, "uniform": {}}
   ratios = [float(r) for r in _RATIOS.value]
@@ -345,22 +359,7 @@ def main(argv):
   t_prefill = time.time()
   served = Served(model, split, config.eval.batch_size, config.eval.window, n)
   print(f"prefilled {served.n} users ({time.time() - t_prefill:.0f}s)", flush=True)
-  fitted = {}
-  shape = C.CacheShape(len(model.layers), heads, config.data.max_len, dk, dv)
-
-  def build(steps):
-    built = []
-    for name, params in steps:
-      key = (name, json.dumps(params, sort_keys=True, default=str))
-      if key not in fitted:  # calibrated methods (low rank, KVQuant, ...) fit once a setting
-        fitted[key] = C.factory_params(name, dict(params), shape, lambda name=name: (
-            calibration_caches(model, data.valid, num_users=config.eval.calibration_users,
-                               seed=config.seed,
-                               signals=C.get_spec(name).calibration_signals)))
-      built.append(make_compressor(name, **fitted[key]))
-    if not built:
-      return C.native()
-    return built[0] if len(built) == 1 else C.chain(*built)
+  build = compressor_builder(model, data, config)
 
   rows, ranks = [], {}
   t_cells = time.time()

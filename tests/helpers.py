@@ -16,10 +16,11 @@ VARIANT_OPTIONS = {name: dict(spec.test_options) for name, spec in VARIANT_SPECS
 
 
 def random_model(name: str, num_items: int = 40, *, dim: int = 16, heads: int = 2,
-                 num_layers: int = 2, max_len: int = 32, seed: int = 0):
-  """A backbone with dropout off and its position/time biases randomized (non-zero)."""
+                 num_layers: int = 2, max_len: int = 32, seed: int = 0, **options):
+  """A backbone with dropout off and its position/time biases randomized (non-zero);
+  ``options`` go to the model (a variant's own arguments, e.g. CLA's ``share``)."""
   model = make_model(name, num_items, dim=dim, heads=heads, num_layers=num_layers,
-                     max_len=max_len, dropout=0.0, seed=seed)
+                     max_len=max_len, dropout=0.0, seed=seed, **options)
   rng = np.random.default_rng(seed + 1)
   for layer in model.layers:
     for attr in ("rab_pos", "rab_time"):

@@ -114,18 +114,12 @@ def test_leave_one_out_dataset():
     build_dataset("toy", [np.array([1, 2])], [np.array([1, 2])], 2, 4)
 
 
-def test_full_softmax_loss_matches_numpy():
-  """train.num_negatives=0: the mean cross-entropy over all items 1..V, in float64 NumPy."""
-  import jax
-
+def _reference_loss(model, ev, candidates):
+  """(mean loss, predictions) of the sampled softmax in float64 NumPy over every prediction
+  (b, t) of the next event: the target's logit against itself plus ``candidates(b, t,
+  target)`` (item ids; the full softmax: every other item)."""
   from malloc_jax.models import Events
-  from malloc_jax.train import sampled_softmax_loss
-  from tests.helpers import random_events, random_model
 
-  model = random_model("sasrec", num_items=30)
-  ev = random_events(3, 9, [9, 5, 2], num_items=30)
-  loss, count = sampled_softmax_loss(model, ev.items, ev.ts, ev.length, jax.random.key(0), 0,
-                                     dropout=False)
   prefix = Events(ev.items[:, :-1], ev.ts[:, :-1], jnp.maximum(ev.length - 1, 0))
   h = np.asarray(model(prefix), np.float64)
   h = h / np.sqrt((h ** 2).sum(-1, keepdims=True) + 1e-6)
@@ -133,12 +127,27 @@ def test_full_softmax_loss_matches_numpy():
   total, n = 0.0, 0
   for b, k in enumerate(np.asarray(ev.length)):
     for t in range(k - 1):
-      z = table[1:] @ h[b, t] / model.temperature
       tgt = int(ev.items[b, t + 1])
-      total += np.log(np.exp(z - z.max()).sum()) + z.max() - z[tgt - 1]
+      z = table[[tgt] + candidates(b, t, tgt)] @ h[b, t] / model.temperature
+      total += np.log(np.exp(z - z.max()).sum()) + z.max() - z[0]
       n += 1
+  return total / n, n
+
+
+def test_full_softmax_loss_matches_numpy():
+  """train.num_negatives=0: the mean cross-entropy over all items 1..V, in float64 NumPy."""
+  import jax
+
+  from malloc_jax.train import sampled_softmax_loss
+  from tests.helpers import random_events, random_model
+
+  model = random_model("sasrec", num_items=30)
+  ev = random_events(3, 9, [9, 5, 2], num_items=30)
+  loss, count = sampled_softmax_loss(model, ev.items, ev.ts, ev.length, jax.random.key(0), 0,
+                                     dropout=False)
+  want, n = _reference_loss(model, ev, lambda b, t, tgt: [i for i in range(1, 31) if i != tgt])
   assert int(count) == n
-  np.testing.assert_allclose(float(loss), total / n, rtol=1e-4)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-4)
 
 
 def test_length_buckets_cover_every_user_once_an_epoch_and_trim_only_padding():
@@ -172,7 +181,6 @@ def test_sampled_softmax_loss_matches_numpy_for_each_negative_sharing(sharing):
   the target is dropped), and "user"/"position" really draw different negatives."""
   import jax
 
-  from malloc_jax.models import Events
   from malloc_jax.train import sampled_softmax_loss
   from tests.helpers import random_events, random_model
 
@@ -189,20 +197,9 @@ def test_sampled_softmax_loss_matches_numpy_for_each_negative_sharing(sharing):
   if sharing != "batch":
     rows = neg[:, 0] if sharing == "user" else neg.reshape(-1, K)
     assert len({tuple(r) for r in rows}) > 1
-  prefix = Events(ev.items[:, :-1], ev.ts[:, :-1], jnp.maximum(ev.length - 1, 0))
-  h = np.asarray(model(prefix), np.float64)
-  h = h / np.sqrt((h ** 2).sum(-1, keepdims=True) + 1e-6)
-  table = np.asarray(model.item_embeddings(), np.float64)
-  total, n = 0.0, 0
-  for b, k in enumerate(np.asarray(ev.length)):
-    for t in range(k - 1):
-      tgt = int(ev.items[b, t + 1])
-      ids = [tgt] + [int(i) for i in neg[b, t] if i != tgt]
-      z = table[ids] @ h[b, t] / model.temperature
-      total += np.log(np.exp(z - z.max()).sum()) + z.max() - z[0]
-      n += 1
+  want, n = _reference_loss(model, ev, lambda b, t, tgt: [int(i) for i in neg[b, t] if i != tgt])
   assert int(count) == n
-  np.testing.assert_allclose(float(loss), total / n, rtol=1e-4)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-4)
 
 
 def test_unknown_negative_sharing_is_refused_by_name():

@@ -13,7 +13,6 @@ import importlib.util
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -40,15 +39,8 @@ LENGTHS = [20, 11, 3, 1, 17]
 
 def cla(name, num_layers, share, seed=0):
   """A CLA model (dropout off) with randomized relative-position and time biases."""
-  model = make_model(name, NUM_ITEMS, dim=DIM, heads=HEADS, num_layers=num_layers,
-                     max_len=MAX_LEN, dropout=0.0, seed=seed, share=share)
-  rng = np.random.default_rng(seed + 1)
-  for layer in model.layers:
-    for attr in ("rab_pos", "rab_time"):
-      if hasattr(layer, attr):
-        p = getattr(layer, attr)
-        p[...] = jnp.asarray(rng.normal(0, 0.5, p[...].shape), jnp.float32)
-  return model
+  return random_model(name, NUM_ITEMS, dim=DIM, heads=HEADS, num_layers=num_layers,
+                      max_len=MAX_LEN, seed=seed, share=share)
 
 
 # ---------------------------------------------------------------------------------------
