@@ -32,6 +32,9 @@ ones: model, steps, seed, runlocal, max_len):
   (``train.negative_sharing``: "batch", "user" or "position"; see
   ``train.sampled_softmax_loss``). "user" reaches the PyTorch reference (test NDCG@10 0.0926
   against 0.0927); "batch", one draw for the whole batch, plateaus at 0.0761 (BENCHMARKS.md).
+* ``init`` (""): warm start (``train.init_from``): the best-validation weights of another
+  training workdir, e.g. the capacity-200 model for a capacity-1024 run (its position tables
+  grow: the farthest trained position fills the new ones; ``experiment.warm_start``).
 """
 
 from malloc_jax import config_lib as common
@@ -42,7 +45,7 @@ NUM_USERS = 6040
 
 def get_config(arg: str | None = None):
   args = common.parse_arg(arg, data="sasrec", capacity=200, epochs=200, patience=10,
-                          eval_epochs=1, test_users=0, negatives="user")
+                          eval_epochs=1, test_users=0, negatives="user", init="")
   path = args.path or DEFAULT_PATH
   base = (f"data=sasrec,path={path},model={args.model},seed={args.seed},"
           f"runlocal={args.runlocal}")
@@ -56,6 +59,8 @@ def get_config(arg: str | None = None):
                  eval_users=0, log_every=steps_per_epoch,
                  length_buckets=8 if c.data.max_len > 256 else 0,
                  negative_sharing=args.negatives)
+  if args.init:  # absent otherwise: existing workdirs' train_config.json stay comparable
+    c.train.init_from = args.init
   c.eval.update(batch_size=128 if c.data.max_len > 256 else 256, max_users=args.test_users,
                 calibration_users=512)
   if args.runlocal:  # seconds: a few steps on the first users' windows of 32

@@ -194,3 +194,26 @@ def load_memories(directory: str | os.PathLike, like: Any) -> tuple[Any, dict]:
     out = mgr.restore(step, args=ocp.args.Composite(
         memory=ocp.args.StandardRestore(_abstract(like)), meta=ocp.args.JsonRestore()))
   return out["memory"], dict(out["meta"])
+
+
+def load_best_params(workdir: str | os.PathLike) -> tuple[dict, dict]:
+  """The best-validation parameters of a finished (or running) training workdir.
+
+  Returns (params as a nested dict of NumPy arrays, the checkpoint's meta). Raises
+  CheckpointError naming the directory when it holds no readable step.
+  """
+  directory = (Path(workdir) / "checkpoints").absolute()
+  if not directory.is_dir():
+    raise CheckpointError(f"train.init_from={str(workdir)!r}: {directory} does not exist "
+                          "(expected the --workdir of a training run)")
+  with ocp.CheckpointManager(directory, item_names=("state", "meta")) as mgr:
+    errors = []
+    for step in sorted(mgr.all_steps(), reverse=True):
+      try:
+        out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                        meta=ocp.args.JsonRestore()))
+        return out["state"]["best"], dict(out["meta"])
+      except Exception as e:  # noqa: BLE001 - fall back to the previous step, reported
+        errors.append(f"step {step}: {type(e).__name__}: {str(e)[:200]}")
+  raise CheckpointError(f"train.init_from: no readable checkpoint in {directory}"
+                        + (" (" + "; ".join(errors) + ")" if errors else ""))

@@ -176,6 +176,52 @@ def _locked_workdir(fn):
   return wrapper
 
 
+def warm_start(params, source: dict) -> tuple[object, list[str]]:
+  """``params`` (an ``nnx.State`` of parameters) with every leaf taken from ``source``.
+
+  ``source`` is the nested dict of :func:`checkpoint.load_best_params` (same module tree).
+  A leaf of the same shape is copied. A leaf that is larger along exactly one axis (a
+  position table of a longer capacity: HSTU's ``rab_pos`` [H, max_len], the absolute
+  ``pos_emb`` [max_len, D]) gets the source in its leading part and the source's last entry
+  along that axis repeated over the rest (positions never trained start as the farthest one
+  trained). Any other difference, or a leaf missing from ``source``, raises ValueError naming
+  the leaf. Returns (new params, the names of the extended leaves).
+  """
+  from flax import nnx
+  pure = nnx.to_pure_dict(params)
+  extended = []
+
+  def fill(path, target):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    node = source
+    for k in path:
+      key = str(getattr(k, "key", k))
+      if not isinstance(node, dict) or key not in node:
+        raise ValueError(f"train.init_from: the source checkpoint has no parameter {name!r}")
+      node = node[key]
+    if isinstance(node, dict) and set(node) == {"value"}:
+      node = node["value"]
+    src = np.asarray(node)
+    tgt_shape = tuple(np.shape(target))
+    if src.shape == tgt_shape:
+      return jnp.asarray(src, dtype=jnp.asarray(target).dtype)
+    diff = [a for a, (s, t) in enumerate(zip(src.shape, tgt_shape, strict=False)) if s != t]
+    if len(src.shape) != len(tgt_shape) or len(diff) != 1 or src.shape[diff[0]] > tgt_shape[diff[0]]:
+      raise ValueError(f"train.init_from: parameter {name!r} has shape {src.shape} in the "
+                       f"source checkpoint and {tgt_shape} here (only a position table may "
+                       "grow, along one axis)")
+    a = diff[0]
+    last = np.take(src, [src.shape[a] - 1], axis=a)
+    pad = np.repeat(last, tgt_shape[a] - src.shape[a], axis=a)
+    extended.append(f"{name} {src.shape} -> {tgt_shape}")
+    return jnp.asarray(np.concatenate([src, pad], axis=a), dtype=jnp.asarray(target).dtype)
+
+  new = jax.tree_util.tree_map_with_path(fill, pure)
+  out = jax.tree.map(lambda x: x, params)  # replace_by_pure_dict works in place: a copy
+  nnx.replace_by_pure_dict(out, new)
+  return out, extended
+
+
 def train_model(config, workdir: Path, data: SequenceDataset, print_fn=print):
   """Trains (or resumes, or reloads) the backbone; returns (model, training info)."""
   workdir = Path(workdir)
@@ -190,13 +236,22 @@ def train_model(config, workdir: Path, data: SequenceDataset, print_fn=print):
                     sampler=sampler, negative_sharing=t.get("negative_sharing", "batch"))
   val_cands = None if sampler is None else ranking_eval_candidates(config, data, "valid")
   # On several devices the state is replicated, and restored onto the same devices.
-  init = parallel.replicate(parallel.data_mesh(num_devices(config)), trainer.init_state)
+  mesh = parallel.data_mesh(num_devices(config))
+  init = parallel.replicate(mesh, trainer.init_state)
   store = ckpt_lib.TrainCheckpoints(workdir / "checkpoints")
   target = {"train": init, "best": init["params"]}
   restored = store.restore(target)
   meta = {"step": 0, "best_metric": -1.0, "best_step": 0, "bad_evals": 0, "done": False,
           "train_seconds": 0.0}
   state, best = init, None
+  if restored is None and t.get("init_from", ""):
+    source, src_meta = ckpt_lib.load_best_params(t.init_from)
+    params, extended = warm_start(init["params"], source)
+    state = init = parallel.replicate(mesh, {"params": params,
+                                              "opt_state": trainer.tx.init(params)})
+    print_fn(f"initialized from {t.init_from} (best step {src_meta.get('best_step')}, "
+             f"validation {src_meta.get('best_metric', float('nan')):.4f})"
+             + (f"; extended: {', '.join(extended)}" if extended else ""))
   if restored is not None:
     step, saved, meta = restored
     state, best = saved["train"], saved["best"]

@@ -1,0 +1,92 @@
+"""``train.init_from``: a run starts from another workdir's best weights (warm start)."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from malloc_jax import config_lib, experiment
+from malloc_jax.checkpoint import CheckpointError, load_best_params
+
+
+def _config(max_len=16, **train):
+  c = config_lib.base_config("runlocal=True,steps=4")
+  c.data.max_len = max_len
+  c.train.update(eval_every=2, checkpoint_every=2, eval_users=16, patience=0, **train)
+  return c
+
+
+def _flat(state):
+  import jax
+  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))}
+
+
+def test_warm_start_copies_best_weights_and_grows_position_tables(tmp_path):
+  quiet = lambda s: None
+  src_cfg = _config(max_len=16)
+  data = experiment.load_data(src_cfg)
+  experiment.check_workdir(tmp_path / "src", src_cfg)
+  experiment.train_model(src_cfg, tmp_path / "src", data, quiet)
+  source, meta = load_best_params(tmp_path / "src")
+  assert meta["best_step"] > 0
+
+  # Same shapes: every leaf equals the source's best weights (the independent reference:
+  # the checkpoint read back as plain NumPy).
+  from malloc_jax.train import Trainer, make_optimizer
+  model = experiment.build_model(src_cfg, data.num_items)
+  params = Trainer(model, make_optimizer(1e-3, 0.0), 8).init_state["params"]
+  same, extended = experiment.warm_start(params, source)
+  assert extended == []
+  got = _flat(same)
+  for name, value in got.items():
+    node = source
+    for k in name.split("/"):
+      node = node[k]
+    np.testing.assert_array_equal(value, np.asarray(node.get("value", node)
+                                                    if isinstance(node, dict) else node))
+
+  # A longer capacity: position tables grow along their position axis; the leading part is
+  # the source, the rest repeats the source's farthest position; every other leaf is copied.
+  big = _config(max_len=40)
+  model = experiment.build_model(big, data.num_items)
+  params = Trainer(model, make_optimizer(1e-3, 0.0), 8).init_state["params"]
+  grown, extended = experiment.warm_start(params, source)
+  assert extended, "the capacity-40 model has larger position tables"
+  for name, value in _flat(grown).items():
+    node = source
+    for k in name.split("/"):
+      node = node[k]
+    src = np.asarray(node["value"] if isinstance(node, dict) else node)
+    if src.shape == value.shape:
+      np.testing.assert_array_equal(value, src)
+      continue
+    axis = [a for a in range(src.ndim) if src.shape[a] != value.shape[a]]
+    assert len(axis) == 1 and value.shape[axis[0]] == 40 and src.shape[axis[0]] == 16, name
+    a = axis[0]
+    np.testing.assert_array_equal(np.take(value, range(16), axis=a), src)
+    tail = np.take(value, range(16, 40), axis=a)
+    np.testing.assert_array_equal(tail, np.broadcast_to(np.take(src, [15], axis=a), tail.shape))
+
+  # A warm-started training run reads the source and trains on from it.
+  big.train.init_from = str(tmp_path / "src")
+  lines = []
+  experiment.check_workdir(tmp_path / "big", big)
+  experiment.train_model(big, tmp_path / "big", data, lines.append)
+  assert any(line.startswith(f"initialized from {tmp_path / 'src'}") for line in lines), lines
+
+
+def test_warm_start_refuses_other_shapes_and_missing_sources(tmp_path):
+  cfg = _config(max_len=16)
+  data = experiment.load_data(cfg)
+  from malloc_jax.train import Trainer, make_optimizer
+  model = experiment.build_model(cfg, data.num_items)
+  params = Trainer(model, make_optimizer(1e-3, 0.0), 8).init_state["params"]
+  source = nnx.to_pure_dict(params)
+  source["item_emb"]["embedding"] = np.zeros((3, 3), np.float32)
+  with pytest.raises(ValueError, match="item_emb/embedding"):
+    experiment.warm_start(params, source)
+  del source["item_emb"]
+  with pytest.raises(ValueError, match="no parameter 'item_emb"):
+    experiment.warm_start(params, source)
+  with pytest.raises(CheckpointError, match="init_from"):
+    load_best_params(tmp_path / "nowhere")
