@@ -76,11 +76,9 @@ def get_config(arg: str | None = None):
   c.eval.update(batch_size=128 if c.data.max_len > 256 else 256, max_users=args.test_users,
                 calibration_users=512)
   if args.task == "ranking":  # absent otherwise: retrieval workdirs' train_config.json unchanged
-    c.task = "ranking"
-    c.data.genres = args.genres or str(Path(path).with_name("movies.dat"))
-    c.train.update(rank_loss=args.rank_loss, rank_positions=args.positions,
-                   rank_negatives={"uniform": args.easy, "popularity": 0, "hard": args.hard})
-    c.eval.update(rank_hard=args.hard, rank_easy=args.easy)
+    common.set_ranking_task(c, args.genres or str(Path(path).with_name("movies.dat")),
+                            loss=args.rank_loss, positions=args.positions, hard=args.hard,
+                            easy=args.easy)
   elif args.task != "retrieval":
     raise ValueError(f"config argument task={args.task!r}: expected retrieval or ranking")
   if args.runlocal:  # seconds: a few steps on the first users' windows of 32
