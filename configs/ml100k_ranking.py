@@ -27,8 +27,9 @@ DEFAULT_PATH = "../shared/data/ml-100k/u.data"
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, init="", genres="", rank_loss="listwise", positions=8, hard=9,
-                          easy=10, patience=3, eval_steps=25, test_users=0)
+  args = common.parse_arg(arg, data="ml-100k", init="", genres="", rank_loss="listwise",
+                          positions=8, hard=9, easy=10, patience=3, eval_steps=25,
+                          test_users=0)
   path = args.path or DEFAULT_PATH
   c = common.base_config(f"data=ml-100k,path={path},model={args.model},seed={args.seed},"
                          f"runlocal={args.runlocal},negatives=user")

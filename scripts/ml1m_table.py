@@ -450,11 +450,12 @@ def ranking_table(config, model, data, split, n, cells, lengths, result, out, t0
 def _primary_genre_breakdown(config, cands, per_user) -> dict:
   """Mean per-user GAUC of every cell by the target's primary genre (with the user counts);
   empty when the data have no genres."""
-  from malloc_jax.experiment import _topics
-  members, group = _topics(config)
-  if members is None or config.data.source == "synthetic":
+  d = config.data
+  if d.source == "synthetic" or not d.get("genres", ""):
     return {}
   from malloc_jax.data import parsers
+  from malloc_jax.experiment import item_genre_groups
+  _, group = item_genre_groups(d.source, d.path, d.genres, d.min_events)
   names = parsers.load_genres(config.data.genres).names
   g = group[cands[:, 0]]
   out = {}

@@ -260,3 +260,35 @@ def test_ml1m_ranking_table_matches_the_serving_pipeline(shared_data, tmp_path):
     ref = ranking.rank_cell(model, split, cands, comp, batch_size=32)["metrics"]
     for k in ("AUC", "GAUC", "NDCG@10", "logloss"):
       assert rows[label][k] == pytest.approx(ref[k], abs=1e-5), (label, k)
+
+
+def test_ranking_configs_set_genres_and_validate():
+  import importlib.util
+  from pathlib import Path
+
+  from malloc_jax.config_validation import validate_config
+  root = Path(__file__).resolve().parents[1]
+
+  def load(name):
+    spec = importlib.util.spec_from_file_location(name, root / f"configs/{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+  ml1m = load("ml1m")
+  retrieval = ml1m.get_config("")
+  assert "task" not in retrieval and "genres" not in retrieval.data  # old workdirs unchanged
+  c = ml1m.get_config("task=ranking,path=/d/ml-1m/ml-1m.txt,hard=5,easy=4,rank_loss=bce")
+  assert c.task == "ranking" and c.data.genres == "/d/ml-1m/movies.dat"
+  assert c.train.rank_negatives.to_dict() == {"uniform": 4, "popularity": 0, "hard": 5}
+  assert (c.train.rank_loss, c.eval.rank_hard, c.eval.rank_easy) == ("bce", 5, 4)
+  validate_config(c)
+  with pytest.raises(ValueError, match="task='rank'"):
+    ml1m.get_config("task=rank")
+  c = load("ml100k_ranking").get_config("path=/d/ml-100k/u.data")
+  assert c.task == "ranking" and c.data.genres == "/d/ml-100k/u.item"
+  from malloc_jax import config_lib
+  syn = config_lib.base_config("")
+  syn.data.genres = "movies.dat"
+  with pytest.raises(ValueError, match="config.data.genres"):
+    validate_config(syn)
