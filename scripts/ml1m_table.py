@@ -21,6 +21,19 @@ stored bytes of the served users / ratio).
   python scripts/ml1m_table.py --config configs/ml1m.py:runlocal=True --workdir /tmp/ml1m_tiny \
       --ratios 2,4 --chains snapkv+kivi2            # the CPU smoke test of the device script
 
+**Ranking** (a config with ``task="ranking"``, e.g. ``configs/ml1m.py:task=ranking,init=<a
+retrieval workdir>`` or ``configs/ml100k_ranking.py``): the same cells (same planning, same
+stored-byte ratios) serve target-aware ranking instead (:func:`ranking_table`): each test
+user's 20 candidates (the target, 9 items of its primary genre, 10 of other genres) read the
+compressed memory through ``model.rank``; rows have AUC, GAUC, logloss and candidate NDCG@10,
+each with its paired 95% bootstrap interval against native and GAUC per length bucket, plus
+ORACLE H2O rows (votes from the request's own candidates: NOT deployable) and a
+history-blind row; the methods are ordered at each budget by GAUC. Training early-stops on
+validation GAUC.
+
+  python scripts/ml1m_table.py --config configs/ml1m.py:task=ranking,init=runs/ml1m_hstu_c200,epochs=8,patience=3 \
+      --workdir runs/ml1m_rank --methods h2o,snapkv,streaming,tova --ratios 2,4,8,16,32,64
+
 ``--restate old.json`` regenerates an earlier table's byte columns without its model: the
 stored bytes of every memory here are a closed form of the user's history length and the
 model's static shapes (``tests/test_stored_bytes.py``), never of the cached values, so a
