@@ -32,10 +32,20 @@ ones: model, steps, seed, runlocal, max_len):
   (``train.negative_sharing``: "batch", "user" or "position"; see
   ``train.sampled_softmax_loss``). "user" reaches the PyTorch reference (test NDCG@10 0.0926
   against 0.0927); "batch", one draw for the whole batch, plateaus at 0.0761 (BENCHMARKS.md).
+* ``task`` ("retrieval"): ``ranking`` trains and serves the target-aware ranking task
+  (``config.task = "ranking"``, M-FALCON): impressions of the true next item, ``hard``
+  (9) other items of its primary genre and ``easy`` (10) uniform items of other genres
+  (``data.genres``: ``movies.dat`` beside ``path``; ``genres`` overrides), loss
+  ``rank_loss`` ("listwise" softmax over the impression, or "bce"), ``positions`` (8)
+  impressions per training window in one pass; early stopping on validation GAUC. Usually
+  with ``init`` (a converged retrieval model) and a small ``patience``:
+  ``configs/ml1m.py:task=ranking,init=runs/ml1m_user,epochs=8,patience=3``.
 * ``init`` (""): warm start (``train.init_from``): the best-validation weights of another
   training workdir, e.g. the capacity-200 model for a capacity-1024 run (its position tables
   grow: the farthest trained position fills the new ones; ``experiment.warm_start``).
 """
+
+from pathlib import Path
 
 from malloc_jax import config_lib as common
 
@@ -45,7 +55,9 @@ NUM_USERS = 6040
 
 def get_config(arg: str | None = None):
   args = common.parse_arg(arg, data="sasrec", capacity=200, epochs=200, patience=10,
-                          eval_epochs=1, test_users=0, negatives="user", init="")
+                          eval_epochs=1, test_users=0, negatives="user", init="",
+                          task="retrieval", genres="", rank_loss="listwise", positions=8,
+                          hard=9, easy=10)
   path = args.path or DEFAULT_PATH
   base = (f"data=sasrec,path={path},model={args.model},seed={args.seed},"
           f"runlocal={args.runlocal}")
@@ -63,12 +75,20 @@ def get_config(arg: str | None = None):
     c.train.init_from = args.init
   c.eval.update(batch_size=128 if c.data.max_len > 256 else 256, max_users=args.test_users,
                 calibration_users=512)
+  if args.task == "ranking":  # absent otherwise: retrieval workdirs' train_config.json unchanged
+    common.set_ranking_task(c, args.genres or str(Path(path).with_name("movies.dat")),
+                            loss=args.rank_loss, positions=args.positions, hard=args.hard,
+                            easy=args.easy)
+  elif args.task != "retrieval":
+    raise ValueError(f"config argument task={args.task!r}: expected retrieval or ranking")
   if args.runlocal:  # seconds: a few steps on the first users' windows of 32
     c.data.max_len = min(c.data.max_len, 32)
     c.model.update(dim=16)
     c.train.update(steps=6, batch_size=16, num_negatives=16, eval_every=3, checkpoint_every=3,
                    eval_users=64, log_every=3, patience=2, length_buckets=2)
     c.eval.update(batch_size=32, max_users=args.test_users or 64, calibration_users=32)
+    if args.task == "ranking":
+      c.train.update(rank_positions=min(args.positions, 2))
   if args.steps >= 0:
     c.train.steps = args.steps
   return c

@@ -126,6 +126,24 @@ def base_config(arg: str | None = None, **extra_defaults) -> ml_collections.Conf
   return c
 
 
+def set_ranking_task(c: ml_collections.ConfigDict, genres: str, *, loss: str = "listwise",
+                     positions: int = 8, hard: int = 9, easy: int = 10) -> None:
+  """Turns a real-data run config into the target-aware ranking task, in place.
+
+  ``task = "ranking"``; item groups are the primary genres of ``genres`` (``data.genres``: a
+  MovieLens ``movies.dat`` or ML-100K ``u.item``); each training window gives ``positions``
+  impressions of the true next item against ``hard`` other items of its genre and ``easy``
+  uniform items (``train.rank_negatives``), scored by ``loss`` ("listwise" | "bce");
+  evaluation impressions are the target, ``hard`` genre mates and ``easy`` items of other
+  genres (``eval.rank_hard`` / ``eval.rank_easy``). Validation (early stopping) is GAUC.
+  """
+  c.task = "ranking"
+  c.data.genres = genres
+  c.train.update(rank_loss=loss, rank_positions=positions,
+                 rank_negatives={"uniform": easy, "popularity": 0, "hard": hard})
+  c.eval.update(rank_hard=hard, rank_easy=easy)
+
+
 def method_config(arg: str | None, method: str, ratio: float = 4.0,
                   runlocal_ratio: float | None = None,
                   **method_args) -> ml_collections.ConfigDict:

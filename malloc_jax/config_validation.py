@@ -62,6 +62,11 @@ def validate_config(config) -> None:
     _fail("data.loader", loader, "'raw' for data.source='synthetic' (tfds prepares raw files)")
   if not isinstance(d.get("data_dir", ""), str):
     _fail("data.data_dir", d.data_dir, "a directory path string ('' for the TFDS default)")
+  genres = d.get("genres", "")
+  if not isinstance(genres, str):
+    _fail("data.genres", genres, "the path of a movies.dat / u.item genre file, or ''")
+  if genres and d.source == "synthetic":
+    _fail("data.genres", genres, "'' for synthetic data (its topics are the groups)")
   max_len = _int(config, "data.max_len", 2)
   _int(config, "data.min_events", 3)
   if d.source == "synthetic":

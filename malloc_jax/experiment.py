@@ -322,13 +322,43 @@ def train_model(config, workdir: Path, data: SequenceDataset, print_fn=print):
 
 
 def _topics(config):
-  """(members [Z, S], topic [V + 1]) of synthetic ``topics`` data, else (None, None)."""
+  """(members [Z, S], group [V + 1]) of the item groups of ``config``'s data, else (None, None).
+
+  Synthetic ``topics`` data: the generator's topics. Real data with ``config.data.genres``
+  (a MovieLens ``movies.dat`` or ML-100K ``u.item``): each item's primary (first-listed)
+  genre, items mapped to the dataset's dense ids (:func:`item_genre_groups`).
+  """
   d = config.data
-  if d.source != "synthetic" or d.synthetic.kind != "topics":
+  if d.source == "synthetic":
+    if d.synthetic.kind != "topics":
+      return None, None
+    from malloc_jax.data.synthetic import topic_index
+    members, topic, _ = topic_index(SyntheticSpec(**d.synthetic.to_dict()))
+    return members, topic
+  if not d.get("genres", ""):
     return None, None
-  from malloc_jax.data.synthetic import topic_index
-  members, topic, _ = topic_index(SyntheticSpec(**d.synthetic.to_dict()))
-  return members, topic
+  return item_genre_groups(d.source, d.path, d.genres, d.min_events)
+
+
+@functools.lru_cache(maxsize=4)
+def item_genre_groups(source: str, path: str, genres: str, min_events: int):
+  """(members [G, S], item_group [V + 1]) of the primary genres of a real dataset's items.
+
+  Args:
+    source, path, min_events: the dataset (``config.data``), parsed for its dense item ids.
+    genres: the genre file (``parsers.load_genres``: ``movies.dat`` or ``u.item``).
+
+  Raises:
+    ValueError / FileNotFoundError naming the genre file: missing, malformed, or without a
+    line for one of the dataset's items.
+  """
+  from malloc_jax.data import item_groups, parsers
+  inter = parsers.load(source, path, min_events=min_events)
+  try:
+    g = parsers.load_genres(genres)
+  except FileNotFoundError as err:
+    raise FileNotFoundError(f"config.data.genres={genres!r}: {err}") from None
+  return item_groups.groups_from_labels(g.primary_for_items(inter.item_ids))
 
 
 def ranking_sampler(config, data: SequenceDataset):
@@ -336,7 +366,8 @@ def ranking_sampler(config, data: SequenceDataset):
 
   ``config.train.rank_negatives`` = {uniform, popularity, hard} counts, ``train.rank_loss``
   ("bce" | "listwise"), ``train.rank_positions`` (impressions per window); hard negatives
-  are the other members of the positive's topic (synthetic ``topics`` data only).
+  are the other members of the positive's topic (synthetic ``topics`` data) or primary genre
+  (real data with ``data.genres``), uniform among them.
   """
   task = config.get("task", "retrieval")
   if task not in TASKS:
@@ -354,13 +385,19 @@ def ranking_sampler(config, data: SequenceDataset):
 
 def ranking_eval_candidates(config, data: SequenceDataset, split: str):
   """[U, 1 + K] candidates of each user of ``split`` (positive first): on topics data the
-  target's whole topic plus ``eval.rank_easy`` items of other topics, else
-  ``eval.rank_negatives`` uniform items."""
+  target's whole topic plus ``eval.rank_easy`` items of other topics; on real data with
+  ``data.genres`` ``eval.rank_hard`` (default 9) other items of the target's primary genre
+  plus ``eval.rank_easy`` (default 10) items of other genres
+  (``item_groups.grouped_candidates``); else ``eval.rank_negatives`` uniform items."""
   from malloc_jax import ranking
   from malloc_jax.data.synthetic import ranking_candidates
   target = data.eval_set(split).target
-  members, _ = _topics(config)
+  members, group = _topics(config)
   seed = config.seed + (1 if split == "test" else 2)
+  if members is not None and config.data.source != "synthetic":
+    from malloc_jax.data.item_groups import grouped_candidates
+    return grouped_candidates(target, members, group, config.eval.get("rank_hard", 9),
+                              config.eval.get("rank_easy", 10), seed=seed)
   if members is not None:
     spec = SyntheticSpec(**config.data.synthetic.to_dict())
     return ranking_candidates(spec, target, members.shape[1] - 1,

@@ -21,6 +21,19 @@ stored bytes of the served users / ratio).
   python scripts/ml1m_table.py --config configs/ml1m.py:runlocal=True --workdir /tmp/ml1m_tiny \
       --ratios 2,4 --chains snapkv+kivi2            # the CPU smoke test of the device script
 
+**Ranking** (a config with ``task="ranking"``, e.g. ``configs/ml1m.py:task=ranking,init=<a
+retrieval workdir>`` or ``configs/ml100k_ranking.py``): the same cells (same planning, same
+stored-byte ratios) serve target-aware ranking instead (:func:`ranking_table`): each test
+user's 20 candidates (the target, 9 items of its primary genre, 10 of other genres) read the
+compressed memory through ``model.rank``; rows have AUC, GAUC, logloss and candidate NDCG@10,
+each with its paired 95% bootstrap interval against native and GAUC per length bucket, plus
+ORACLE H2O rows (votes from the request's own candidates: NOT deployable) and a
+history-blind row; the methods are ordered at each budget by GAUC. Training early-stops on
+validation GAUC.
+
+  python scripts/ml1m_table.py --config configs/ml1m.py:task=ranking,init=runs/ml1m_hstu_c200,epochs=8,patience=3 \
+      --workdir runs/ml1m_rank --methods h2o,snapkv,streaming,tova --ratios 2,4,8,16,32,64
+
 ``--restate old.json`` regenerates an earlier table's byte columns without its model: the
 stored bytes of every memory here are a closed form of the user's history length and the
 model's static shapes (``tests/test_stored_bytes.py``), never of the cached values, so a
@@ -104,6 +117,15 @@ def _compress_score(model, cache, signals, req, target, *, compressor):
           jnp.all(jnp.isfinite(logits[:, 1:]), axis=1))
 
 
+@functools.partial(jax.jit, static_argnames=("compressor",))
+def _compress_rank(model, cache, signals, req, candidates, *, compressor):
+  """Target-aware ranking of candidates [B, C] from the compressed memory (M-FALCON):
+  ``model.rank`` of the materialized memory, as ``serving.rank_stage`` ranks them."""
+  memory, state = compressor.compress(cache, compressor.init(cache), signals)
+  logits = model.rank(memory.materialize(), req, candidates)  # [B, C]
+  return logits, memory, state, jnp.all(jnp.isfinite(logits), axis=1)
+
+
 # Methods with a SnapKV observation window: held at 8 events, so that the ratio axis tunes the
 # kept budget (left free, the planner shrinks the window to the budget and the cell keeps
 # only the newest events: a recency baseline, not attention-based selection).
@@ -144,12 +166,42 @@ class Served:
   def __init__(self, model, split, batch_size, window, max_users):
     n = len(split) if not max_users else min(max_users, len(split))
     check_eval_set(split, model.num_items)
-    self.model, self.n, self.batches = model, n, []
+    self.model, self.n, self.batches, self.index = model, n, [], []
+    self.window = window
     for _, idx, real in padded_batches(n, min(batch_size, n)):
       cache, signals, req = _prefill(model, jnp.asarray(split.items[idx]),
                                      jnp.asarray(split.ts[idx]),
                                      jnp.asarray(split.length[idx]), window=window)
       self.batches.append((cache, signals, req, jnp.asarray(split.target[idx]), real))
+      self.index.append(idx)  # [batch] user of each row (padding rows repeat a user)
+
+  def rank(self, comp, candidates: np.ndarray, *, oracle: bool = False
+           ) -> tuple[np.ndarray, dict[str, float]]:
+    """(candidate logits [U, C], byte figures) of ``comp``'s memories, ranked target-aware.
+
+    ``candidates`` [U, C] item ids per served user. ``oracle``: compress with the attention
+    of the request's own candidates (``serving.oracle_signals_stage``; not deployable).
+    Byte figures as :meth:`serve`.
+    """
+    from malloc_jax import serving
+    out, figures = [], []
+    for b, ((cache, signals, req, _, real), idx) in enumerate(zip(self.batches, self.index,
+                                                                  strict=True)):
+      cand = jnp.asarray(candidates[idx])
+      if oracle:
+        signals = serving.oracle_signals_stage(self.model, cache, req, cand, window=self.window)
+      logits, memory, state, finite = _compress_rank(self.model, cache, signals, req, cand,
+                                                     compressor=comp)
+      bad = np.flatnonzero(~np.asarray(finite)[real])
+      if bad.size:
+        raise FloatingPointError(f"non-finite candidate logits for {bad.size} user(s), first "
+                                 f"user index {b * len(real) + bad[0]}; refusing to report")
+      out.append(np.asarray(logits)[real])
+      native = C.native_stored_bytes(cache, np.asarray(cache.length))
+      figures.append(np.stack([C.stored_bytes(memory, state).astype(np.float64),
+                               C.buffer_bytes(memory, state), native.astype(np.float64)]
+                              )[:, real])
+    return np.concatenate(out), C.cell_bytes_row(np.concatenate(figures, axis=1))
 
   def serve(self, comp) -> tuple[np.ndarray, dict[str, float]]:
     """(0-based ranks [U], byte figures) of ``comp`` over the served users.
@@ -188,6 +240,11 @@ def _curve_printer(workdir: Path):
       parts = msg.split()
       curve.append({"step": state["step"], "NDCG@10": float(parts[2]),
                     "HR@10": float(parts[4]), "wall_s": time.time() - state["t0"]})
+      write_json_atomic(path, curve)
+    elif "valid GAUC" in msg:  # task="ranking": "valid GAUC g NDCG@10 n"
+      parts = msg.split()
+      curve.append({"step": state["step"], "GAUC": float(parts[2]),
+                    "NDCG@10": float(parts[4]), "wall_s": time.time() - state["t0"]})
       write_json_atomic(path, curve)
 
   return print_fn, curve
@@ -277,6 +334,176 @@ def restate(config, old_path: Path, out: Path) -> None:
   print(f"wrote {out}")
 
 
+def plan_cells(spec, dv: int, ratios: list[float], methods, natural, chains,
+               fixed) -> list[tuple[str, list]]:
+  """The cells after native: ``[(label, [(method, params), ...]), ...]``.
+
+  Each of ``methods`` at each ratio (``ratio_axis.reach_ratio``, SnapKV-style windows held
+  at 8), the quantizers of ``natural`` at their natural sizes, each eviction + quantizer
+  chain of ``chains`` at each ratio (``ratio_axis.chain_for_ratio``) and the ``fixed``
+  settings (:func:`parse_fixed`); a ratio out of reach is printed and skipped. Shared by the
+  retrieval and ranking tables.
+  """
+  group = max(g for g in range(1, min(32, dv) + 1) if dv % g == 0)
+  qfix = {"kivi": {"group": group, "residual": group}, "intactkv": {}, "uniform": {}}
+  cells = []
+  for method in methods:
+    for r in ratios:
+      fix = {"window": 8} if method in WINDOWED else {}
+      got = ratio_axis.reach_ratio(method, spec, r, **fix)
+      if got is None:
+        print(f"{method} {r:g}x: out of reach", flush=True)
+        continue
+      cells.append((f"{method} {r:g}x", [(method, got["params"])]))
+  for label in natural:
+    name, p = _quant(label)
+    cells.append((f"{name} {p['bits']}-bit", [(name, {**p, **qfix[name]})]))
+  for label in chains:
+    evict, quant = label.split("+")
+    qname, qp = _quant(quant)
+    qp = {**qp, **qfix[qname]}
+    for r in ratios:
+      fix = {"window": 8} if evict in WINDOWED else {}
+      got = ratio_axis.chain_for_ratio(evict, qname, spec, r, qp, **fix)
+      if got is None:
+        print(f"{label} {r:g}x: out of reach", flush=True)
+        continue
+      cells.append((f"{label} {r:g}x", got["steps"]))
+  for text in fixed:
+    label, name, params = parse_fixed(text)
+    cells.append((label, [(name, params)]))
+  return cells
+
+
+RANK_METRICS = {"GAUC": "auc", "NDCG@10": "ndcg10", "logloss": "logloss"}  # per-user arrays
+
+
+def ranking_table(config, model, data, split, n, cells, lengths, result, out, t0,
+                  ratios) -> None:
+  """The ranking table (``config.task = "ranking"``): every cell's memory ranked target-aware.
+
+  The test users are prefilled once (``serving.batches``); each cell compresses their
+  memories and ranks their candidates (``experiment.ranking_eval_candidates``: the target,
+  ``eval.rank_hard`` items of its primary genre, ``eval.rank_easy`` items of other genres)
+  with ``model.rank`` (M-FALCON, ``serving.serve(target_aware=True)``). Per cell: AUC (pooled),
+  GAUC, logloss and candidate NDCG@10 (``ranking.impression_metrics``), stored / buffer bytes
+  of the same memories (``compressors.user_bytes``) and the stored ratio against native; the
+  paired 95% bootstrap interval against native of GAUC, NDCG@10 and logloss
+  (``stats.ci_columns``, with the per-length buckets) and of the pooled AUC
+  (``ranking.paired_auc_bootstrap``), the same user resamples throughout. Every H2O cell
+  also gets an ORACLE row: H2O fed the attention of the request's own candidates
+  (``serving.serve(oracle=True)``), which a memory compressed before the request cannot
+  know: NOT deployable, an upper reference for attention-based eviction. A history-blind
+  row (candidates ordered by training popularity) is the floor.
+  """
+  from malloc_jax import ranking
+  from malloc_jax.experiment import ranking_eval_candidates
+  e = config.eval
+  cands = ranking_eval_candidates(config, data, e.split)[:n]
+  expanded = []
+  for label, steps in cells:
+    expanded.append((label, steps, False))
+    if len(steps) == 1 and steps[0][0] == "h2o":
+      expanded.append((f"ORACLE vote {label} (not deployable)", steps, True))
+  t_prefill = time.time()
+  served = Served(model, split, e.batch_size, e.window, n)
+  print(f"prefilled {n} users ({time.time() - t_prefill:.0f}s); {cands.shape[1]} candidates "
+        "each", flush=True)
+  build = compressor_builder(model, data, config)
+  rows, per_user, logits = [], {}, {}
+  blind = np.log(data.popularity[cands].astype(np.float64) + 1.0)  # history-blind ranker
+  t_cells = time.time()
+  for i, (label, steps, oracle) in enumerate(expanded):
+    t = time.time()
+    cell_logits, figures = served.rank(build(steps), cands, oracle=oracle)
+    summary, per = ranking.impression_metrics(cell_logits)
+    ratio = figures["reference_stored_bytes"] / figures["stored_bytes"]
+    rows.append({"method": label, "steps": [[m, p] for m, p in steps], "oracle": oracle,
+                 **{k: summary[k] for k in ("AUC", "GAUC", "logloss", "NDCG@10", "top1")},
+                 **figures, "compression_ratio": ratio, "seconds": time.time() - t})
+    per_user[label], logits[label] = per, cell_logits
+    write_json_atomic(out, {**result, "rows": rows, "partial": True})  # survives a timeout
+    print(f"[{i + 1}/{len(expanded)}] {label}: GAUC {summary['GAUC']:.4f} NDCG@10 "
+          f"{summary['NDCG@10']:.4f} AUC {summary['AUC']:.4f} {ratio:.1f}x "
+          f"({time.time() - t:.1f}s)", flush=True)
+  summary, per = ranking.impression_metrics(blind)
+  rows.append({"method": "history-blind (popularity)", "steps": [], "oracle": False,
+               **{k: summary[k] for k in ("AUC", "GAUC", "logloss", "NDCG@10", "top1")}})
+  per_user[rows[-1]["method"]], logits[rows[-1]["method"]] = per, blind
+  boot = dict(resamples=_RESAMPLES.value, seed=config.seed)
+  cis = {name: stats.ci_columns({m: p[key] for m, p in per_user.items()}, "native", lengths,
+                                **boot) for name, key in RANK_METRICS.items()}
+  for row in rows:
+    m = row["method"]
+    row["ci"] = {name: cis[name][m] for name in RANK_METRICS}
+    row["ci"]["AUC"] = ranking.paired_auc_bootstrap(logits[m], logits["native"], **boot)
+  served_rows = [{**r, "bytes_per_user": r["stored_bytes"]} for r in rows if "stored_bytes" in r
+                 and not r["oracle"]]
+  native_stored = rows[0]["stored_bytes"]
+  order = stats.order_at_budgets(served_rows, {m: p["auc"] for m, p in per_user.items()},
+                                 [native_stored / r for r in ratios], metric="GAUC", **boot)
+  group = _primary_genre_breakdown(config, cands, per_user)
+  result.update(task="ranking", candidates={"per_user": int(cands.shape[1]),
+                                            "hard": e.get("rank_hard", 9),
+                                            "easy": e.get("rank_easy", 10)},
+                rows=rows, order_at_budgets=order, by_genre=group, lengths=lengths.tolist(),
+                candidate_rank={m: np.round((1.0 - p["auc"]) * (cands.shape[1] - 1), 1).tolist()
+                                for m, p in per_user.items()},
+                seconds={"prefill": t_cells - t_prefill, "cells": time.time() - t_cells,
+                         "total": time.time() - t0})
+  write_json_atomic(out, result)
+  print(markdown_ranking(rows), flush=True)
+  for o in order:
+    items = ", ".join(f"{x['method']} {x['GAUC']:.4f}{'' if x['mark'] == 'best' else x['mark']}"
+                      for x in o["order"][:6])
+    print(f"<= {o['budget']:,.0f} B: {items}")
+  print(f"wrote {out} ({time.time() - t0:.0f}s)", flush=True)
+
+
+def _primary_genre_breakdown(config, cands, per_user) -> dict:
+  """Mean per-user GAUC of every cell by the target's primary genre (with the user counts);
+  empty when the data have no genres."""
+  d = config.data
+  if d.source == "synthetic" or not d.get("genres", ""):
+    return {}
+  from malloc_jax.data import parsers
+  from malloc_jax.experiment import item_genre_groups
+  _, group = item_genre_groups(d.source, d.path, d.genres, d.min_events)
+  names = parsers.load_genres(config.data.genres).names
+  g = group[cands[:, 0]]
+  out = {}
+  for k in np.unique(g):
+    sel = g == k
+    out[names[k]] = {"num_users": int(sel.sum()),
+                     **{m: float(p["auc"][sel].mean()) for m, p in per_user.items()}}
+  return out
+
+
+def markdown_ranking(rows: list[dict]) -> str:
+  """Markdown table of the ranking rows: metrics, stored bytes and ratio, paired differences to
+  native with 95% intervals (``tie`` when the GAUC interval contains 0), GAUC by length."""
+  labels = list(rows[0]["ci"]["GAUC"].get("by_length", {}))
+  counts = [rows[0]["ci"]["GAUC"]["by_length"][b]["num_users"] for b in labels]
+  head = ("| cell | stored B/user | stored ratio | AUC (diff [95% CI]) | GAUC (diff [95% CI]) | "
+          "GAUC tie? | NDCG@10 (diff [95% CI]) | logloss (diff [95% CI]) |"
+          + "".join(f" GAUC {b} ({c}) |" for b, c in zip(labels, counts, strict=True)))
+  lines = [head, "|" + "---|" * (8 + len(labels))]
+  for r in rows:
+    def cell(k, r=r):
+      c = r["ci"][k]
+      return f"{r[k]:.4f} ({c['diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}])"
+    b = (f"{r['stored_bytes']:,.0f} | {r['compression_ratio']:.1f}x" if "stored_bytes" in r
+         else "- | -")
+    tie = "tie" if r["ci"]["GAUC"]["contains_zero"] else "NO"
+    by = r["ci"]["GAUC"].get("by_length", {})
+    buckets = "".join(
+        f" {by[x]['mean']:.4f} ({by[x]['diff']:+.4f}{'' if by[x]['contains_zero'] else '*'}) |"
+        if by[x]["num_users"] else " - |" for x in labels)
+    lines.append(f"| {r['method']} | {b} | {cell('AUC')} | {cell('GAUC')} | {tie} | "
+                 f"{cell('NDCG@10')} | {cell('logloss')} |{buckets}")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -298,7 +525,8 @@ def main(argv):
   steps_per_epoch = max(len(data.train) // config.train.batch_size, 1)
   info.update(epochs=info["steps"] / steps_per_epoch, best_epoch=info["best_step"] / steps_per_epoch,
               curve=curve, steps_per_epoch=steps_per_epoch, devices=[str(d) for d in jax.devices()])
-  print(f"trained: {info['steps']} steps ({info['epochs']:.1f} epochs), best valid NDCG@10 "
+  criterion = "GAUC" if config.get("task", "retrieval") == "ranking" else "NDCG@10"
+  print(f"trained: {info['steps']} steps ({info['epochs']:.1f} epochs), best valid {criterion} "
         f"{info['best_valid_ndcg10']:.4f} at epoch {info['best_epoch']:.0f}, "
         f"{info['train_seconds']:.0f}s", flush=True)
   out = Path(_OUT.value) if _OUT.value else workdir / "table.json"
@@ -323,38 +551,14 @@ def main(argv):
 
   heads, dk, dv = model.head_dims()
   spec = cache_spec(model.memory_layers(), heads, config.data.max_len, dk, dv)
-  group = max(g for g in range(1, min(32, dv) + 1) if dv % g == 0)
-  qfix = {"kivi": {"group": group, "residual": group}, "intactkv": {}, "uniform": {}}
   ratios = [float(r) for r in _RATIOS.value]
-  cells = [("native", [])]
   t_plan = time.time()
-  only_native = _TRAIN_ONLY.value
-  for method in [] if only_native else _METHODS.value:
-    for r in ratios:
-      fixed = {"window": 8} if method in WINDOWED else {}
-      got = ratio_axis.reach_ratio(method, spec, r, **fixed)
-      if got is None:
-        print(f"{method} {r:g}x: out of reach", flush=True)
-        continue
-      cells.append((f"{method} {r:g}x", [(method, got["params"])]))
-  for label in [] if only_native else _NATURAL.value:
-    name, p = _quant(label)
-    cells.append((f"{name} {p['bits']}-bit", [(name, {**p, **qfix[name]})]))
-  for label in [] if only_native else _CHAINS.value:
-    evict, quant = label.split("+")
-    qname, qp = _quant(quant)
-    qp = {**qp, **qfix[qname]}
-    for r in ratios:
-      fixed = {"window": 8} if evict in WINDOWED else {}
-      got = ratio_axis.chain_for_ratio(evict, qname, spec, r, qp, **fixed)
-      if got is None:
-        print(f"{label} {r:g}x: out of reach", flush=True)
-        continue
-      cells.append((f"{label} {r:g}x", got["steps"]))
-  for text in [] if only_native else _FIXED.value:
-    label, name, params = parse_fixed(text)
-    cells.append((label, [(name, params)]))
+  cells = [("native", [])] + ([] if _TRAIN_ONLY.value else plan_cells(
+      spec, dv, ratios, _METHODS.value, _NATURAL.value, _CHAINS.value, _FIXED.value))
   print(f"planned {len(cells)} cells ({time.time() - t_plan:.0f}s)", flush=True)
+  if config.get("task", "retrieval") == "ranking":
+    ranking_table(config, model, data, split, n, cells, lengths, result, out, t0, ratios)
+    return
 
   t_prefill = time.time()
   served = Served(model, split, config.eval.batch_size, config.eval.window, n)

@@ -75,7 +75,9 @@ __all__ = [
   "leave_one_out",
   "load",
   "parse_fuxictr_csv",
+  "load_genres",
   "parse_movielens_genres",
+  "parse_movielens_100k_genres",
   "parse_movielens_100k",
   "parse_movielens_1m",
   "parse_recbole_inter",
@@ -1180,31 +1182,52 @@ def parse_fuxictr_csv(path: PathLike, *, label_field: str | None = None,
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Genres:
-  """Genres of MovieLens movies (``movies.dat``).
+  """Genres of MovieLens movies (ML-1M ``movies.dat`` or ML-100K ``u.item``).
 
   Attributes:
     movie_ids: [M] original movie ids, in file order.
-    names: the G genre names, sorted.
+    names: the G genre names (ML-1M: sorted; ML-100K: in ``u.genre`` order, which is
+      alphabetical after "unknown").
     multi_hot: [M, G] bool, ``multi_hot[m, g]`` when movie ``movie_ids[m]`` has genre g.
+    primary: [M] int64 index into ``names`` of each movie's first-listed genre (its
+      "primary" genre). Both files list a movie's genres alphabetically (ML-1M: every line of
+      ``movies.dat``; ML-100K: flags in ``u.genre`` order), so this is the alphabetically
+      first of its genres, not an editorial main genre.
     source: the file.
   """
 
   movie_ids: np.ndarray
   names: tuple[str, ...]
   multi_hot: np.ndarray
+  primary: np.ndarray
   source: str
 
-  def for_items(self, item_ids: np.ndarray) -> np.ndarray:
-    """[V + 1, G] genres of dense item ids (``Interactions.item_ids``); row 0 (padding) is
-    all False. Raises ValueError naming the first item with no line in the file."""
+  def _rows(self, item_ids: np.ndarray) -> np.ndarray:
+    """Row of each dense item id 1..V (row 0, padding, maps to -1)."""
     row = {int(m): i for i, m in enumerate(self.movie_ids)}
-    out = np.zeros((len(item_ids), len(self.names)), bool)
+    out = np.full(len(item_ids), -1, np.int64)
     for d in range(1, len(item_ids)):
       i = row.get(int(item_ids[d]))
       if i is None:
         raise ValueError(f"{self.source}: movie id {item_ids[d]} (dense item {d}) has no "
                          "line in the genre file")
-      out[d] = self.multi_hot[i]
+      out[d] = i
+    return out
+
+  def for_items(self, item_ids: np.ndarray) -> np.ndarray:
+    """[V + 1, G] genres of dense item ids (``Interactions.item_ids``); row 0 (padding) is
+    all False. Raises ValueError naming the first item with no line in the file."""
+    rows = self._rows(item_ids)
+    out = np.zeros((len(item_ids), len(self.names)), bool)
+    out[1:] = self.multi_hot[rows[1:]]
+    return out
+
+  def primary_for_items(self, item_ids: np.ndarray) -> np.ndarray:
+    """[V + 1] int64 primary genre (index into ``names``) of dense item ids; -1 for row 0
+    (padding). Raises ValueError naming the first item with no line in the file."""
+    rows = self._rows(item_ids)
+    out = np.full(len(item_ids), -1, np.int64)
+    out[1:] = self.primary[rows[1:]]
     return out
 
 
@@ -1215,7 +1238,8 @@ def parse_movielens_genres(path: PathLike) -> Genres:
     path: the ``movies.dat`` file, or the ``ml-1m`` directory holding it.
 
   Returns:
-    The :class:`Genres` (every genre named in the file; a movie may have several).
+    The :class:`Genres` (every genre named in the file; a movie may have several; its
+    primary genre is the first listed).
 
   Raises:
     ValueError: a line without three ``::`` fields, a bad or repeated movie id, or an empty
@@ -1249,4 +1273,95 @@ def parse_movielens_genres(path: PathLike) -> Genres:
   hot = np.zeros((len(ids), len(names)), bool)
   for i, gs in enumerate(lists):
     hot[i, [col[g] for g in gs]] = True
-  return Genres(movie_ids=np.asarray(ids, np.int64), names=names, multi_hot=hot, source=str(p))
+  primary = np.asarray([col[gs[0]] for gs in lists], np.int64)
+  return Genres(movie_ids=np.asarray(ids, np.int64), names=names, multi_hot=hot,
+                primary=primary, source=str(p))
+
+
+def parse_movielens_100k_genres(path: PathLike) -> Genres:
+  """Parses MovieLens 100K ``u.item``: ``id|title|date|video date|url|f_0|...|f_{G-1}``.
+
+  ``f_g`` are 0/1 genre flags in the order of ``u.genre`` (``name|index`` lines) beside the
+  file; without a ``u.genre`` the 19 genres of the ML-100K README are used. A movie's
+  primary genre is its first flagged genre (in ``u.genre`` order).
+
+  Args:
+    path: the ``u.item`` file, or the ``ml-100k`` directory holding it.
+
+  Returns:
+    The :class:`Genres`.
+
+  Raises:
+    ValueError: a line with the wrong number of ``|`` fields, a bad or repeated movie id, a
+      flag other than 0/1, or no flag set, naming the file and line; a malformed ``u.genre``.
+  """
+  p = _resolve(path, "u.item")
+  names = _ML100K_GENRES
+  gfile = p.with_name("u.genre")
+  if gfile.is_file():
+    pairs = [ln.split("|") for ln in gfile.read_bytes().decode("latin-1").splitlines()
+             if ln.strip()]
+    if any(len(x) != 2 or x[1].strip() != str(i) for i, x in enumerate(pairs)):
+      raise ValueError(f"{gfile}: expected lines 'name|index' with indices 0, 1, 2, ...")
+    names = tuple(x[0].strip() for x in pairs)
+  G = len(names)
+  layout = f"id|title|release date|video date|url|{G} genre flags"
+  text = p.read_bytes().decode("latin-1").replace("\r\n", "\n").rstrip("\n")
+  if not text.strip():
+    raise ValueError(f"{p}: empty file, expected lines '{layout}'")
+  ids, rows, seen = [], [], {}
+  for n, line in enumerate(text.split("\n"), 1):
+    parts = line.split("|")
+    if len(parts) != 5 + G:
+      raise ValueError(f"{p}: line {n}: {len(parts)} '|'-separated fields, expected {5 + G} "
+                       f"('{layout}'): {_show(line)}")
+    err = _check_id(parts[0].strip(), "movie id")
+    if err is not None:
+      raise ValueError(f"{p}: line {n}: {err} (expected '{layout}'): {_show(line)}")
+    mid = int(parts[0])
+    if mid in seen:
+      raise ValueError(f"{p}: line {n}: movie id {mid} already appeared on line {seen[mid]}")
+    seen[mid] = n
+    flags = [f.strip() for f in parts[5:]]
+    if any(f not in ("0", "1") for f in flags):
+      raise ValueError(f"{p}: line {n}: genre flags must be 0 or 1 (expected '{layout}'): "
+                       f"{_show(line)}")
+    if "1" not in flags:
+      raise ValueError(f"{p}: line {n}: movie {mid} has no genre flag set")
+    ids.append(mid)
+    rows.append([f == "1" for f in flags])
+  hot = np.asarray(rows, bool)
+  return Genres(movie_ids=np.asarray(ids, np.int64), names=names, multi_hot=hot,
+                primary=np.argmax(hot, axis=1).astype(np.int64), source=str(p))
+
+
+_ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy",
+                  "Crime", "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical",
+                  "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")
+
+
+def load_genres(path: PathLike) -> Genres:
+  """Genres from ``movies.dat`` (ML-1M) or ``u.item`` (ML-100K), chosen by the file name.
+
+  Args:
+    path: the genre file, or a directory holding one of them.
+
+  Raises:
+    ValueError: any other file name, or a malformed file (see the two parsers).
+    FileNotFoundError: no such file.
+  """
+  p = Path(path).expanduser()
+  if p.is_dir():
+    found = [p / n for n in ("movies.dat", "u.item") if (p / n).is_file()]
+    if len(found) != 1:
+      raise ValueError(f"{p}: expected exactly one genre file (movies.dat or u.item) in the "
+                       f"directory, found {len(found)}")
+    p = found[0]
+  if not p.is_file():
+    raise FileNotFoundError(f"{p}: no such genre file (expected movies.dat or u.item)")
+  if p.name == "u.item":
+    return parse_movielens_100k_genres(p)
+  if p.name.endswith(".dat"):
+    return parse_movielens_genres(p)
+  raise ValueError(f"{p}: unknown genre file; expected MovieLens 'movies.dat' "
+                   "(movie_id::title::genres) or ML-100K 'u.item'")
