@@ -12,6 +12,7 @@ and gradient sums become all-reduces). On one device it is the single-device loo
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -233,8 +234,14 @@ def ranking_logits(model, items, ts, length, p, cands, train_rng=None):
                          axis=1)
   q_valid = jnp.concatenate([seq_valid, jnp.ones(flat.shape, bool)], axis=1)
   isolated = jnp.concatenate([jnp.zeros((B, N), bool), jnp.ones(flat.shape, bool)], axis=1)
-  x, *_ = model._run_tokens(model.empty_cache(B), tok, q_pos, q_ts, q_valid, train_rng, isolated)
-  return model.rank_logits(x[:, N:], flat).reshape(B, P, K1)
+  # The top layer needs only the candidates' rows (the history's own outputs are discarded):
+  # a layer that can compute a subset of its queries (HSTU) skips the history's attention.
+  fast = ("rows" in inspect.signature(model.layers[-1].step).parameters
+          and "last_rows" in inspect.signature(model._run_tokens).parameters)
+  rows = P * K1 if fast else None
+  x, *_ = model._run_tokens(model.empty_cache(B), tok, q_pos, q_ts, q_valid, train_rng, isolated,
+                            last_rows=rows)
+  return model.rank_logits(x[:, -P * K1:], flat).reshape(B, P, K1)
 
 
 def ranking_loss(model, items, ts, length, rng, sampler: RankingSampler, dropout: bool):
