@@ -131,7 +131,7 @@ class RankingSampler:
     return self.uniform + self.popularity + self.hard
 
 
-def tie_query_key_init(model, score_offset: float = 0.0) -> None:
+def tie_query_key_init(model, score_offset: float = 0.0, qk_scale: float = 1.0) -> None:
   """Sets each layer's key projection equal to its query projection (in place, at init).
 
   With W_k = W_q a token's attention score to an event of the same item is |W x|^2, the
@@ -144,7 +144,9 @@ def tie_query_key_init(model, score_offset: float = 0.0) -> None:
   ``score_offset`` (HSTU only) also sets the relative-position bias to that constant: HSTU's
   pointwise SiLU attention sums rather than normalizes, and with SiLU'd queries and keys
   every score is positive on average, so a negative offset lets mainly the matching events
-  through at init (BENCHMARKS.md, probe p10).
+  through at init (BENCHMARKS.md, probe p10). ``qk_scale`` multiplies the (tied) query and
+  key columns of the projection, weights and bias, so that the pre-SiLU scores of a matching
+  event stand further from the rest (HSTU: with ``score_offset`` a sharper threshold).
 
   References: Kang & McAuley, ICDM 2018 (SASRec); Zhai et al., ICML 2024 (HSTU).
   """
@@ -162,10 +164,10 @@ def tie_query_key_init(model, score_offset: float = 0.0) -> None:
     if score_offset and hasattr(layer, "rab_pos"):
       layer.rab_pos[...] = jnp.full_like(layer.rab_pos[...], score_offset)
     w = lin.kernel[...]
-    lin.kernel[...] = w.at[:, k].set(w[:, q])
+    lin.kernel[...] = w.at[:, q].multiply(qk_scale).at[:, k].set(w[:, q] * qk_scale)
     if lin.bias is not None:
       b = lin.bias[...]
-      lin.bias[...] = b.at[k].set(b[q])
+      lin.bias[...] = b.at[q].multiply(qk_scale).at[k].set(b[q] * qk_scale)
 
 
 def ranking_impressions(items, length, rng, sampler: RankingSampler, num_items: int):
