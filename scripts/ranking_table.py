@@ -101,6 +101,8 @@ _WARM_S = flags.DEFINE_float("warm_seconds", None, "Override the preset: trainin
                              "the warm_length stage.")
 _WARM_BATCH = flags.DEFINE_integer("warm_batch", None, "Override the preset: batch of the "
                                    "warm_length stage (default: batch).")
+_BIAS_LR = flags.DEFINE_float("bias_lr_scale", None, "Override the preset: learning-rate "
+                              "multiplier of HSTU's rab tables (train.make_optimizer).")
 _TRAIN_ONLY = flags.DEFINE_bool("train_only", False,
                                 "Learning curve only: skip the serving table.")
 _MODEL = flags.DEFINE_string("model", None, "Backbone (hstu, sasrec, or a variant).")
@@ -116,6 +118,7 @@ _OUT = flags.DEFINE_string("out", None, "JSON output path.")
 def settings() -> dict:
   s = dict(dict(easy=10, uniform_neg=10, hard_neg=9, popularity_neg=0, seed=0,
                 rank_loss="bce", positions=1, tied_qk=False, score_offset=0.0, qk_scale=1.0,
+                bias_lr_scale=1.0,
                 warm_length=0, warm_seconds=0.0, warm_batch=0,
                 max_train_seconds=float("inf")),
            **PRESETS[_PRESET.value])
@@ -134,6 +137,8 @@ def settings() -> dict:
     s["max_train_seconds"] = _MAX_S.value
   if _QK_SCALE.value is not None:
     s["qk_scale"] = _QK_SCALE.value
+  if _BIAS_LR.value is not None:
+    s["bias_lr_scale"] = _BIAS_LR.value
   for k, f in (("warm_length", _WARM_LEN), ("warm_seconds", _WARM_S),
                ("warm_batch", _WARM_BATCH)):
     if f.value is not None:
@@ -228,7 +233,7 @@ def train_ranker(name: str, options: dict, s: dict, data, sampler, valid, init=N
       if name in ("hstu", "sasrec"):
         raise
       print(f"{name}: trained without W_k = W_q ({err})", flush=True)
-  trainer = Trainer(model, make_optimizer(s["lr"], 0.0), 0, dropout=False, task="ranking",
+  trainer = Trainer(model, make_optimizer(s["lr"], 0.0, bias_lr_scale=s["bias_lr_scale"]), 0, dropout=False, task="ranking",
                     sampler=sampler)
   curve = []
   t_train = time.time()
