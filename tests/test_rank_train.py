@@ -168,3 +168,23 @@ def test_top_layer_rows_equal_the_full_pass():
     np.testing.assert_allclose(np.asarray(x), np.asarray(full_x[:, -r:]), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(k), np.asarray(full_k))
     np.testing.assert_array_equal(np.asarray(v), np.asarray(full_v))
+
+
+def test_bias_lr_scale_moves_only_the_rab_tables_faster():
+  """Adam's first step moves each parameter by lr · sign(g) (closed form: m̂ = g, v̂ = g²);
+  ``bias_lr_scale`` multiplies that step for HSTU's rab tables only."""
+  from flax import nnx
+
+  from malloc_jax.train import make_optimizer
+
+  model = make("hstu")
+  _, params, _ = nnx.split(model, nnx.Param, ...)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)  # global norm < clip
+  for scale in (1.0, 7.0):
+    tx = make_optimizer(1e-2, 0.0, bias_lr_scale=scale)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    flat = jax.tree_util.tree_flatten_with_path(updates)[0]
+    for path, u in flat:
+      name = "/".join(str(getattr(k, "key", k)) for k in path)
+      want = 1e-2 * (scale if ("rab_pos" in name or "rab_time" in name) else 1.0)
+      np.testing.assert_allclose(np.asarray(u), -want, rtol=1e-4, err_msg=name)
