@@ -322,7 +322,9 @@ def main(argv):
                batch=s["warm_batch"] or s["batch"])
     wmodel, warm_info = train_ranker(s["model"], {}, s_w, data_w, sampler,
                                      (val_cands, ref_w, hard_eval))
-    init = nnx.to_pure_dict(nnx.state(wmodel, nnx.Param))
+    strkeys = lambda d: ({str(k): strkeys(v) for k, v in d.items()} if isinstance(d, dict)
+                         else d)  # warm_start reads checkpoint dicts (string keys)
+    init = strkeys(nnx.to_pure_dict(nnx.state(wmodel, nnx.Param)))
   model, info = train_ranker(s["model"], {}, s, data, sampler, valid, init=init)
   if warm_info is not None:
     info["warm"] = {k: warm_info[k] for k in ("curve", "train_seconds", "steps_done")}
