@@ -70,6 +70,14 @@ PRESETS = {
                 heads=1, layers=1, steps=3000, batch=16, positions=16, lr=3e-3,
                 rank_loss="listwise", uniform_neg=10, hard_neg=9, tied_qk=True,
                 max_train_seconds=240.0, eval_users=500, eval_every=250),
+    # 2 CPU cores (shared), about an hour: HSTU at 512 events, 55 minutes of training; the
+    # top layer computes only the candidates' rows, the rab tables learn 30x faster and start
+    # at -3 (BENCHMARKS.md, HSTU at 512 events on the CPU, fourth session).
+    "cpu512": dict(length=512, users=2000, items=1000, topic_size=10, model="hstu", dim=32,
+                   heads=1, layers=1, steps=100000, batch=16, positions=8, lr=3e-3,
+                   rank_loss="listwise", uniform_neg=10, hard_neg=9, tied_qk=True,
+                   score_offset=-3.0, bias_lr_scale=30.0, max_train_seconds=3300.0,
+                   eval_users=500, eval_every=1000),
     # One H200, about 5-7 minutes of wall time: HSTU (the issue's acceptance backbone) at
     # 1,024 events; training stops at max_train_seconds whatever the steps.
     "gpu": dict(length=1024, users=8000, items=1000, topic_size=10, model="hstu", dim=64,
