@@ -13,6 +13,8 @@ the candidates), and the fraction of the Bayes GAUC lift over history-blind each
 
   # 2 CPU cores, about 8 minutes on a shared machine (README): SASRec, 240 s of training
   python scripts/ranking_table.py --out runs/ranking_cpu.json
+  # 2 CPU cores, about an hour: HSTU at 512 events, 55 minutes of training (BENCHMARKS.md)
+  python scripts/ranking_table.py --preset=cpu512 --out runs/ranking_cpu512.json
   # one H200, about 5-7 minutes of wall time: HSTU at 1,024 events, 150 s of training
   python scripts/ranking_table.py --preset=gpu --out runs/ranking_gpu.json
   # plus a row per trained variant, each trained for ranking by the same steps/seconds rule
