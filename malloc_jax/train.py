@@ -12,6 +12,7 @@ and gradient sums become all-reduces). On one device it is the single-device loo
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -130,7 +131,7 @@ class RankingSampler:
     return self.uniform + self.popularity + self.hard
 
 
-def tie_query_key_init(model, score_offset: float = 0.0) -> None:
+def tie_query_key_init(model, score_offset: float = 0.0, qk_scale: float = 1.0) -> None:
   """Sets each layer's key projection equal to its query projection (in place, at init).
 
   With W_k = W_q a token's attention score to an event of the same item is |W x|^2, the
@@ -143,7 +144,9 @@ def tie_query_key_init(model, score_offset: float = 0.0) -> None:
   ``score_offset`` (HSTU only) also sets the relative-position bias to that constant: HSTU's
   pointwise SiLU attention sums rather than normalizes, and with SiLU'd queries and keys
   every score is positive on average, so a negative offset lets mainly the matching events
-  through at init (BENCHMARKS.md, probe p10).
+  through at init (BENCHMARKS.md, probe p10). ``qk_scale`` multiplies the (tied) query and
+  key columns of the projection, weights and bias, so that the pre-SiLU scores of a matching
+  event stand further from the rest (HSTU: with ``score_offset`` a sharper threshold).
 
   References: Kang & McAuley, ICDM 2018 (SASRec); Zhai et al., ICML 2024 (HSTU).
   """
@@ -161,10 +164,10 @@ def tie_query_key_init(model, score_offset: float = 0.0) -> None:
     if score_offset and hasattr(layer, "rab_pos"):
       layer.rab_pos[...] = jnp.full_like(layer.rab_pos[...], score_offset)
     w = lin.kernel[...]
-    lin.kernel[...] = w.at[:, k].set(w[:, q])
+    lin.kernel[...] = w.at[:, q].multiply(qk_scale).at[:, k].set(w[:, q] * qk_scale)
     if lin.bias is not None:
       b = lin.bias[...]
-      lin.bias[...] = b.at[k].set(b[q])
+      lin.bias[...] = b.at[q].multiply(qk_scale).at[k].set(b[q] * qk_scale)
 
 
 def ranking_impressions(items, length, rng, sampler: RankingSampler, num_items: int):
@@ -210,7 +213,9 @@ def ranking_logits(model, items, ts, length, p, cands, train_rng=None):
 
   The candidates of position p read the window's events before p (M-FALCON, one pass for all
   P positions when P > 1; ``model.rank`` of the first p events when P = 1). items, ts:
-  [B, N + 1] windows; length [B].
+  [B, N + 1] windows; length [B]. When the top layer's ``step`` takes ``rows`` (HSTU), the
+  top layer computes only the candidates' rows (the window's own outputs are discarded
+  there), the same logits at a fraction of the cost (BENCHMARKS.md, HSTU at 512 events).
   """
   B, N = items.shape[0], items.shape[1] - 1
   P, K1 = cands.shape[1], cands.shape[2]
@@ -233,8 +238,14 @@ def ranking_logits(model, items, ts, length, p, cands, train_rng=None):
                          axis=1)
   q_valid = jnp.concatenate([seq_valid, jnp.ones(flat.shape, bool)], axis=1)
   isolated = jnp.concatenate([jnp.zeros((B, N), bool), jnp.ones(flat.shape, bool)], axis=1)
-  x, *_ = model._run_tokens(model.empty_cache(B), tok, q_pos, q_ts, q_valid, train_rng, isolated)
-  return model.rank_logits(x[:, N:], flat).reshape(B, P, K1)
+  # The top layer needs only the candidates' rows (the history's own outputs are discarded):
+  # a layer that can compute a subset of its queries (HSTU) skips the history's attention.
+  fast = ("rows" in inspect.signature(model.layers[-1].step).parameters
+          and "last_rows" in inspect.signature(model._run_tokens).parameters)
+  rows = P * K1 if fast else None
+  x, *_ = model._run_tokens(model.empty_cache(B), tok, q_pos, q_ts, q_valid, train_rng, isolated,
+                            last_rows=rows)
+  return model.rank_logits(x[:, -P * K1:], flat).reshape(B, P, K1)
 
 
 def ranking_loss(model, items, ts, length, rng, sampler: RankingSampler, dropout: bool):
@@ -327,9 +338,31 @@ class Trainer:
     return self._step(state, batch[0], batch[1], batch[2], rng)
 
 
-def make_optimizer(lr: float, weight_decay: float, clip: float = 1.0):
+BIAS_TABLES = ("rab_pos", "rab_time")
+
+
+def make_optimizer(lr: float, weight_decay: float, clip: float = 1.0,
+                   bias_lr_scale: float = 1.0):
+  """Global-norm clipping, then AdamW.
+
+  ``bias_lr_scale`` multiplies the learning rate of HSTU's relative attention bias tables
+  (``BIAS_TABLES``). Adam moves a parameter by about ``lr`` a step whatever its gradient, and
+  HSTU's pointwise scores need biases of order 10 (a recent event standing out of N summed
+  weights) where lr = 3e-3 moves them by 0.003 a step (BENCHMARKS.md, HSTU at 512 events).
+  Training only: the model is unchanged.
+  """
+  adam = lambda rate: optax.adamw(rate, b1=0.9, b2=0.98, weight_decay=weight_decay)
+  if bias_lr_scale == 1.0:
+    return optax.chain(optax.clip_by_global_norm(clip), adam(lr))
+
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "bias" if any(str(getattr(k, "key", k)) in BIAS_TABLES for k in path)
+        else "rest", params)
+
   return optax.chain(optax.clip_by_global_norm(clip),
-                     optax.adamw(lr, b1=0.9, b2=0.98, weight_decay=weight_decay))
+                     optax.multi_transform({"bias": adam(lr * bias_lr_scale), "rest": adam(lr)},
+                                           labels))
 
 
 def batch_indices(num_users: int, batch_size: int, step: int, seed: int,

@@ -13,6 +13,8 @@ the candidates), and the fraction of the Bayes GAUC lift over history-blind each
 
   # 2 CPU cores, about 8 minutes on a shared machine (README): SASRec, 240 s of training
   python scripts/ranking_table.py --out runs/ranking_cpu.json
+  # 2 CPU cores, about an hour: HSTU at 512 events, 55 minutes of training (BENCHMARKS.md)
+  python scripts/ranking_table.py --preset=cpu512 --out runs/ranking_cpu512.json
   # one H200, about 5-7 minutes of wall time: HSTU at 1,024 events, 150 s of training
   python scripts/ranking_table.py --preset=gpu --out runs/ranking_gpu.json
   # plus a row per trained variant, each trained for ranking by the same steps/seconds rule
@@ -41,6 +43,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from absl import app, flags
+from flax import nnx
 
 from malloc_jax import compressors as C
 from malloc_jax import config_lib, ranking
@@ -57,6 +60,7 @@ from malloc_jax.data.synthetic import (
   topic_index,
 )
 from malloc_jax.evaluate import calibration_caches
+from malloc_jax.experiment import warm_start
 from malloc_jax.models import VARIANT_SPECS, make_model
 from malloc_jax.sweep import multi_position_ranking
 from malloc_jax.train import RankingSampler, Trainer, fit, make_optimizer, tie_query_key_init
@@ -68,6 +72,14 @@ PRESETS = {
                 heads=1, layers=1, steps=3000, batch=16, positions=16, lr=3e-3,
                 rank_loss="listwise", uniform_neg=10, hard_neg=9, tied_qk=True,
                 max_train_seconds=240.0, eval_users=500, eval_every=250),
+    # 2 CPU cores (shared), about an hour: HSTU at 512 events, 55 minutes of training; the
+    # top layer computes only the candidates' rows, the rab tables learn 30x faster and start
+    # at -3 (BENCHMARKS.md, HSTU at 512 events on the CPU, fourth session).
+    "cpu512": dict(length=512, users=2000, items=1000, topic_size=10, model="hstu", dim=32,
+                   heads=1, layers=1, steps=100000, batch=16, positions=8, lr=3e-3,
+                   rank_loss="listwise", uniform_neg=10, hard_neg=9, tied_qk=True,
+                   score_offset=-3.0, bias_lr_scale=30.0, max_train_seconds=3300.0,
+                   eval_users=500, eval_every=1000),
     # One H200, about 5-7 minutes of wall time: HSTU (the issue's acceptance backbone) at
     # 1,024 events; training stops at max_train_seconds whatever the steps.
     "gpu": dict(length=1024, users=8000, items=1000, topic_size=10, model="hstu", dim=64,
@@ -89,6 +101,18 @@ _TIED = flags.DEFINE_bool("tied_qk", None, "Override the preset: initialize W_k 
                           "(train.tie_query_key_init).")
 _OFFSET = flags.DEFINE_float("score_offset", None, "Override the preset: HSTU attention "
                              "score offset at init (with --tied_qk).")
+_QK_SCALE = flags.DEFINE_float("qk_scale", None, "Override the preset: scale of the tied "
+                               "query/key projection at init (train.tie_query_key_init).")
+_WARM_LEN = flags.DEFINE_integer("warm_length", None, "Override the preset: curriculum, first "
+                                  "train on each user's last warm_length events (0: none), then "
+                                  "warm-start the full-length model from it "
+                                  "(experiment.warm_start grows the position tables).")
+_WARM_S = flags.DEFINE_float("warm_seconds", None, "Override the preset: training seconds of "
+                             "the warm_length stage.")
+_WARM_BATCH = flags.DEFINE_integer("warm_batch", None, "Override the preset: batch of the "
+                                   "warm_length stage (default: batch).")
+_BIAS_LR = flags.DEFINE_float("bias_lr_scale", None, "Override the preset: learning-rate "
+                              "multiplier of HSTU's rab tables (train.make_optimizer).")
 _TRAIN_ONLY = flags.DEFINE_bool("train_only", False,
                                 "Learning curve only: skip the serving table.")
 _MODEL = flags.DEFINE_string("model", None, "Backbone (hstu, sasrec, or a variant).")
@@ -103,7 +127,9 @@ _OUT = flags.DEFINE_string("out", None, "JSON output path.")
 
 def settings() -> dict:
   s = dict(dict(easy=10, uniform_neg=10, hard_neg=9, popularity_neg=0, seed=0,
-                rank_loss="bce", positions=1, tied_qk=False, score_offset=0.0,
+                rank_loss="bce", positions=1, tied_qk=False, score_offset=0.0, qk_scale=1.0,
+                bias_lr_scale=1.0,
+                warm_length=0, warm_seconds=0.0, warm_batch=0,
                 max_train_seconds=float("inf")),
            **PRESETS[_PRESET.value])
   for k, f in _INT.items():
@@ -119,6 +145,14 @@ def settings() -> dict:
     s["score_offset"] = _OFFSET.value
   if _MAX_S.value is not None:
     s["max_train_seconds"] = _MAX_S.value
+  if _QK_SCALE.value is not None:
+    s["qk_scale"] = _QK_SCALE.value
+  if _BIAS_LR.value is not None:
+    s["bias_lr_scale"] = _BIAS_LR.value
+  for k, f in (("warm_length", _WARM_LEN), ("warm_seconds", _WARM_S),
+               ("warm_batch", _WARM_BATCH)):
+    if f.value is not None:
+      s[k] = f.value
   if _MODEL.value:
     s["model"] = _MODEL.value
   return s
@@ -172,7 +206,7 @@ def _sweep_config():
   return module
 
 
-def train_ranker(name: str, options: dict, s: dict, data, sampler, valid):
+def train_ranker(name: str, options: dict, s: dict, data, sampler, valid, init=None):
   """Trains backbone ``name`` for ranking with the preset's settings; returns (model, info).
 
   The same rule for every backbone: ``s["steps"]`` steps or ``s["max_train_seconds"]`` of
@@ -183,6 +217,8 @@ def train_ranker(name: str, options: dict, s: dict, data, sampler, valid):
   Args:
     name: backbone. options: extra model arguments (``heads`` and variant fields).
     valid: (validation candidates [U, C], {"bayes", "blind"} GAUCs, hard negatives per row).
+    init: parameters (``nnx.to_pure_dict``) of a shorter-length model to start from
+      (``experiment.warm_start``; no W_k = W_q tying then), or None.
 
   Returns:
     (trained model, {"curve", "train_seconds", "steps_done", "tied_qk", "eval_seconds"}).
@@ -195,15 +231,19 @@ def train_ranker(name: str, options: dict, s: dict, data, sampler, valid):
     print(f"{name}: one impression per window (no multi-position training pass)", flush=True)
     sampler = dataclasses.replace(sampler, positions=1)
   tied = False
-  if s["tied_qk"]:
+  if init is not None:
+    params, extended = warm_start(nnx.state(model, nnx.Param), init)
+    nnx.update(model, params)
+    print(f"{name}: warm start, grown {extended}", flush=True)
+  elif s["tied_qk"]:
     try:
-      tie_query_key_init(model, s["score_offset"])
+      tie_query_key_init(model, s["score_offset"], s["qk_scale"])
       tied = True
     except ValueError as err:
       if name in ("hstu", "sasrec"):
         raise
       print(f"{name}: trained without W_k = W_q ({err})", flush=True)
-  trainer = Trainer(model, make_optimizer(s["lr"], 0.0), 0, dropout=False, task="ranking",
+  trainer = Trainer(model, make_optimizer(s["lr"], 0.0, bias_lr_scale=s["bias_lr_scale"]), 0, dropout=False, task="ranking",
                     sampler=sampler)
   curve = []
   t_train = time.time()
@@ -278,11 +318,31 @@ def main(argv):
   print(f"validation references: Bayes (whole) GAUC {val_bayes['bayes']:.4f}, history-blind "
         f"{val_bayes['blind']:.4f}", flush=True)
   valid = (val_cands, val_bayes, hard_eval)
-  model, info = train_ranker(s["model"], {}, s, data, sampler, valid)
+  init, warm_info = None, None
+  if s["warm_length"]:  # curriculum: the users' last warm_length events first
+    wl = s["warm_length"]
+    data_w = build_dataset(f"topics-{s['length']}-last{wl}", items, stamps, spec.num_items, wl)
+    vw = data_w.valid
+    hist_w = [vw.items[u, :max(vw.length[u] - 1, 0)] for u in range(n_val)]
+    last_w = np.array([vw.items[u, vw.length[u] - 1] for u in range(n_val)])
+    ref_w = reference_gauc(spec, hist_w, last_w, val_cands, data.popularity)
+    print(f"warm stage: last {wl} events, validation Bayes GAUC {ref_w['bayes']:.4f}, "
+          f"history-blind {ref_w['blind']:.4f}", flush=True)
+    s_w = dict(s, length=wl, max_train_seconds=s["warm_seconds"],
+               batch=s["warm_batch"] or s["batch"])
+    wmodel, warm_info = train_ranker(s["model"], {}, s_w, data_w, sampler,
+                                     (val_cands, ref_w, hard_eval))
+    strkeys = lambda d: ({str(k): strkeys(v) for k, v in d.items()} if isinstance(d, dict)
+                         else d)  # warm_start reads checkpoint dicts (string keys)
+    init = strkeys(nnx.to_pure_dict(nnx.state(wmodel, nnx.Param)))
+  model, info = train_ranker(s["model"], {}, s, data, sampler, valid, init=init)
+  if warm_info is not None:
+    info["warm"] = {k: warm_info[k] for k in ("curve", "train_seconds", "steps_done")}
+    info["train_seconds"] += warm_info["train_seconds"]
   curve, train_seconds, steps_done = info["curve"], info["train_seconds"], info["steps_done"]
   if _TRAIN_ONLY.value:
     out = {"settings": s, "train_seconds": train_seconds, "steps_done": steps_done,
-           "curve": curve, "valid_references": val_bayes,
+           "curve": curve, "valid_references": val_bayes, "warm": info.get("warm"),
            "devices": [str(d) for d in jax.devices()]}
     if _OUT.value:
       Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
@@ -390,7 +450,8 @@ def main(argv):
   print(f"total {time.time() - t_all:.0f}s (training {train_seconds:.0f}s, "
         f"{steps_done} steps)", flush=True)
   out = {"settings": s, "train_seconds": train_seconds, "steps_done": steps_done,
-         "curve": curve, "valid_references": val_bayes, "rows": rows, "variants": variants,
+         "curve": curve, "valid_references": val_bayes, "warm": info.get("warm"),
+         "rows": rows, "variants": variants,
          "num_users": n_eval, "candidates": int(cands.shape[1]), "table": table,
          "devices": [str(d) for d in jax.devices()], "total_seconds": time.time() - t_all}
   if _OUT.value:

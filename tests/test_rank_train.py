@@ -129,5 +129,62 @@ def test_tied_query_key_init(name):
   if name == "hstu":
     tie_query_key_init(model, score_offset=-3.0)
     np.testing.assert_array_equal(np.asarray(layer.rab_pos[...]), -3.0)
+    # qk_scale: the query and key pre-activations are both `scale` times the untied query's.
+    fresh = make(name)
+    lin = fresh.layers[0].uvqk
+    w0, b0 = np.asarray(lin.kernel[...]).copy(), np.asarray(lin.bias[...]).copy()
+    tie_query_key_init(fresh, qk_scale=2.5)
+    xn = np.asarray(fresh.layers[0].ln(x))
+    got = xn @ np.asarray(lin.kernel[...]) + np.asarray(lin.bias[...])
+    want_q = 2.5 * (xn @ w0[:, a:a + w] + b0[a:a + w])
+    np.testing.assert_allclose(got[:, a:a + w], want_q, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[:, a + w:a + 2 * w], want_q, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[:, :a], xn @ w0[:, :a] + b0[:a], rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="no qkv/uvqk"):
     tie_query_key_init(make("hstu_rwkv"))
+
+
+def test_top_layer_rows_equal_the_full_pass():
+  """``_run_tokens(last_rows=r)`` (HSTU's top layer computes only the last r queries) equals
+  the last r rows of the full pass, keys and values of every layer included; and the
+  multi-position logits through it equal those of the full pass."""
+  model = make("hstu")
+  items, ts, length = _windows()
+  B, N = 3, items.shape[1] - 1
+  cands = jnp.asarray(np.random.default_rng(6).integers(1, NUM_ITEMS + 1, (B, 6)), jnp.int32)
+  tok = jnp.concatenate([items[:, :N], cands], axis=1)
+  valid = jnp.arange(N)[None] < jnp.minimum(length, N)[:, None]
+  q_pos = jnp.concatenate([jnp.where(valid, jnp.arange(N)[None], -1),
+                           jnp.broadcast_to(jnp.array([[5, 5, 9, 9, 2, 2]]), (B, 6))], axis=1)
+  q_ts = jnp.concatenate([jnp.where(valid, ts[:, :N], 0), jnp.tile(ts[:, 4:5], (1, 6))], 1)
+  q_valid = jnp.concatenate([valid, jnp.ones((B, 6), bool)], axis=1)
+  iso = jnp.concatenate([jnp.zeros((B, N), bool), jnp.ones((B, 6), bool)], axis=1)
+  run = jax.jit(lambda m, r: m._run_tokens(m.empty_cache(B), tok, q_pos, q_ts, q_valid,
+                                           None, iso, last_rows=r), static_argnums=1)
+  full_x, full_k, full_v, *_ = run(model, None)
+  for r in (6, 1, N + 6):
+    x, k, v, attn, _ = run(model, r)
+    assert x.shape == (B, r, 16) and attn is None
+    np.testing.assert_allclose(np.asarray(x), np.asarray(full_x[:, -r:]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(k), np.asarray(full_k))
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(full_v))
+
+
+def test_bias_lr_scale_moves_only_the_rab_tables_faster():
+  """Adam's first step moves each parameter by lr · sign(g) (closed form: m̂ = g, v̂ = g²);
+  ``bias_lr_scale`` multiplies that step for HSTU's rab tables only."""
+  from flax import nnx
+
+  from malloc_jax.train import make_optimizer
+
+  model = make("hstu")
+  _, params, _ = nnx.split(model, nnx.Param, ...)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)  # global norm < clip
+  for scale in (1.0, 7.0):
+    tx = make_optimizer(1e-2, 0.0, bias_lr_scale=scale)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    flat = jax.tree_util.tree_flatten_with_path(updates)[0]
+    for path, u in flat:
+      name = "/".join(str(getattr(k, "key", k)) for k in path)
+      want = 1e-2 * (scale if ("rab_pos" in name or "rab_time" in name) else 1.0)
+      np.testing.assert_allclose(np.asarray(u), -want, rtol=1e-4, err_msg=name)

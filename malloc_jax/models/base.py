@@ -95,12 +95,15 @@ class SequenceRecommender(nnx.Module):
     return x, k, v, a, q_pos, queries
 
   def _run_tokens(self, cache: Cache, items, q_pos, q_ts, q_valid, train_rng=None,
-                  isolated=None):
+                  isolated=None, last_rows: int | None = None):
     """Runs tokens [B, m] at explicit positions through all layers against ``cache``.
 
     ``isolated`` [B, m] bool (or None) marks tokens that must not see one another (ranking
-    candidates, see :func:`attention_mask`). Returns (hidden [B, m, d], k [L,B,H,m,Dk], v,
-    attn [L,B,H,m,T+m] or None (compressed reads), queries [L,B,H,m,Dk] or None).
+    candidates, see :func:`attention_mask`). ``last_rows`` (static int, layers whose ``step``
+    takes ``rows``: HSTU): the top layer computes only the last ``last_rows`` tokens' outputs
+    (the returned hidden is [B, last_rows, d], attn of the top layer is not stacked and is
+    None). Returns (hidden [B, m, d], k [L,B,H,m,Dk], v, attn [L,B,H,m,T+m] or None
+    (compressed reads), queries [L,B,H,m,Dk] or None).
     """
     rngs = [None] * (len(self.layers) + 1)
     if train_rng is not None:
@@ -116,12 +119,16 @@ class SequenceRecommender(nnx.Module):
           raise ValueError("rank needs a materialized memory (memory.materialize()): the "
                            "compressed reads of malloc_jax.reads have no candidate block mask")
         kv = (reads.LayerView(cache, i), None, None, None)
+      if last_rows is not None and i == len(self.layers) - 1:
+        extra["rows"] = last_rows
       x, k, v, a, *q = layer.step(x, q_pos, q_ts, q_valid, *kv, rngs[i + 1], **extra)
       qs.extend(q)  # layers that return their queries (HSTU, SASRec)
       ks.append(k)
       vs.append(v)
       attns.append(a)
     x = self.output(x)
+    if last_rows is not None:  # the top layer's rows differ in number: nothing to stack
+      return x, jnp.stack(ks), jnp.stack(vs), None, None
     attn = None if attns[0] is None else jnp.stack(attns)
     queries = jnp.stack(qs) if len(qs) == len(self.layers) else None
     return x, jnp.stack(ks), jnp.stack(vs), attn, queries

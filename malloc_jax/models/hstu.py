@@ -87,22 +87,36 @@ class HSTULayer(nnx.Module):
         mode="promise_in_bounds")
     return pos + tim
 
-  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None, isolated=None):
+  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None, isolated=None,
+           rows: int | None = None):
+    """One layer over m new tokens against the cache (see ``models.base``).
+
+    ``rows`` (static int, materialized cache only): only the last ``rows`` tokens are
+    queries; every token still contributes its key and value. Returns y [B, rows, d] and
+    attn [B, H, rows, T + m] (k, v of all m tokens), equal to the last ``rows`` rows of the
+    full step: a top layer whose other outputs are discarded (ranking candidates,
+    ``train.ranking_logits``) skips the history's m x m attention.
+    """
     B, m, _ = x.shape
     H, dqk, dv = self.heads, self.dqk, self.dv
     h = nnx.silu(self.uvqk(self.ln(x)))
     u, v, q, k = jnp.split(h, [H * dv, 2 * H * dv, 2 * H * dv + H * dqk], axis=-1)
-    heads = lambda t, d: t.reshape(B, m, H, d).transpose(0, 2, 1, 3)  # [B, H, m, d]
+    heads = lambda t, d: t.reshape(B, t.shape[1], H, d).transpose(0, 2, 1, 3)  # [B, H, m, d]
     q, k, v = heads(q, dqk), heads(k, dqk), heads(v, dv)
     if reads.is_view(ck):
-      if isolated is not None:
+      if isolated is not None or rows is not None:
         raise ValueError("a candidate block mask needs the materialized memory")  # compressed memory: memory part + new part, summed exactly
       attn = reads.Attention("pointwise", norm=self.max_len, bias=self.bias)
       o, a = reads.attend_memory(attn, ck, q, k, v, q_pos, q_ts, q_valid), None
     else:
       kk, vv, kpos, kts = concat_keys(ck, cv, cpos, cts, k, v, q_pos, q_ts)
-      s = jnp.einsum("bhmd,bhtd->bhmt", q, kk) + self.bias(q_pos, q_ts, kpos, kts)
       mask = attention_mask(q_pos, q_valid, kpos, isolated)
+      if rows is not None:  # queries: the last `rows` tokens only
+        sl = slice(m - rows, m)
+        x, u, q, q_pos, q_ts, mask = x[:, sl], u[:, sl], q[:, :, sl], q_pos[:, sl], q_ts[:, sl], \
+            mask[:, :, sl]
+        m = rows
+      s = jnp.einsum("bhmd,bhtd->bhmt", q, kk) + self.bias(q_pos, q_ts, kpos, kts)
       a = jnp.where(mask, nnx.silu(s), 0.0) / self.max_len  # [B, H, m, T+m]
       o = jnp.einsum("bhmt,bhtd->bhmd", a, vv)
       a = jnp.abs(a)
