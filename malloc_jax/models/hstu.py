@@ -17,7 +17,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from malloc_jax import flops, reads
-from malloc_jax.models.base import SequenceRecommender, attention_mask, concat_keys, dropout
+from malloc_jax.models.base import (
+  SequenceRecommender,
+  attention_mask,
+  concat_keys,
+  dropout,
+  select_slots,
+)
 from malloc_jax.models.spec import VariantSpec
 
 
@@ -87,7 +93,8 @@ class HSTULayer(nnx.Module):
         mode="promise_in_bounds")
     return pos + tim
 
-  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None, isolated=None):
+  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None, isolated=None,
+           slot_select=None):
     B, m, _ = x.shape
     H, dqk, dv = self.heads, self.dqk, self.dv
     h = nnx.silu(self.uvqk(self.ln(x)))
@@ -102,7 +109,7 @@ class HSTULayer(nnx.Module):
     else:
       kk, vv, kpos, kts = concat_keys(ck, cv, cpos, cts, k, v, q_pos, q_ts)
       s = jnp.einsum("bhmd,bhtd->bhmt", q, kk) + self.bias(q_pos, q_ts, kpos, kts)
-      mask = attention_mask(q_pos, q_valid, kpos, isolated)
+      mask = select_slots(attention_mask(q_pos, q_valid, kpos, isolated), q, slot_select)
       a = jnp.where(mask, nnx.silu(s), 0.0) / self.max_len  # [B, H, m, T+m]
       o = jnp.einsum("bhmt,bhtd->bhmd", a, vv)
       a = jnp.abs(a)
