@@ -10,7 +10,8 @@ the largest bound sum_c max(q_c min_c, q_c max_c). Per cell: GAUC, candidate NDC
 pooled AUC with paired 95% bootstrap intervals against native (the same users), stored bytes
 per user (``QuestMemory.stored_bytes``) and bytes read per request
 (``quest_rank_read_bytes``): per query (a candidate alone) and the union over the request's
-queries (one batched M-FALCON pass).
+queries (one batched M-FALCON pass). With ``--recent`` (default) the same budgets are also
+served by a query-blind baseline that reads each row's newest pages (every query the same).
 
 Usage:
   python scripts/quest_rank.py --config configs/ml1m.py:task=ranking,init=/work/gap/user,...\
@@ -50,6 +51,8 @@ _OUT = flags.DEFINE_string("out", "quest_rank.json", "Output JSON.")
 _PAGE = flags.DEFINE_integer("page", 4, "Events per Quest page.")
 _PAGES = flags.DEFINE_list("pages", ["25", "12", "6", "3"], "Pages read per query.")
 _USERS = flags.DEFINE_integer("max_users", 0, "Test users (0: all).")
+_RECENT = flags.DEFINE_bool("recent", True, "Also serve the query-blind baseline that reads "
+                             "each row's newest pages at the same page budgets.")
 _RESAMPLES = flags.DEFINE_integer("resamples", 1000, "Bootstrap resamples.")
 
 
@@ -79,6 +82,30 @@ def _quest(model, memory, req, cands, *, pages):
   return logits, quest_rank_pages(memory, queries, pages)
 
 
+def _recent_pages(memory, pages: int) -> jax.Array:
+  """[L, B, H, P] bool: each row's newest ``pages`` real pages (a query-blind baseline at
+  Quest's read budget; the native cache's events are a prefix of the slots)."""
+  P, page = memory.kmin.shape[3], memory.page
+  n_pages = -(-jnp.sum(memory.materialize().pos >= 0, axis=-1) // page)  # [L, B, H]
+  p = jnp.arange(P)
+  return (p < n_pages[..., None]) & (p >= n_pages[..., None] - pages)
+
+
+@functools.partial(jax.jit, static_argnames=("pages",))
+def _recent(model, memory, req, cands, *, pages):
+  chosen = _recent_pages(memory, pages)  # [L, B, H, P]
+  T = memory.k.shape[3]
+  m = req.items.shape[1] + cands.shape[1]
+
+  def select(layer, q):
+    slots = jnp.repeat(chosen[layer], memory.page, axis=-1)[..., :T]  # [B, H, T]
+    return jnp.broadcast_to(slots[:, :, None], q.shape[:3] + (T,))
+
+  logits = model.rank(memory.materialize(), req, cands, slot_select=select)
+  return logits, jnp.broadcast_to(chosen[:, :, :, None], chosen.shape[:3] + (m,)
+                                  + chosen.shape[3:])
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -93,7 +120,10 @@ def main(argv):
   n = len(split) if not _USERS.value else min(_USERS.value, len(split))
   cands = ranking_eval_candidates(config, data, "test")[:n]
   page, budgets = _PAGE.value, [int(p) for p in _PAGES.value]
-  labels = ["native"] + [f"quest page={page} pages={p}" for p in budgets]
+  cells = [(f"quest page={page} pages={p}", p, _quest) for p in budgets]
+  if _RECENT.value:
+    cells += [(f"recent pages page={page} pages={p}", p, _recent) for p in budgets]
+  labels = ["native"] + [c[0] for c in cells]
   logits = {k: [] for k in labels}
   figs = {k: [] for k in labels}  # per user: (stored, read per candidate, read union)
   bs = config.eval.batch_size
@@ -108,8 +138,8 @@ def main(argv):
     figs["native"].append(np.stack([native, native, native], 1))
     q_valid = np.concatenate([np.asarray(req.valid), np.ones(cand.shape, bool)], axis=1)
     m = req.items.shape[1]
-    for p, label in zip(budgets, labels[1:], strict=True):
-      lg, chosen = _quest(model, memory, req, cand, pages=p)
+    for label, p, fn in cells:
+      lg, chosen = fn(model, memory, req, cand, pages=p)
       per_query, union = quest_rank_read_bytes(memory, chosen, q_valid)
       logits[label].append(np.asarray(lg)[real])
       figs[label].append(np.stack([stored, per_query[:, m:].mean(1)[real],
