@@ -5,8 +5,10 @@ channel, the minimum and maximum key. For a query q the upper bound of q . k ove
 sum_c max(q_c min_c, q_c max_c); a request reads the bounds of every page and the keys and
 values of the top pages only. Quest therefore does not shrink what is *stored* (it adds the
 bounds) but what is *read* per request, so both figures are reported:
-``QuestMemory.stored_bytes()`` and :func:`quest_read_bytes`. This module is the whole
-method: its factory, memory, read-side functions and spec.
+``QuestMemory.stored_bytes()`` and :func:`quest_read_bytes`. In the ranking task every
+request event and candidate is a query with its own pages (:func:`quest_slot_select` for
+``model.rank``; bytes :func:`quest_rank_read_bytes`). This module is the whole method: its
+factory, memory, read-side functions and spec.
 """
 
 from __future__ import annotations
@@ -177,6 +179,100 @@ def quest_read_bytes(memory: QuestMemory, chosen: jax.Array) -> np.ndarray:
   read = ((pos >= 0) & slot_page).sum(axis=-1, dtype=np.int64)
   bounds = -(-n // memory.page) * 2 * dk * memory.kmin.dtype.itemsize
   return (bounds + read * per_event).sum(axis=(0, 2))
+
+
+def _select_pages(score: jax.Array, valid: jax.Array, pages: int) -> jax.Array:
+  """[..., P] bool: the ``pages`` valid entries of ``score`` [..., P] with the largest value
+  (ties to the smaller page; fewer valid pages: all of them)."""
+  P = score.shape[-1]
+  tier = jnp.broadcast_to(valid, score.shape).astype(jnp.int32)
+  sel, picked = top_slots(tier, score, jnp.zeros(score.shape, jnp.int32), min(pages, P))
+  return mark_slots(sel, picked, P)
+
+
+def quest_query_pages(memory: QuestMemory, layer: int, q: jax.Array, pages: int) -> jax.Array:
+  """[B, H, m, P] bool: each query's top ``pages`` real pages of ``layer`` by Quest's bound.
+
+  The per-query form of :func:`quest_select`: every one of the m queries (a ranking
+  request's events and candidates) ranks the pages of its own (user, head) row by
+  sum_c max(q_c min_c, q_c max_c) and keeps the ``pages`` largest among the real pages.
+
+  Args:
+    memory: a QuestMemory; layer: its layer index (static).
+    q: [B, H, m, Dk] queries of that layer (float32 math).
+    pages: pages read per query (>= 1).
+  """
+  pages = check_int("quest", "pages", pages, 1)
+  q = q.astype(jnp.float32)[:, :, :, None, :]  # [B, H, m, 1, Dk]
+  lo = memory.kmin[layer].astype(jnp.float32)[:, :, None]  # [B, H, 1, P, Dk]
+  hi = memory.kmax[layer].astype(jnp.float32)[:, :, None]
+  score = jnp.sum(jnp.maximum(q * lo, q * hi), axis=-1)  # [B, H, m, P]
+  return _select_pages(score, _page_valid(memory)[layer][:, :, None], pages)
+
+
+def quest_slot_select(memory: QuestMemory, pages: int):
+  """The ``slot_select`` of ``SequenceRecommender.rank`` that reads a Quest memory.
+
+  Each request event and candidate reads, at every layer, only the memory slots of its own
+  top ``pages`` pages (:func:`quest_query_pages`), its query being that layer's query of the
+  token (so a candidate's selection at layer l depends on what it read below l). Call
+  ``model.rank(memory.materialize(), request, candidates, slot_select=...)``.
+
+  Returns:
+    A callable (layer, q [B, H, m, Dk]) -> [B, H, m, T] bool.
+
+  References: Tang et al., Quest, ICML 2024 (per-query page selection by the key bounds).
+  """
+  pages = check_int("quest", "pages", pages, 1)
+  T = memory.k.shape[3]
+
+  def select(layer, q):
+    chosen = quest_query_pages(memory, layer, q, pages)  # [B, H, m, P]
+    return jnp.repeat(chosen, memory.page, axis=-1)[..., :T]
+
+  return select
+
+
+def quest_rank_pages(memory: QuestMemory, queries: jax.Array, pages: int) -> jax.Array:
+  """[L, B, H, m, P] bool: :func:`quest_query_pages` of every layer for ``queries``
+  [L, B, H, m, Dk] (``model.rank(..., return_queries=True)``'s)."""
+  return jnp.stack([quest_query_pages(memory, i, queries[i], pages)
+                    for i in range(queries.shape[0])])
+
+
+def quest_rank_read_bytes(memory: QuestMemory, chosen: jax.Array, q_valid: jax.Array
+                          ) -> tuple[np.ndarray, np.ndarray]:
+  """Bytes a ranking request reads from a Quest memory when each query picks its pages.
+
+  With ``chosen`` [L, B, H, m, P] from :func:`quest_rank_pages` and ``q_valid`` [B, m]
+  (real request events and candidates), per query j and per user (host NumPy, int64):
+
+    per_query[b, j] = sum_r ceil(n_r / page) 2 Dk s_k
+                      + sum_r (real events in the pages query j chose in row r) (Dk s_k + Dv s_v)
+
+  (0 for a padding query), r over the (layer, head) rows of user b: the bounds of every real
+  page plus the keys and values of the chosen pages, as :func:`quest_read_bytes` for one
+  query. ``union[b]``: the same with the chosen pages of all the request's real queries
+  merged, i.e. what one batched pass (M-FALCON) has to fetch: the bounds once and each page
+  chosen by any query once. Positions and time stamps are not counted.
+
+  Returns:
+    (per_query [B, m], union [B]).
+  """
+  n = memory.row_events()  # [L, B, H]
+  dk, sk = memory.k.shape[-1], memory.k.dtype.itemsize
+  per_event = dk * sk + memory.v.shape[-1] * memory.v.dtype.itemsize
+  L, B, H, T = memory.k.shape[:4]
+  P, page = memory.kmin.shape[3], memory.page
+  pos = np.pad(np.asarray(memory.materialize().pos), [(0, 0)] * 3 + [(0, P * page - T)],
+               constant_values=-1)
+  events = (pos.reshape(L, B, H, P, page) >= 0).sum(axis=-1, dtype=np.int64)  # [L, B, H, P]
+  bounds = (-(-n // page) * 2 * dk * memory.kmin.dtype.itemsize).sum(axis=(0, 2))  # [B]
+  chosen = np.asarray(chosen) & np.asarray(q_valid)[None, :, None, :, None]
+  read = np.einsum("lbhjp,lbhp->bj", chosen.astype(np.int64), events)  # [B, m]
+  per_query = np.where(np.asarray(q_valid), bounds[:, None] + read * per_event, 0)
+  union = (chosen.any(axis=3) * events).sum(axis=(0, 2, 3))  # [B]
+  return per_query.astype(np.int64), (bounds + union * per_event).astype(np.int64)
 
 
 SPECS = (MethodSpec(

@@ -20,6 +20,9 @@ that return four values leave them None.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -95,23 +98,35 @@ class SequenceRecommender(nnx.Module):
     return x, k, v, a, q_pos, queries
 
   def _run_tokens(self, cache: Cache, items, q_pos, q_ts, q_valid, train_rng=None,
-                  isolated=None, last_rows: int | None = None):
+                  isolated=None, last_rows: int | None = None, slot_select=None):
     """Runs tokens [B, m] at explicit positions through all layers against ``cache``.
 
     ``isolated`` [B, m] bool (or None) marks tokens that must not see one another (ranking
     candidates, see :func:`attention_mask`). ``last_rows`` (static int, layers whose ``step``
     takes ``rows``: HSTU): the top layer computes only the last ``last_rows`` tokens' outputs
     (the returned hidden is [B, last_rows, d], attn of the top layer is not stacked and is
-    None). Returns (hidden [B, m, d], k [L,B,H,m,Dk], v, attn [L,B,H,m,T+m] or None
-    (compressed reads), queries [L,B,H,m,Dk] or None).
+    None). ``slot_select`` (or None): a callable ``(layer index, q [B, H, m, Dk]) -> [B, H,
+    m, T] bool`` of the cached slots each query may read at that layer (query-aware
+    sparsity, :func:`quest_pages.quest_slot_select`); the new tokens stay visible as without
+    it. Returns (hidden [B, m, d], k [L,B,H,m,Dk], v, attn [L,B,H,m,T+m] or None (compressed
+    reads), queries [L,B,H,m,Dk] or None).
     """
     rngs = [None] * (len(self.layers) + 1)
     if train_rng is not None:
       rngs = list(jax.random.split(train_rng, len(self.layers) + 1))
     x = self.embed(items, jnp.maximum(q_pos, 0), rngs[0])
     extra = {} if isolated is None else {"isolated": isolated}
+    if slot_select is not None:
+      if not isinstance(cache, Cache):
+        raise ValueError("slot_select needs a materialized memory (memory.materialize())")
+      for layer in self.layers:
+        if "slot_select" not in inspect.signature(layer.step).parameters:
+          raise ValueError(f"slot_select: {type(layer).__name__} does not support a per-query "
+                           "slot selection (HSTU and SASRec layers do)")
     ks, vs, attns, qs = [], [], [], []
     for i, layer in enumerate(self.layers):
+      if slot_select is not None:
+        extra["slot_select"] = functools.partial(slot_select, i)
       if isinstance(cache, Cache):
         kv = (cache.k[i], cache.v[i], cache.pos[i], cache.ts[i])
       else:  # a compressed memory read in its own form (malloc_jax.reads); attn is then None
@@ -244,7 +259,7 @@ class SequenceRecommender(nnx.Module):
 
   def rank(self, cache: Cache, request: Events, candidates: jax.Array,
            candidate_ts: jax.Array | None = None, *, return_attn: bool = False,
-           train_rng=None):
+           train_rng=None, slot_select=None, return_queries: bool = False):
     """Target-aware ranking: each candidate is a query token reading memory and request.
 
     One pass over [request events; candidate tokens] against the memory (M-FALCON): the
@@ -263,10 +278,18 @@ class SequenceRecommender(nnx.Module):
         (0 when the request is empty).
       return_attn: also return the candidates' attention over the memory slots.
       train_rng: dropout key (training) or None.
+      slot_select: None (every query reads every memory slot), or a callable
+        ``(layer, q [B, H, m + C, Dk]) -> [B, H, m + C, T] bool``: the memory slots each
+        request event and candidate may read at that layer, from its own query (Quest:
+        :func:`malloc_jax.compressors.quest_pages.quest_slot_select`). Request events and
+        candidates stay visible as without it. HSTU and SASRec layers; others refuse it.
+      return_queries: also return every token's queries [L, B, H, m + C, Dk] (request
+        events first), from which the selection of each layer can be recomputed.
 
     Returns:
       logits [B, C]; with ``return_attn`` (logits, attn [L, B, H, C, T]) where attn is the
-      candidate rows of the layers' attention (softmax probability or |SiLU| / N per slot).
+      candidate rows of the layers' attention (softmax probability or |SiLU| / N per slot);
+      with ``return_queries`` the queries follow (after attn when both are asked).
 
     References: Zhai et al., "Actions Speak Louder than Words", ICML 2024 (M-FALCON);
       Zhou et al., "Deep Interest Network for Click-Through Rate Prediction", KDD 2018.
@@ -286,12 +309,23 @@ class SequenceRecommender(nnx.Module):
                                 request.ts.dtype)], axis=1)
     q_valid = jnp.concatenate([r_valid, jnp.ones((B, C), bool)], axis=1)
     isolated = jnp.concatenate([jnp.zeros((B, m), bool), jnp.ones((B, C), bool)], axis=1)
-    x, _, _, attn, _ = self._run_tokens(cache, items, q_pos, q_ts, q_valid, train_rng,
-                                        isolated)
+    extra = {}
+    if slot_select is not None:
+      if "slot_select" not in inspect.signature(self._run_tokens).parameters:
+        raise ValueError(f"slot_select: {type(self).__name__} does not support a per-query "
+                         "slot selection (HSTU and SASRec do)")
+      extra["slot_select"] = slot_select
+    x, _, _, attn, queries = self._run_tokens(cache, items, q_pos, q_ts, q_valid, train_rng,
+                                              isolated, **extra)
     logits = self.rank_logits(x[:, m:], candidates)
+    extras = ()
     if return_attn:
-      return logits, attn[:, :, :, m:, :cache.capacity]
-    return logits
+      extras += (attn[:, :, :, m:, :cache.capacity],)
+    if return_queries:
+      if queries is None:
+        raise ValueError(f"return_queries: {type(self).__name__}'s layers return no queries")
+      extras += (queries,)
+    return (logits, *extras) if extras else logits
 
 
 def request_time(request: Events) -> jax.Array:
@@ -332,6 +366,16 @@ def attention_mask(q_pos, q_valid, kpos, isolated=None):
   late = (kpos[:, :, None, :] >= q_pos[:, None, :, None]) & (
       isolated[:, None, :, None] & not_self[:, None])  # [B, H, m, T+m]
   return mask & ~hide[:, None] & ~late
+
+
+def select_slots(mask, q, slot_select):
+  """``mask`` [B, H, m, T + m] restricted to the cached slots ``slot_select(q)`` [B, H, m, T]
+  allows (the m new tokens untouched); ``mask`` itself when ``slot_select`` is None."""
+  if slot_select is None:
+    return mask
+  m = q.shape[2]
+  return mask & jnp.pad(slot_select(q), ((0, 0), (0, 0), (0, 0), (0, m)),
+                        constant_values=True)
 
 
 def concat_keys(ck, cv, cpos, cts, k, v, q_pos, q_ts):

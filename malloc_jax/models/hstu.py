@@ -17,7 +17,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from malloc_jax import flops, reads
-from malloc_jax.models.base import SequenceRecommender, attention_mask, concat_keys, dropout
+from malloc_jax.models.base import (
+  SequenceRecommender,
+  attention_mask,
+  concat_keys,
+  dropout,
+  select_slots,
+)
 from malloc_jax.models.spec import VariantSpec
 
 
@@ -88,14 +94,15 @@ class HSTULayer(nnx.Module):
     return pos + tim
 
   def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None, isolated=None,
-           rows: int | None = None):
+           rows: int | None = None, slot_select=None):
     """One layer over m new tokens against the cache (see ``models.base``).
 
     ``rows`` (static int, materialized cache only): only the last ``rows`` tokens are
     queries; every token still contributes its key and value. Returns y [B, rows, d] and
     attn [B, H, rows, T + m] (k, v of all m tokens), equal to the last ``rows`` rows of the
     full step: a top layer whose other outputs are discarded (ranking candidates,
-    ``train.ranking_logits``) skips the history's m x m attention.
+    ``train.ranking_logits``) skips the history's m x m attention. ``slot_select`` (or
+    None): the cached slots each query may read (``models.base.select_slots``).
     """
     B, m, _ = x.shape
     H, dqk, dv = self.heads, self.dqk, self.dv
@@ -110,7 +117,7 @@ class HSTULayer(nnx.Module):
       o, a = reads.attend_memory(attn, ck, q, k, v, q_pos, q_ts, q_valid), None
     else:
       kk, vv, kpos, kts = concat_keys(ck, cv, cpos, cts, k, v, q_pos, q_ts)
-      mask = attention_mask(q_pos, q_valid, kpos, isolated)
+      mask = select_slots(attention_mask(q_pos, q_valid, kpos, isolated), q, slot_select)
       if rows is not None:  # queries: the last `rows` tokens only
         sl = slice(m - rows, m)
         x, u, q, q_pos, q_ts, mask = x[:, sl], u[:, sl], q[:, :, sl], q_pos[:, sl], q_ts[:, sl], \

@@ -13,7 +13,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from malloc_jax import flops, reads
-from malloc_jax.models.base import SequenceRecommender, attention_mask, concat_keys, dropout
+from malloc_jax.models.base import (
+  SequenceRecommender,
+  attention_mask,
+  concat_keys,
+  dropout,
+  select_slots,
+)
 from malloc_jax.models.spec import VariantSpec
 
 
@@ -29,7 +35,8 @@ class SASRecLayer(nnx.Module):
     self.ff1 = nnx.Linear(dim, dim, rngs=rngs)
     self.ff2 = nnx.Linear(dim, dim, rngs=rngs)
 
-  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None, isolated=None):
+  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None, isolated=None,
+           slot_select=None):
     B, m, d = x.shape
     H, dh = self.heads, self.dh
     q, k, v = jnp.split(self.qkv(self.ln1(x)), 3, axis=-1)
@@ -43,7 +50,7 @@ class SASRecLayer(nnx.Module):
     else:
       kk, vv, kpos, _ = concat_keys(ck, cv, cpos, cts, k, v, q_pos, q_ts)
       s = jnp.einsum("bhmd,bhtd->bhmt", q, kk) / (dh ** 0.5)
-      mask = attention_mask(q_pos, q_valid, kpos, isolated)
+      mask = select_slots(attention_mask(q_pos, q_valid, kpos, isolated), q, slot_select)
       s = jnp.where(mask, s, -1e30)
       a = jnp.where(mask, jax.nn.softmax(s, axis=-1), 0.0)  # [B, H, m, T+m]
       o = jnp.einsum("bhmt,bhtd->bhmd", a, vv)

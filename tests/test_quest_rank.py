@@ -1,0 +1,231 @@
+"""Quest in the ranking task: every request event and candidate reads only its own top pages.
+
+References: a float64 NumPy forward of HSTU and SASRec over (request events, one candidate)
+against the stored memory, each query's pages chosen by Quest's bound in float64; bytes read
+by the closed form of ``quest_rank_read_bytes`` counted from that reference's selection.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from malloc_jax.compressors.quest_pages import (
+  quest,
+  quest_rank_pages,
+  quest_rank_read_bytes,
+  quest_slot_select,
+)
+from malloc_jax.models import make_model
+from tests.test_rank_target import NUM_ITEMS, _inputs, _prefill, make
+
+
+def _np(x):
+  return np.asarray(x, np.float64)
+
+
+def _ln(mod, x):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + 1e-6) * _np(mod.scale[...]) + _np(mod.bias[...])
+
+
+def _lin(mod, x):
+  return x @ _np(mod.kernel[...]) + _np(mod.bias[...])
+
+
+def _silu(x):
+  return x / (1.0 + np.exp(-x))
+
+
+def _gelu(x):  # jax.nn.gelu's default tanh approximation
+  return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _pages_of(ck, cpos, page):
+  """{page: (min, max)} float64 channel bounds of one (layer, head) row's real pages."""
+  real = np.flatnonzero(cpos >= 0)
+  out = {}
+  for p in sorted({i // page for i in real}):
+    rows = ck[[i for i in real if i // page == p]]
+    out[p] = (rows.min(0), rows.max(0))
+  return out
+
+
+def _choose(q, bounds, pages):
+  """Pages (sorted by bound desc, page asc) of one query; also the gap at the cut."""
+  ub = {p: float(np.sum(np.maximum(q * lo, q * hi))) for p, (lo, hi) in bounds.items()}
+  order = sorted(ub, key=lambda p: (-ub[p], p))
+  gap = np.inf if len(order) <= pages else ub[order[pages - 1]] - ub[order[pages]]
+  return set(order[:pages]), gap
+
+
+def ref_rank(model, name, cache, b, req, cand, page, pages):
+  """float64 logits [C] of user b, chosen pages {(layer, head, token row): set} (row j < m:
+  request event j, m + c: candidate c, as in ``rank``'s queries), min tie gap.
+
+  One forward per candidate over [request events; candidate]: the request events at
+  positions start + j attend causally to one another, the candidate (position start + n_req,
+  the last request time) to all of them and itself; each query reads the memory slots of its
+  own chosen pages only.
+  """
+  ri, rt, rl = (np.asarray(x)[b] for x in (req.items, req.ts, req.length))
+  start = int(np.asarray(cache.length)[b])
+  ck, cv = np.asarray(cache.k, np.float64)[:, b], np.asarray(cache.v, np.float64)[:, b]
+  cpos, cts = np.asarray(cache.pos)[:, b], np.asarray(cache.ts)[:, b]
+  d, max_len = model.dim, model.max_len
+  E, Pe = _np(model.item_emb.embedding[...]), _np(model.pos_emb.embedding[...])
+  t_c = rt[rl - 1] if rl else 0
+  logits, chosen, gap = [], {}, np.inf
+  m = req.items.shape[1]
+  for ci, c in enumerate(np.asarray(cand)[b]):
+    items = np.concatenate([ri[:rl], [c]]).astype(int)
+    pos = np.arange(start, start + rl + 1)
+    ts = np.concatenate([rt[:rl], [t_c]]).astype(np.float64)
+    n = len(items)
+    x = E[items] * np.sqrt(d) + Pe[np.minimum(pos, max_len - 1)]
+    for li, layer in enumerate(model.layers):
+      H = layer.heads
+      if name == "hstu":
+        h = _silu(_lin(layer.uvqk, _ln(layer.ln, x)))
+        dv, dq = layer.dv, layer.dqk
+        u, v, q, k = np.split(h, [H * dv, 2 * H * dv, 2 * H * dv + H * dq], axis=-1)
+      else:
+        dq = dv = layer.dh
+        q, k, v = np.split(_lin(layer.qkv, _ln(layer.ln1, x)), 3, axis=-1)
+      q, k, v = (t.reshape(n, H, -1) for t in (q, k, v))
+      o = np.zeros((n, H, dv))
+      for hh in range(H):
+        bounds = _pages_of(ck[li, hh], cpos[li, hh], page)
+        for j in range(n):
+          sel, g = _choose(q[j, hh], bounds, pages)
+          gap = min(gap, g)
+          chosen[(li, hh, j if j < rl else m + ci)] = sel
+          mem = [t for t in range(ck.shape[2]) if cpos[li, hh, t] >= 0 and t // page in sel]
+          keys = np.concatenate([ck[li, hh, mem], k[:j + 1, hh]])
+          vals = np.concatenate([cv[li, hh, mem], v[:j + 1, hh]])
+          kp = np.concatenate([cpos[li, hh, mem], pos[:j + 1]])
+          kt = np.concatenate([cts[li, hh, mem], ts[:j + 1]])
+          s = keys @ q[j, hh]
+          if name == "hstu":
+            rel = np.clip(pos[j] - kp, 0, max_len - 1)
+            dt = np.maximum(np.abs(ts[j] - kt), 1)
+            nb = layer.num_time_buckets
+            bucket = np.clip(np.floor(np.log(dt) / 0.301), 0, nb - 1).astype(int)
+            s = s + _np(layer.rab_pos[...])[hh, rel] + _np(layer.rab_time[...])[hh, bucket]
+            a = _silu(s) / max_len
+          else:
+            s = s / np.sqrt(dq)
+            a = np.exp(s - s.max())
+            a = a / a.sum()
+          o[j, hh] = a @ vals
+      o = o.reshape(n, H * dv)
+      if name == "hstu":
+        x = x + _lin(layer.out, u * _ln(layer.ln_attn, o))
+      else:
+        x = x + _lin(layer.out, o)
+        x = x + _lin(layer.ff2, _gelu(_lin(layer.ff1, _ln(layer.ln2, x))))
+    if name == "sasrec":
+      x = _ln(model.final_ln, x)
+    hc = x[-1]
+    hn = hc / np.sqrt(np.sum(hc * hc) + 1e-6) * np.sqrt(d)
+    logit = np.sum(hn * E[c]) + _lin(model.rank_head, hc)[0]
+    logits.append(logit)
+  return np.asarray(logits), chosen, gap
+
+
+@jax.jit
+def _native(model, memory, req, cands):
+  return model.rank(memory.materialize(), req, cands)
+
+
+def _quest_rank(model, memory, req, cands, pages):
+  logits, queries = model.rank(memory.materialize(), req, cands,
+                               slot_select=quest_slot_select(memory, pages),
+                               return_queries=True)
+  return logits, quest_rank_pages(memory, queries, pages)
+
+
+_quest_jit = jax.jit(_quest_rank, static_argnums=4)
+
+
+def _setup(name, page, seed=0):
+  model = make(name)
+  hist, req, cands = _inputs(seed)
+  cache = _prefill(model, hist)
+  comp = quest(page)
+  memory = jax.jit(lambda c: comp.compress(c, comp.init(c))[0])(cache)
+  return model, cache, memory, req, cands
+
+
+@pytest.mark.parametrize("name", ["hstu", "sasrec"])
+@pytest.mark.parametrize("page", [4, 5])
+def test_all_pages_equal_native_rank(name, page):
+  model, _, memory, req, cands = _setup(name, page)
+  P = memory.kmin.shape[3]
+  native = np.asarray(_native(model, memory, req, cands))
+  for pages in (P, P + 3):
+    got, chosen = _quest_jit(model, memory, req, cands, pages)
+    np.testing.assert_array_equal(np.asarray(got), native)  # bit for bit
+
+
+@pytest.mark.parametrize("name", ["hstu", "sasrec"])
+@pytest.mark.parametrize("page,pages", [(4, 1), (4, 2), (3, 2)])
+def test_few_pages_match_float64_reference(name, page, pages):
+  model, cache, memory, req, cands = _setup(name, page)
+  got, chosen = _quest_jit(model, memory, req, cands, pages)
+  got, chosen = np.asarray(got), np.asarray(chosen)  # [B, C], [L, B, H, m + C, P]
+  native = np.asarray(_native(model, memory, req, cands))
+  differs = False
+  for b in range(got.shape[0]):
+    ref, ref_chosen, gap = ref_rank(model, name, cache, b, req, cands, page, pages)
+    assert gap > 1e-4, f"user {b}: near-tie of page bounds ({gap}); pick other inputs"
+    np.testing.assert_allclose(got[b], ref, rtol=1e-4, atol=1e-4)
+    for (li, hh, row), sel in ref_chosen.items():
+      assert set(np.flatnonzero(chosen[li, b, hh, row])) == sel, (b, li, hh, row)
+    differs |= not np.allclose(got[b], native[b], atol=1e-3)
+  assert differs  # the selection is not idle on these inputs
+
+
+@pytest.mark.parametrize("page,pages", [(4, 1), (3, 2), (4, 9)])
+def test_read_bytes_closed_form(page, pages):
+  model, cache, memory, req, cands = _setup("hstu", page)
+  _, chosen = _quest_jit(model, memory, req, cands, pages)
+  q_valid = np.concatenate([np.asarray(req.valid), np.ones(cands.shape, bool)], axis=1)
+  per_query, union = quest_rank_read_bytes(memory, chosen, q_valid)
+  chosen = np.asarray(chosen)
+  cpos = np.asarray(cache.pos)
+  L, B, H, T = cpos.shape
+  dk, dv = cache.k.shape[-1], cache.v.shape[-1]
+  for b in range(B):
+    bounds = sum(len({t // page for t in range(T) if cpos[li, b, hh, t] >= 0}) * 2 * dk * 4
+                 for li in range(L) for hh in range(H))
+    merged = set()
+    for j in range(q_valid.shape[1]):
+      if not q_valid[b, j]:
+        assert per_query[b, j] == 0
+        continue
+      events = 0
+      for li in range(L):
+        for hh in range(H):
+          sel = set(np.flatnonzero(chosen[li, b, hh, j]))
+          real = [t for t in range(T) if cpos[li, b, hh, t] >= 0 and t // page in sel]
+          events += len(real)
+          merged |= {(li, hh, t) for t in real}
+      assert per_query[b, j] == bounds + events * (dk + dv) * 4
+    assert union[b] == bounds + len(merged) * (dk + dv) * 4
+    # A query never reads more than one full pass over the store.
+    assert per_query[b].max() <= memory.stored_bytes()[b]
+
+
+def test_refused_by_other_layers():
+  for name in ("hstu_gqa", "sasrec_cla"):
+    from tests.helpers import VARIANT_OPTIONS  # noqa: PLC0415
+    model = make_model(name, NUM_ITEMS, dim=16, num_layers=2, max_len=32, dropout=0.0, seed=0,
+                       **{"heads": 2, **VARIANT_OPTIONS[name]})
+    hist, req, cands = _inputs()
+    cache = _prefill(model, hist)
+    with pytest.raises(ValueError, match="slot_select"):
+      model.rank(cache, req, cands, slot_select=lambda i, q: jnp.ones(q.shape[:3] + (12,), bool))
