@@ -27,7 +27,7 @@ from malloc_jax.models.base import Events
 from malloc_jax.serving import padded_batches, split_request
 
 __all__ = ["EvalResult", "calibration_caches", "check_eval_set", "evaluate",
-           "evaluate_streaming", "padded_batches", "split_request"]
+           "evaluate_by_length", "evaluate_streaming", "padded_batches", "split_request"]
 
 
 @dataclasses.dataclass
@@ -73,6 +73,47 @@ def evaluate(model, data: EvalSet, compressor: comp_lib.Compressor, *, batch_siz
                     stored_bytes=float(served.user_bytes[0].mean()),
                     shared_bytes=comp_lib.shared_nbytes(memory), seconds=time.time() - t0,
                     num_users=served.num_users, memory=memory)
+
+
+def evaluate_by_length(model, data: EvalSet, compressor: comp_lib.Compressor, *, buckets: int,
+                       batch_size: int = 256, ks=(10, 50, 200),
+                       max_users: int | None = None, num_devices: int = 0) -> dict[str, float]:
+  """:func:`evaluate`'s metrics with users grouped by history length, windows trimmed.
+
+  The served users (the first ``max_users``) are grouped by the static width
+  ``train.bucket_width`` gives their length (at most ``buckets`` widths, multiples of
+  ceil(N / buckets)), and each group is served by :func:`evaluate` on its windows cut to that
+  width. Windows are left-aligned, so the cut drops only padding: every user's rank is the
+  one of the full window, and the metrics (per-user means) are the groups' means weighted by
+  their user counts. At capacity 1,024 on ML-1M (median 96 events) this serves the
+  validation users several times faster than full windows (the attention is quadratic).
+
+  Args:
+    model, data, compressor, batch_size, ks, num_devices: as for :func:`evaluate`.
+    buckets: number of static widths (> 1).
+    max_users: serve only the first users (None: all).
+
+  Returns:
+    {metric: value} as ``EvalResult.metrics`` of :func:`evaluate` on the same users.
+  """
+  from malloc_jax.train import bucket_width
+  if buckets <= 1:
+    raise ValueError(f"evaluate_by_length: buckets={buckets}: expected > 1")
+  n = len(data) if not max_users else min(max_users, len(data))
+  full = data.items.shape[1]
+  lengths = np.asarray(data.length[:n])
+  widths = np.array([bucket_width(max(int(x), 1), full, buckets) for x in lengths])
+  sums, total = {}, 0
+  for w in np.unique(widths):
+    idx = np.flatnonzero(widths == w)
+    part = EvalSet(items=data.items[idx, :w], ts=data.ts[idx, :w], length=data.length[idx],
+                   target=data.target[idx], target_ts=data.target_ts[idx])
+    res = evaluate(model, part, compressor, batch_size=min(batch_size, len(idx)), ks=ks,
+                   num_devices=num_devices)
+    for k, v in res.metrics.items():
+      sums[k] = sums.get(k, 0.0) + v * len(idx)
+    total += len(idx)
+  return {k: v / total for k, v in sums.items()}
 
 
 def evaluate_streaming(model, data: EvalSet, compressor: comp_lib.Compressor, *, requests: int,
