@@ -197,10 +197,7 @@ class Served:
         raise FloatingPointError(f"non-finite candidate logits for {bad.size} user(s), first "
                                  f"user index {b * len(real) + bad[0]}; refusing to report")
       out.append(np.asarray(logits)[real])
-      native = C.native_stored_bytes(cache, np.asarray(cache.length))
-      figures.append(np.stack([C.stored_bytes(memory, state).astype(np.float64),
-                               C.buffer_bytes(memory, state), native.astype(np.float64)]
-                              )[:, real])
+      figures.append(_user_bytes(cache, memory, state, real))
     return np.concatenate(out), C.cell_bytes_row(np.concatenate(figures, axis=1))
 
   def serve(self, comp) -> tuple[np.ndarray, dict[str, float]]:
@@ -219,11 +216,15 @@ class Served:
         raise FloatingPointError(f"non-finite scores for {bad.size} user(s), first user "
                                  f"index {b * len(real) + bad[0]}; refusing to report")
       out.append(np.asarray(r)[real])
-      native = C.native_stored_bytes(cache, np.asarray(cache.length))
-      figures.append(np.stack([C.stored_bytes(memory, state).astype(np.float64),
-                               C.buffer_bytes(memory, state), native.astype(np.float64)]
-                              )[:, real])
+      figures.append(_user_bytes(cache, memory, state, real))
     return np.concatenate(out), C.cell_bytes_row(np.concatenate(figures, axis=1))
+
+
+def _user_bytes(cache, memory, state, real) -> np.ndarray:
+  """[3, n] float64 stored, buffer and native stored bytes of a batch's real users."""
+  native = C.native_stored_bytes(cache, np.asarray(cache.length))
+  return np.stack([C.stored_bytes(memory, state).astype(np.float64),
+                   C.buffer_bytes(memory, state), native.astype(np.float64)])[:, real]
 
 
 def _curve_printer(workdir: Path):
