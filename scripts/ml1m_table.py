@@ -192,10 +192,7 @@ class Served:
         signals = serving.oracle_signals_stage(self.model, cache, req, cand, window=self.window)
       logits, memory, state, finite = _compress_rank(self.model, cache, signals, req, cand,
                                                      compressor=comp)
-      bad = np.flatnonzero(~np.asarray(finite)[real])
-      if bad.size:
-        raise FloatingPointError(f"non-finite candidate logits for {bad.size} user(s), first "
-                                 f"user index {b * len(real) + bad[0]}; refusing to report")
+      _check_finite(finite, real, b, "candidate logits")
       out.append(np.asarray(logits)[real])
       figures.append(_user_bytes(cache, memory, state, real))
     return np.concatenate(out), C.cell_bytes_row(np.concatenate(figures, axis=1))
@@ -211,13 +208,19 @@ class Served:
     for b, (cache, signals, req, target, real) in enumerate(self.batches):
       r, memory, state, finite = _compress_score(self.model, cache, signals, req, target,
                                                  compressor=comp)
-      bad = np.flatnonzero(~np.asarray(finite)[real])
-      if bad.size:
-        raise FloatingPointError(f"non-finite scores for {bad.size} user(s), first user "
-                                 f"index {b * len(real) + bad[0]}; refusing to report")
+      _check_finite(finite, real, b, "scores")
       out.append(np.asarray(r)[real])
       figures.append(_user_bytes(cache, memory, state, real))
     return np.concatenate(out), C.cell_bytes_row(np.concatenate(figures, axis=1))
+
+
+def _check_finite(finite, real, batch: int, what: str) -> None:
+  """Raises FloatingPointError naming the first real user of ``batch`` whose ``what`` are
+  not all finite (``finite`` [B] bool from the jitted cell)."""
+  bad = np.flatnonzero(~np.asarray(finite)[real])
+  if bad.size:
+    raise FloatingPointError(f"non-finite {what} for {bad.size} user(s), first user index "
+                             f"{batch * len(real) + bad[0]}; refusing to report")
 
 
 def _user_bytes(cache, memory, state, real) -> np.ndarray:

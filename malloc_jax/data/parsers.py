@@ -1231,6 +1231,28 @@ class Genres:
     return out
 
 
+def _movie_lines(p: Path, sep: str, fields: int, layout: str):
+  """Yields (line number, movie id, fields) of a MovieLens movie file (latin-1), checking
+  the field count, the id and that no id repeats; errors name the file and line."""
+  text = p.read_bytes().decode("latin-1").replace("\r\n", "\n").rstrip("\n")
+  if not text.strip():
+    raise ValueError(f"{p}: empty file, expected lines '{layout}'")
+  seen = {}
+  for n, line in enumerate(text.split("\n"), 1):
+    parts = line.split(sep)
+    if len(parts) != fields:
+      raise ValueError(f"{p}: line {n}: {len(parts)} '{sep}'-separated fields, expected "
+                       f"{fields} ('{layout}'): {_show(line)}")
+    err = _check_id(parts[0].strip(), "movie id")
+    if err is not None:
+      raise ValueError(f"{p}: line {n}: {err} (expected '{layout}'): {_show(line)}")
+    mid = int(parts[0])
+    if mid in seen:
+      raise ValueError(f"{p}: line {n}: movie id {mid} already appeared on line {seen[mid]}")
+    seen[mid] = n
+    yield n, mid, parts
+
+
 def parse_movielens_genres(path: PathLike) -> Genres:
   """Parses MovieLens 1M ``movies.dat``: ``movie_id::title::genre|genre|...`` (latin-1).
 
@@ -1247,22 +1269,8 @@ def parse_movielens_genres(path: PathLike) -> Genres:
   """
   p = _resolve(path, "movies.dat")
   layout = "movie_id::title::genre|genre|..."
-  text = p.read_bytes().decode("latin-1").replace("\r\n", "\n").rstrip("\n")
-  if not text.strip():
-    raise ValueError(f"{p}: empty file, expected lines '{layout}'")
-  ids, lists, seen = [], [], {}
-  for n, line in enumerate(text.split("\n"), 1):
-    parts = line.split("::")
-    if len(parts) != 3:
-      raise ValueError(f"{p}: line {n}: {len(parts)} '::'-separated fields, expected 3 "
-                       f"('{layout}'): {_show(line)}")
-    err = _check_id(parts[0].strip(), "movie id")
-    if err is not None:
-      raise ValueError(f"{p}: line {n}: {err} (expected '{layout}'): {_show(line)}")
-    mid = int(parts[0])
-    if mid in seen:
-      raise ValueError(f"{p}: line {n}: movie id {mid} already appeared on line {seen[mid]}")
-    seen[mid] = n
+  ids, lists = [], []
+  for n, mid, parts in _movie_lines(p, "::", 3, layout):
     genres = [g.strip() for g in parts[2].split("|")]
     if not all(genres):
       raise ValueError(f"{p}: line {n}: empty genre in {parts[2]!r} (expected '{layout}')")
@@ -1306,26 +1314,12 @@ def parse_movielens_100k_genres(path: PathLike) -> Genres:
     names = tuple(x[0].strip() for x in pairs)
   G = len(names)
   layout = f"id|title|release date|video date|url|{G} genre flags"
-  text = p.read_bytes().decode("latin-1").replace("\r\n", "\n").rstrip("\n")
-  if not text.strip():
-    raise ValueError(f"{p}: empty file, expected lines '{layout}'")
-  ids, rows, seen = [], [], {}
-  for n, line in enumerate(text.split("\n"), 1):
-    parts = line.split("|")
-    if len(parts) != 5 + G:
-      raise ValueError(f"{p}: line {n}: {len(parts)} '|'-separated fields, expected {5 + G} "
-                       f"('{layout}'): {_show(line)}")
-    err = _check_id(parts[0].strip(), "movie id")
-    if err is not None:
-      raise ValueError(f"{p}: line {n}: {err} (expected '{layout}'): {_show(line)}")
-    mid = int(parts[0])
-    if mid in seen:
-      raise ValueError(f"{p}: line {n}: movie id {mid} already appeared on line {seen[mid]}")
-    seen[mid] = n
+  ids, rows = [], []
+  for n, mid, parts in _movie_lines(p, "|", 5 + G, layout):
     flags = [f.strip() for f in parts[5:]]
     if any(f not in ("0", "1") for f in flags):
       raise ValueError(f"{p}: line {n}: genre flags must be 0 or 1 (expected '{layout}'): "
-                       f"{_show(line)}")
+                       f"{_show('|'.join(parts))}")
     if "1" not in flags:
       raise ValueError(f"{p}: line {n}: movie {mid} has no genre flag set")
     ids.append(mid)
