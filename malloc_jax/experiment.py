@@ -176,7 +176,7 @@ def _locked_workdir(fn):
   return wrapper
 
 
-def warm_start(params, source: dict) -> tuple[object, list[str]]:
+def warm_start(params, source: dict, kept: list[str] | None = None) -> tuple[object, list[str]]:
   """``params`` (an ``nnx.State`` of parameters) with every leaf taken from ``source``.
 
   ``source`` is the nested dict of :func:`checkpoint.load_best_params` (same module tree).
@@ -186,6 +186,13 @@ def warm_start(params, source: dict) -> tuple[object, list[str]]:
   along that axis repeated over the rest (positions never trained start as the farthest one
   trained). Any other difference, or a leaf missing from ``source``, raises ValueError naming
   the leaf. Returns (new params, the names of the extended leaves).
+
+  ``kept`` (a list, or None): a partial warm start, for converting a trained model into a
+  variant of it (GQA-style "uptraining", Ainslie et al. 2023): a leaf that is missing from
+  ``source`` or whose shape cannot be taken keeps its value in ``params`` (its init) and its
+  name is appended to ``kept`` instead of raising. Only the position and time-bias tables
+  (``rab_*``, ``pos_emb``) grow then: a single-head ``rab_pos`` [1, N] fills every head of a
+  multi-head [H, N] table; a projection of another shape is never padded.
   """
   from flax import nnx
   pure = nnx.to_pure_dict(params)
@@ -197,6 +204,9 @@ def warm_start(params, source: dict) -> tuple[object, list[str]]:
     for k in path:
       key = str(getattr(k, "key", k))
       if not isinstance(node, dict) or key not in node:
+        if kept is not None:
+          kept.append(f"{name} (not in the source)")
+          return target
         raise ValueError(f"train.init_from: the source checkpoint has no parameter {name!r}")
       node = node[key]
     if isinstance(node, dict) and set(node) == {"value"}:
@@ -206,7 +216,12 @@ def warm_start(params, source: dict) -> tuple[object, list[str]]:
     if src.shape == tgt_shape:
       return jnp.asarray(src, dtype=jnp.asarray(target).dtype)
     diff = [a for a, (s, t) in enumerate(zip(src.shape, tgt_shape, strict=False)) if s != t]
-    if len(src.shape) != len(tgt_shape) or len(diff) != 1 or src.shape[diff[0]] > tgt_shape[diff[0]]:
+    growable = kept is None or "rab_" in name or "pos_emb" in name
+    if (len(src.shape) != len(tgt_shape) or len(diff) != 1
+        or src.shape[diff[0]] > tgt_shape[diff[0]] or not growable):
+      if kept is not None:
+        kept.append(f"{name} {src.shape} -> {tgt_shape} (shape differs)")
+        return target
       raise ValueError(f"train.init_from: parameter {name!r} has shape {src.shape} in the "
                        f"source checkpoint and {tgt_shape} here (only a position table may "
                        "grow, along one axis)")

@@ -213,9 +213,10 @@ def ranking_logits(model, items, ts, length, p, cands, train_rng=None):
 
   The candidates of position p read the window's events before p (M-FALCON, one pass for all
   P positions when P > 1; ``model.rank`` of the first p events when P = 1). items, ts:
-  [B, N + 1] windows; length [B]. When the top layer's ``step`` takes ``rows`` (HSTU), the
-  top layer computes only the candidates' rows (the window's own outputs are discarded
-  there), the same logits at a fraction of the cost (BENCHMARKS.md, HSTU at 512 events).
+  [B, N + 1] windows; length [B]. When the top layer's ``step`` takes ``rows`` (HSTU and its
+  GQA, MQA, MLA, LSH variants), the top layer computes only the candidates' rows (the
+  window's own outputs are discarded there), the same logits at a fraction of the cost
+  (BENCHMARKS.md, HSTU at 512 events).
   """
   B, N = items.shape[0], items.shape[1] - 1
   P, K1 = cands.shape[1], cands.shape[2]

@@ -47,7 +47,7 @@ from flax import nnx
 
 from malloc_jax import compressors as C
 from malloc_jax import config_lib, ranking
-from malloc_jax.checkpoint import write_json_atomic
+from malloc_jax.checkpoint import load_memories, save_memories, write_json_atomic
 from malloc_jax.compressors.budget import cache_spec, ratio_table
 from malloc_jax.compressors.registry import make_compressor
 from malloc_jax.data.dataset import build_dataset
@@ -122,7 +122,25 @@ _METHODS = flags.DEFINE_list("methods", "streaming,random,h2o,snapkv,lowrank,kiv
 _VARIANTS = flags.DEFINE_list("variants", [], "Trained variants, each trained for ranking with "
                               "the preset's settings and budget and served from its own "
                               "memory (a row each); 'all' = every variant.")
+_SAVE = flags.DEFINE_string("save_backbone", None, "Save the trained main backbone's "
+                            "parameters (Orbax) and the settings that made it in this directory.")
+_LOAD = flags.DEFINE_string("backbone", None, "Load the main backbone from a --save_backbone "
+                            "directory instead of training it; its data and model settings must "
+                            "equal this run's (checked before anything runs).")
+_VINIT = flags.DEFINE_enum("variant_init", "scratch", ["scratch", "backbone"],
+                           "How each --variants model starts: its own init ('scratch'), or "
+                           "'backbone': converted from the trained main backbone (every "
+                           "parameter of the same shape copied, the others at init) and "
+                           "uptrained (GQA-style), with a control row: the main backbone "
+                           "itself trained for the same budget.")
+_VSEC = flags.DEFINE_float("variant_seconds", None, "Training seconds of each variant (and of "
+                           "the control row) instead of the main backbone's rule.")
 _OUT = flags.DEFINE_string("out", None, "JSON output path.")
+
+# Settings that define the data and the backbone: a --backbone must have been trained with
+# the same values.
+BACKBONE_FIELDS = ("length", "users", "items", "topic_size", "seed", "model", "dim", "heads",
+                   "layers")
 
 
 def settings() -> dict:
@@ -206,7 +224,56 @@ def _sweep_config():
   return module
 
 
-def train_ranker(name: str, options: dict, s: dict, data, sampler, valid, init=None):
+def _strkeys(d):
+  """A pure parameter dict with string keys (as Orbax and ``warm_start`` read them)."""
+  return {str(k): _strkeys(v) for k, v in d.items()} if isinstance(d, dict) else d
+
+
+def save_backbone(directory: str, model, s: dict, info: dict) -> None:
+  """The trained main backbone's parameters and the settings and curve that made it."""
+  meta = {"settings": {k: s[k] for k in BACKBONE_FIELDS}, "all_settings": s,
+          "info": {k: info[k] for k in ("curve", "train_seconds", "steps_done", "tied_qk")}}
+  params = jax.tree.map(np.asarray, _strkeys(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+  save_memories(directory, params, json.loads(json.dumps(meta, default=float)))
+  print(f"saved the backbone to {directory}", flush=True)
+
+
+def check_backbone(directory: str, s: dict) -> dict:
+  """The meta of a --save_backbone directory, after checking that it was trained with this
+  run's data and model settings (ValueError naming the first field that differs)."""
+  from malloc_jax.checkpoint import CheckpointError
+  meta_file = sorted(Path(directory).glob("*/meta/metadata"),
+                     key=lambda f: int(f.parent.parent.name) if f.parent.parent.name.isdigit()
+                     else -1)  # the newest save, as load_memories restores
+  if not meta_file:
+    raise CheckpointError(f"--backbone={directory}: no saved backbone there (expected a "
+                          "--save_backbone directory)")
+  meta = json.loads(meta_file[-1].read_text())
+  for k in BACKBONE_FIELDS:
+    if meta["settings"].get(k) != s[k]:
+      raise ValueError(f"--backbone={directory}: it was trained with {k}="
+                       f"{meta['settings'].get(k)!r}, this run has {k}={s[k]!r}")
+  return meta
+
+
+def load_backbone(directory: str, s: dict, num_items: int):
+  """(model, info) of a --save_backbone directory (settings checked by check_backbone)."""
+  meta = check_backbone(directory, s)
+  model = make_model(s["model"], num_items, dim=s["dim"], num_layers=s["layers"],
+                     max_len=s["length"], dropout=0.0, seed=s["seed"], heads=s["heads"])
+  state = nnx.state(model, nnx.Param)
+  like = jax.tree.map(np.asarray, _strkeys(nnx.to_pure_dict(state)))
+  params, _ = load_memories(directory, like)
+  new, extended = warm_start(state, params)  # same shapes: an exact copy (checked)
+  assert not extended, extended
+  nnx.update(model, new)
+  print(f"loaded the backbone from {directory} ({meta['info']['steps_done']} steps, "
+        f"{meta['info']['train_seconds']:.0f}s of training)", flush=True)
+  return model, dict(meta["info"], loaded_from=str(directory))
+
+
+def train_ranker(name: str, options: dict, s: dict, data, sampler, valid, init=None,
+                 partial: bool = False):
   """Trains backbone ``name`` for ranking with the preset's settings; returns (model, info).
 
   The same rule for every backbone: ``s["steps"]`` steps or ``s["max_train_seconds"]`` of
@@ -219,6 +286,9 @@ def train_ranker(name: str, options: dict, s: dict, data, sampler, valid, init=N
     valid: (validation candidates [U, C], {"bayes", "blind"} GAUCs, hard negatives per row).
     init: parameters (``nnx.to_pure_dict``) of a shorter-length model to start from
       (``experiment.warm_start``; no W_k = W_q tying then), or None.
+    partial: ``init`` is another model (a variant converted from the main backbone): W_k =
+      W_q tying is applied first where possible, then every parameter of the same shape is
+      taken from ``init`` and the others keep their init (``info["kept"]`` names them).
 
   Returns:
     (trained model, {"curve", "train_seconds", "steps_done", "tied_qk", "eval_seconds"}).
@@ -230,8 +300,8 @@ def train_ranker(name: str, options: dict, s: dict, data, sampler, valid, init=N
   if not multi_position_ranking(model) and s["positions"] > 1:
     print(f"{name}: one impression per window (no multi-position training pass)", flush=True)
     sampler = dataclasses.replace(sampler, positions=1)
-  tied = False
-  if init is not None:
+  tied, kept = False, None
+  if init is not None and not partial:
     params, extended = warm_start(nnx.state(model, nnx.Param), init)
     nnx.update(model, params)
     print(f"{name}: warm start, grown {extended}", flush=True)
@@ -243,6 +313,13 @@ def train_ranker(name: str, options: dict, s: dict, data, sampler, valid, init=N
       if name in ("hstu", "sasrec"):
         raise
       print(f"{name}: trained without W_k = W_q ({err})", flush=True)
+  if init is not None and partial:
+    kept = []
+    params, extended = warm_start(nnx.state(model, nnx.Param), init, kept=kept)
+    nnx.update(model, params)
+    n_all = len(jax.tree.leaves(params))
+    print(f"{name}: converted from the backbone: {n_all - len(kept)} of {n_all} parameter "
+          f"arrays taken (grown: {extended}); kept at init: {kept}", flush=True)
   trainer = Trainer(model, make_optimizer(s["lr"], 0.0, bias_lr_scale=s["bias_lr_scale"]), 0, dropout=False, task="ranking",
                     sampler=sampler)
   curve = []
@@ -280,13 +357,18 @@ def train_ranker(name: str, options: dict, s: dict, data, sampler, valid, init=N
   return trainer.merge(state["params"]), {"curve": curve, "train_seconds": train_seconds,
                                           "steps_done": steps_done, "tied_qk": tied,
                                           "positions": sampler.positions,
-                                          "eval_seconds": eval_seconds[0]}
+                                          "eval_seconds": eval_seconds[0], "kept": kept}
 
 
 def main(argv):
   del argv
   s = settings()
   variant_list = variant_names(_VARIANTS.value)  # checked before any training
+  if _LOAD.value:
+    check_backbone(_LOAD.value, s)  # before the data and references are built
+    if s["warm_length"]:
+      raise ValueError("--backbone with --warm_length: the curriculum trains the backbone, "
+                       "which is loaded here")
   t_all = time.time()
   print(f"devices: {jax.devices()}  settings: {s}", flush=True)
   spec = SyntheticSpec(kind="topics", num_users=s["users"], num_items=s["items"],
@@ -319,7 +401,7 @@ def main(argv):
         f"{val_bayes['blind']:.4f}", flush=True)
   valid = (val_cands, val_bayes, hard_eval)
   init, warm_info = None, None
-  if s["warm_length"]:  # curriculum: the users' last warm_length events first
+  if s["warm_length"] and not _LOAD.value:  # curriculum: the users' last warm_length events first
     wl = s["warm_length"]
     data_w = build_dataset(f"topics-{s['length']}-last{wl}", items, stamps, spec.num_items, wl)
     vw = data_w.valid
@@ -335,7 +417,12 @@ def main(argv):
     strkeys = lambda d: ({str(k): strkeys(v) for k, v in d.items()} if isinstance(d, dict)
                          else d)  # warm_start reads checkpoint dicts (string keys)
     init = strkeys(nnx.to_pure_dict(nnx.state(wmodel, nnx.Param)))
-  model, info = train_ranker(s["model"], {}, s, data, sampler, valid, init=init)
+  if _LOAD.value:
+    model, info = load_backbone(_LOAD.value, s, data.num_items)
+  else:
+    model, info = train_ranker(s["model"], {}, s, data, sampler, valid, init=init)
+    if _SAVE.value:
+      save_backbone(_SAVE.value, model, s, info)
   if warm_info is not None:
     info["warm"] = {k: warm_info[k] for k in ("curve", "train_seconds", "steps_done")}
     info["train_seconds"] += warm_info["train_seconds"]
@@ -412,17 +499,33 @@ def main(argv):
 
   # --- trained variants: each trained for ranking by the same rule, served from its memory --
   variants = {}
-  for name in variant_list:
-    vmodel, vinfo = train_ranker(name, variant_options(name, s), s, data, sampler, valid)
+  s_v = dict(s) if _VSEC.value is None else dict(s, max_train_seconds=_VSEC.value)
+  from_backbone = _VINIT.value == "backbone" and variant_list
+  source = _strkeys(nnx.to_pure_dict(nnx.state(model, nnx.Param))) if from_backbone else None
+  # With --variant_init=backbone a control row first: the main backbone trained for the same
+  # budget, which separates what the extra training buys from what the variant's memory costs.
+  for name in ([s["model"]] if from_backbone else []) + variant_list:
+    control = from_backbone and name == s["model"] and name not in VARIANT_SPECS
+    opts = {} if control else variant_options(name, s)
+    vmodel, vinfo = train_ranker(name, opts, s_v, data, sampler, valid, init=source,
+                                 partial=from_backbone)
     t0 = time.time()
     res = ranking.rank_cell(vmodel, test, cands, C.native(), batch_size=64)
-    label = (f"variant {name} ({vinfo['steps_done']} steps, {vinfo['train_seconds']:.0f}s"
-             + ("" if vinfo["tied_qk"] else ", W_k untied")
+    kept = vinfo["kept"]
+    if control:
+      head = f"control: backbone {name} (+"
+    elif from_backbone:
+      head = f"variant {name} (from the backbone, {len(kept)} arrays at init; +"
+    else:
+      head = f"variant {name} ("
+    label = (head + f"{vinfo['steps_done']} steps, {vinfo['train_seconds']:.0f}s"
+             + ("" if vinfo["tied_qk"] or from_backbone else ", W_k untied")
              + (f", {vinfo['positions']} impression/window"
                 if vinfo["positions"] != s["positions"] else "") + ")")
     add(label, "variant", res["metrics"], res["per_user"], res["bytes_per_user"])
     variants[name] = {k: vinfo[k] for k in ("curve", "train_seconds", "steps_done", "tied_qk",
-                                            "positions")}
+                                            "positions", "kept")}
+    variants[name]["init"] = "backbone" if from_backbone else "scratch"
     print(f"{label}: GAUC {res['metrics']['GAUC']:.4f} ({time.time() - t0:.1f}s)", flush=True)
 
   # --- table -------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def test_hard_negatives_are_the_other_members():
     RankingSampler(hard=1, groups=GROUPS, item_group=ITEM_GROUP, loss="pairwise")
 
 
-@pytest.mark.parametrize("name", ["hstu", "sasrec", "hstu_gqa", "hstu_mla"])
+@pytest.mark.parametrize("name", ["hstu", "sasrec", "hstu_gqa", "hstu_mqa", "hstu_mla", "hstu_lsh"])
 def test_positions_in_one_pass_equal_rank_of_each_prefix(name):
   """P candidate blocks at P positions of one window = ``model.rank`` of each prefix alone."""
   model = make(name)
@@ -144,11 +144,12 @@ def test_tied_query_key_init(name):
     tie_query_key_init(make("hstu_rwkv"))
 
 
-def test_top_layer_rows_equal_the_full_pass():
-  """``_run_tokens(last_rows=r)`` (HSTU's top layer computes only the last r queries) equals
-  the last r rows of the full pass, keys and values of every layer included; and the
-  multi-position logits through it equal those of the full pass."""
-  model = make("hstu")
+@pytest.mark.parametrize("name", ["hstu", "hstu_gqa", "hstu_mqa", "hstu_mla", "hstu_lsh"])
+def test_top_layer_rows_equal_the_full_pass(name):
+  """``_run_tokens(last_rows=r)`` (the top layer computes only the last r queries: HSTU and
+  its per-event-cache variants) equals the last r rows of the full pass, keys and values of
+  every layer included."""
+  model = make(name)
   items, ts, length = _windows()
   B, N = 3, items.shape[1] - 1
   cands = jnp.asarray(np.random.default_rng(6).integers(1, NUM_ITEMS + 1, (B, 6)), jnp.int32)

@@ -1,5 +1,6 @@
 """``train.init_from``: a run starts from another workdir's best weights (warm start)."""
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -90,3 +91,32 @@ def test_warm_start_refuses_other_shapes_and_missing_sources(tmp_path):
     experiment.warm_start(params, source)
   with pytest.raises(CheckpointError, match="init_from"):
     load_best_params(tmp_path / "nowhere")
+
+
+def test_partial_warm_start_converts_a_trained_model_into_a_variant():
+  """``kept=`` (variant uptraining): every leaf of the same shape is the source's, a
+  single-head rab table fills every head, and a projection of another shape keeps its init
+  and is listed, never padded."""
+  from malloc_jax.models import make_model
+  src_model = make_model("hstu", 30, dim=8, heads=1, num_layers=1, max_len=12, dropout=0.0,
+                         seed=1)
+  source = nnx.to_pure_dict(nnx.state(src_model, nnx.Param))
+  source = jax.tree.map(np.asarray, source)
+  strkeys = lambda d: {str(k): strkeys(v) for k, v in d.items()} if isinstance(d, dict) else d
+  target = make_model("hstu_gqa", 30, dim=8, heads=4, kv_heads=2, num_layers=1, max_len=12,
+                      dropout=0.0, seed=2)
+  params = nnx.state(target, nnx.Param)
+  init = jax.tree.map(np.asarray, nnx.to_pure_dict(params))
+  kept = []
+  new, extended = experiment.warm_start(params, strkeys(source), kept=kept)
+  out = jax.tree.map(np.asarray, nnx.to_pure_dict(new))
+  np.testing.assert_array_equal(out["item_emb"]["embedding"], source["item_emb"]["embedding"])
+  np.testing.assert_array_equal(out["rank_head"]["kernel"], source["rank_head"]["kernel"])
+  layer, src_layer, init_layer = out["layers"][0], source["layers"][0], init["layers"][0]
+  np.testing.assert_array_equal(layer["rab_pos"], np.repeat(src_layer["rab_pos"], 4, axis=0))
+  np.testing.assert_array_equal(layer["ln"]["scale"], src_layer["ln"]["scale"])
+  np.testing.assert_array_equal(layer["uvqk"]["kernel"], init_layer["uvqk"]["kernel"])
+  assert any(k.startswith("layers/0/uvqk/kernel") for k in kept)
+  assert "layers/0/rab_pos (1, 12) -> (4, 12)" in extended
+  with pytest.raises(ValueError, match="uvqk"):  # without kept= the same source is refused
+    experiment.warm_start(params, strkeys(source))

@@ -103,9 +103,9 @@ class SequenceRecommender(nnx.Module):
 
     ``isolated`` [B, m] bool (or None) marks tokens that must not see one another (ranking
     candidates, see :func:`attention_mask`). ``last_rows`` (static int, layers whose ``step``
-    takes ``rows``: HSTU): the top layer computes only the last ``last_rows`` tokens' outputs
-    (the returned hidden is [B, last_rows, d], attn of the top layer is not stacked and is
-    None). ``slot_select`` (or None): a callable ``(layer index, q [B, H, m, Dk]) -> [B, H,
+    takes ``rows``: HSTU, GQA, MQA, MLA, LSH): the top layer computes only the last
+    ``last_rows`` tokens' outputs (the returned hidden is [B, last_rows, d], attn of the top
+    layer is not stacked and is None). ``slot_select`` (or None): a callable ``(layer index, q [B, H, m, Dk]) -> [B, H,
     m, T] bool`` of the cached slots each query may read at that layer (query-aware
     sparsity, :func:`quest_pages.quest_slot_select`); the new tokens stay visible as without
     it. Returns (hidden [B, m, d], k [L,B,H,m,Dk], v, attn [L,B,H,m,T+m] or None (compressed

@@ -32,6 +32,13 @@ from malloc_jax.models.variants.common import (
 )
 
 
+def _last_rows(rows, x, u, q, q_pos, q_ts, mask):
+  """The last ``rows`` query tokens of a layer's step (every token keeps its key and value):
+  x, u [B, m, .], q [B, H, m, .], q_pos, q_ts [B, m], mask [B, H, m, T]."""
+  sl = slice(x.shape[1] - rows, x.shape[1])
+  return x[:, sl], u[:, sl], q[:, :, sl], q_pos[:, sl], q_ts[:, sl], mask[:, :, sl]
+
+
 class GQALayer(HSTULayer):
   """HSTU layer with ``kv_heads`` key/value heads shared by groups of query heads.
 
@@ -57,15 +64,18 @@ class GQALayer(HSTULayer):
     self.ln_attn = nnx.LayerNorm(heads * dv, rngs=rngs)
     self.out = nnx.Linear(heads * dv, dim, rngs=rngs)
 
-  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None, isolated=None):
+  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None, isolated=None,
+           rows: int | None = None):
     """One layer over m new events; the cache holds ``kv_heads`` heads.
 
     Args:
       x: [B, m, d]; q_pos, q_ts, q_valid: [B, m]; ck [B, G, T, Dqk], cv [B, G, T, Dv],
-        cpos, cts [B, G, T] (G = kv_heads); rng: dropout key or None.
+        cpos, cts [B, G, T] (G = kv_heads); rng: dropout key or None. rows: as
+        ``HSTULayer.step`` (only the last ``rows`` tokens are queries).
 
     Returns:
-      (y [B, m, d], k [B, G, m, Dqk], v [B, G, m, Dv], attn [B, G, m, T + m]).
+      (y [B, m, d], k [B, G, m, Dqk], v [B, G, m, Dv], attn [B, G, m, T + m]); with
+      ``rows``, y and attn have ``rows`` rows.
     """
     H, G, dqk, dv = self.heads, self.kv_heads, self.dqk, self.dv
     h = nnx.silu(self.uvqk(self.ln(x)))
@@ -75,8 +85,10 @@ class GQALayer(HSTULayer):
     rep = H // G
     kk, vv = jnp.repeat(kk, rep, axis=1), jnp.repeat(vv, rep, axis=1)  # [B, H, T+m, .]
     kpos_h, kts_h = jnp.repeat(kpos, rep, axis=1), jnp.repeat(kts, rep, axis=1)
-    s = jnp.einsum("bhmd,bhtd->bhmt", q, kk) + self.bias(q_pos, q_ts, kpos_h, kts_h)
     mask = attention_mask(q_pos, q_valid, kpos_h, isolated)
+    if rows is not None:
+      x, u, q, q_pos, q_ts, mask = _last_rows(rows, x, u, q, q_pos, q_ts, mask)
+    s = jnp.einsum("bhmd,bhtd->bhmt", q, kk) + self.bias(q_pos, q_ts, kpos_h, kts_h)
     a = jnp.where(mask, nnx.silu(s), 0.0) / self.max_len  # [B, H, m, T+m]
     o = jnp.einsum("bhmt,bhtd->bhmd", a, vv)
     y = hstu_output(self, x, u, o, rng)
@@ -162,15 +174,18 @@ class MLALayer(HSTULayer):
     self.ln_attn = nnx.LayerNorm(heads * dv, rngs=rngs)
     self.out = nnx.Linear(heads * dv, dim, rngs=rngs)
 
-  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None, isolated=None):
+  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None, isolated=None,
+           rows: int | None = None):
     """One layer over m new events against the latent cache.
 
     Args:
       x: [B, m, d]; q_pos, q_ts, q_valid: [B, m]; ck [B, 1, T, kv_rank] latents,
         cv [B, 1, T, rope_dim] rotary keys, cpos, cts [B, 1, T]; rng: dropout key or None.
+        rows: as ``HSTULayer.step`` (only the last ``rows`` tokens are queries).
 
     Returns:
-      (y [B, m, d], c [B, 1, m, kv_rank], k_r [B, 1, m, rope_dim], attn [B, 1, m, T + m]).
+      (y [B, m, d], c [B, 1, m, kv_rank], k_r [B, 1, m, rope_dim], attn [B, 1, m, T + m]);
+      with ``rows``, y and attn have ``rows`` rows.
     """
     B, m, _ = x.shape
     H, dqk, dv, R = self.heads, self.dqk, self.dv, self.rope_dim
@@ -187,10 +202,13 @@ class MLALayer(HSTULayer):
     cc, krr, kpos, kts = concat_keys(ck, cv, cpos, cts, c, kr, q_pos, q_ts)  # [B, 1, T+m, .]
     kpos_h = jnp.broadcast_to(kpos, (B, H, kpos.shape[-1]))
     kts_h = jnp.broadcast_to(kts, kpos_h.shape)
+    mask = attention_mask(q_pos, q_valid, kpos_h, isolated)
+    if rows is not None:
+      x, u, q, q_pos, q_ts, mask = _last_rows(rows, x, u, q, q_pos, q_ts, mask)
+      qr = qr[:, :, -rows:]
     q_lat = jnp.einsum("bhmd,hrd->bhmr", q, self.w_uk[...])  # W_uk absorbed into the query
     s = (jnp.einsum("bhmr,btr->bhmt", q_lat, cc[:, 0]) +
          jnp.einsum("bhmR,btR->bhmt", qr, krr[:, 0]) + self.bias(q_pos, q_ts, kpos_h, kts_h))
-    mask = attention_mask(q_pos, q_valid, kpos_h, isolated)
     a = jnp.where(mask, nnx.silu(s), 0.0) / self.max_len  # [B, H, m, T+m]
     o_lat = jnp.einsum("bhmt,btr->bhmr", a, cc[:, 0])  # weighted sum of latents
     o = jnp.einsum("bhmr,hrd->bhmd", o_lat, self.w_uv[...])  # [B, H, m, dv]

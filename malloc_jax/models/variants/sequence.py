@@ -218,18 +218,24 @@ class LSHLayer(HSTULayer):
     r = jnp.einsum("bhtd,nhdk->bhtnk", x, self.rotations[...])
     return jnp.argmax(jnp.concatenate([r, -r], axis=-1), axis=-1).astype(jnp.int32)
 
-  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None, isolated=None):
-    """One layer over m new events (signature and returns as ``HSTULayer.step``)."""
+  def step(self, x, q_pos, q_ts, q_valid, ck, cv, cpos, cts, rng=None, isolated=None,
+           rows: int | None = None):
+    """One layer over m new events (signature, ``rows`` and returns as ``HSTULayer.step``)."""
     H, dqk, dv = self.heads, self.dqk, self.dv
     h = nnx.silu(self.uvq(self.ln(x)))
     u, v, q = jnp.split(h, [H * dv, 2 * H * dv], axis=-1)
     q, v = split_heads(q, H, dqk), split_heads(v, H, dv)
     k = q  # shared QK
     kk, vv, kpos, kts = concat_keys(ck, cv, cpos, cts, k, v, q_pos, q_ts)
+    mask = attention_mask(q_pos, q_valid, kpos, isolated)
+    if rows is not None:  # queries: the last `rows` tokens only (keys: every token)
+      sl = slice(x.shape[1] - rows, x.shape[1])
+      x, u, q, q_pos, q_ts, mask = x[:, sl], u[:, sl], q[:, :, sl], q_pos[:, sl], \
+          q_ts[:, sl], mask[:, :, sl]
     bq, bk = self.buckets(q), self.buckets(kk)  # [B, H, m, n], [B, H, T+m, n]
     same = jnp.any(bq[:, :, :, None, :] == bk[:, :, None, :, :], axis=-1)  # [B, H, m, T+m]
     s = jnp.einsum("bhmd,bhtd->bhmt", q, kk) + self.bias(q_pos, q_ts, kpos, kts)
-    mask = attention_mask(q_pos, q_valid, kpos, isolated) & same
+    mask = mask & same
     a = jnp.where(mask, nnx.silu(s), 0.0) / self.max_len
     o = jnp.einsum("bhmt,bhtd->bhmd", a, vv)
     y = hstu_output(self, x, u, o, rng)
