@@ -110,7 +110,8 @@ def _check_data_files(workdir: Path, config) -> None:
   """Refuses a workdir trained on data files that have changed since (same path, new content).
 
   ``workdir/data_files.json`` keeps each raw file's size, mtime and SHA-256
-  (``parsers.fingerprint``); a file whose size or hash differs is named. Synthetic data are
+  (``parsers.fingerprint``), the genre file of a ranking run (``data.genres``: its hard
+  negatives) included; a file whose size or hash differs is named. Synthetic data are
   determined by the config (checked above) and by :func:`_check_dataset`.
   """
   if config.data.source == "synthetic":
@@ -118,6 +119,13 @@ def _check_data_files(workdir: Path, config) -> None:
   from malloc_jax.data import parsers
   path = workdir / "data_files.json"
   current = parsers.fingerprint(config.data.source, config.data.path)
+  genre = None
+  if config.data.get("genres", ""):
+    try:
+      genre = parsers.file_fingerprint(parsers.genre_file(config.data.genres))
+    except (OSError, ValueError) as err:
+      raise FileNotFoundError(f"config.data.genres={config.data.genres!r}: {err}") from None
+    current.append(genre)
   if not path.exists():
     write_json_atomic(path, current)
     return
@@ -131,7 +139,12 @@ def _check_data_files(workdir: Path, config) -> None:
           f"{f['sha256'][:12]}, modified {time.ctime(old['mtime_ns'] / 1e9)} -> "
           f"{time.ctime(f['mtime_ns'] / 1e9)}); its model would be evaluated on other data. "
           "Use another --workdir, or delete this one to retrain")
-  if {f["path"] for f in current} != set(saved):
+  paths = {f["path"] for f in current}
+  if paths != set(saved):
+    if genre is not None and paths - {genre["path"]} == set(saved):
+      # A workdir written before genre files were recorded: its genre file is recorded now.
+      write_json_atomic(path, current)
+      return
     raise ValueError(f"workdir {workdir} was trained on data files {sorted(saved)}, not "
                      f"{sorted(f['path'] for f in current)}; use another --workdir")
 

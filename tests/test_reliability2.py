@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from malloc_jax import config_lib
+from malloc_jax import config_lib, experiment
 from malloc_jax.config_validation import validate_config
 from malloc_jax.data import parsers
 from malloc_jax.experiment import train_and_evaluate
@@ -64,6 +64,34 @@ def test_changed_data_file_is_refused_naming_the_file(tmp_path):
   assert (tmp_path / "w" / "results.json").read_bytes() == results  # not overwritten
   _write_u_data(data)  # the original content again (new mtime): accepted
   train_and_evaluate(config, str(tmp_path / "w"), **QUIET)
+
+
+def test_changed_genre_file_is_refused_naming_the_file(tmp_path):
+  """A ranking run's genre file (its hard negatives) is fingerprinted with the ratings: a
+  changed ``movies.dat`` is refused naming it; a workdir recorded before genre files were
+  fingerprinted gets its genre file recorded instead of being refused; a missing one is
+  named with the config field."""
+  data = tmp_path / "x.data"
+  _write_u_data(data)
+  movies = tmp_path / "movies.dat"
+  movies.write_text("".join(f"{i}::Movie {i} (1995)::{'Comedy' if i % 2 else 'Drama'}\n"
+                            for i in range(1, 41)))
+  config = _file_config(data)
+  config.data.genres = str(movies)
+  w = tmp_path / "w"
+  experiment.check_workdir(w, config)
+  recorded = json.loads((w / "data_files.json").read_text())
+  assert [f["path"] for f in recorded] == [str(data.absolute()), str(movies.absolute())]
+  experiment.check_workdir(w, config)  # unchanged: accepted
+  (w / "data_files.json").write_text(json.dumps(recorded[:1]))  # an older workdir
+  experiment.check_workdir(w, config)
+  assert json.loads((w / "data_files.json").read_text())[1]["path"] == str(movies.absolute())
+  movies.write_text(movies.read_text().replace("Comedy", "Horror"))  # same size, new genres
+  with pytest.raises(ValueError, match=rf"data file {movies} has changed"):
+    experiment.check_workdir(w, config)
+  config.data.genres = str(tmp_path / "nope.dat")
+  with pytest.raises(FileNotFoundError, match=r"config.data.genres=.*nope.dat"):
+    experiment.check_workdir(tmp_path / "w2", config)
 
 
 def test_changed_item_count_is_reported_as_a_changed_dataset(tmp_path):

@@ -918,16 +918,34 @@ def fingerprint(format: str, path: PathLike) -> list[dict]:
   Returns:
     One ``{"path", "size", "mtime_ns", "sha256"}`` per file (absolute paths).
   """
-  out = []
-  for f in source_files(format, path):
-    h = hashlib.sha256()
-    with open(f, "rb") as fh:
-      for block in iter(lambda: fh.read(1 << 20), b""):
-        h.update(block)
-    st = f.stat()
-    out.append({"path": str(f.absolute()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                "sha256": h.hexdigest()})
-  return out
+  return [file_fingerprint(f) for f in source_files(format, path)]
+
+
+def file_fingerprint(f: PathLike) -> dict:
+  """``{"path", "size", "mtime_ns", "sha256"}`` of one file (see :func:`fingerprint`)."""
+  f = Path(f)
+  h = hashlib.sha256()
+  with open(f, "rb") as fh:
+    for block in iter(lambda: fh.read(1 << 20), b""):
+      h.update(block)
+  st = f.stat()
+  return {"path": str(f.absolute()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+          "sha256": h.hexdigest()}
+
+
+def genre_file(path: PathLike) -> Path:
+  """The genre file :func:`load_genres` reads for ``path`` (a file, or a directory holding
+  exactly one ``movies.dat`` or ``u.item``)."""
+  p = Path(path).expanduser()
+  if p.is_dir():
+    found = [p / n for n in ("movies.dat", "u.item") if (p / n).is_file()]
+    if len(found) != 1:
+      raise ValueError(f"{p}: expected exactly one genre file (movies.dat or u.item) in the "
+                       f"directory, found {len(found)}")
+    p = found[0]
+  if not p.is_file():
+    raise FileNotFoundError(f"{p}: no such genre file (expected movies.dat or u.item)")
+  return p
 
 
 # --------------------------------------------------------------------------------------------
@@ -1344,15 +1362,7 @@ def load_genres(path: PathLike) -> Genres:
     ValueError: any other file name, or a malformed file (see the two parsers).
     FileNotFoundError: no such file.
   """
-  p = Path(path).expanduser()
-  if p.is_dir():
-    found = [p / n for n in ("movies.dat", "u.item") if (p / n).is_file()]
-    if len(found) != 1:
-      raise ValueError(f"{p}: expected exactly one genre file (movies.dat or u.item) in the "
-                       f"directory, found {len(found)}")
-    p = found[0]
-  if not p.is_file():
-    raise FileNotFoundError(f"{p}: no such genre file (expected movies.dat or u.item)")
+  p = genre_file(path)
   if p.name == "u.item":
     return parse_movielens_100k_genres(p)
   if p.name.endswith(".dat"):
