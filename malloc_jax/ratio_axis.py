@@ -91,10 +91,27 @@ def _chain_sizes(evict: str, quant: str, qkey: tuple, ekey: tuple, shape: tuple)
   out = []
   for ep in _candidates(evict, spec, efixed):
     try:
-      out.append((ep, chain_bytes(evict, ep, quant, qparams, spec)))
+      out.append((ep, chain_bytes(evict, ep, quant, qparams, spec), kept_slots(evict, ep, spec)))
     except ValueError:  # e.g. the quantizer cannot encode so few events
       continue
   return tuple(out)
+
+
+def kept_slots(evict: str, eparams: dict, spec) -> int:
+  """Slots per layer and head that eviction ``evict(**eparams)`` keeps of the cache ``spec``
+  (the static slot count of its materialized memory)."""
+  spec = _abstract(spec)
+  comp = make_compressor(evict, **eparams)
+  kept = jax.eval_shape(lambda c, s: comp.compress(c, comp.init(c), s)[0].materialize(), spec,
+                        _abstract_signals(spec, eparams.get("window", 0)))
+  return int(kept.k.shape[3])
+
+
+def quantizes_nothing(quant: str, qparams: dict, kept: int) -> bool:
+  """Whether ``quant`` leaves every one of ``kept`` events exact: KIVI keeps the newest
+  ``residual`` values exact and quantizes a key block only when it fills, so with fewer
+  kept events than its residual the chain would be the eviction alone."""
+  return quant == "kivi" and kept < int(qparams.get("residual", 128))
 
 
 def chain_for_ratio(evict: str, quant: str, spec, ratio: float, qparams: dict,
@@ -115,14 +132,19 @@ def chain_for_ratio(evict: str, quant: str, spec, ratio: float, qparams: dict,
 
   Returns:
     {"steps": [(evict, eparams), (quant, qparams)], "bytes", "ratio"}, or None when no budget
-    reaches the ratio within the tolerance (out of reach).
+    reaches the ratio within the tolerance (out of reach), or when every budget that does
+    keeps fewer events than KIVI's exact residual (the quantizer would encode nothing:
+    :func:`quantizes_nothing`).
   """
   spec = _abstract(spec)
   native = memory_bytes("native", spec)
   L, B, H, T, dk = spec.k.shape
   sizes = _chain_sizes(evict, quant, tuple(sorted(qparams.items())),
                        tuple(sorted(efixed.items())), (L, B, H, T, dk, spec.v.shape[-1]))
-  ok = [(ep, b) for ep, b in sizes if _within(native / b, ratio, tol)]
+  # A budget that keeps fewer events than KIVI's exact residual quantizes nothing: the chain
+  # would be its eviction alone under the chain's name, so that budget is not a candidate.
+  ok = [(ep, b) for ep, b, kept in sizes
+        if _within(native / b, ratio, tol) and not quantizes_nothing(quant, qparams, kept)]
   if not ok:
     return None
   ep, b = ok[-1]  # candidates are in increasing budget order

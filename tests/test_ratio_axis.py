@@ -98,3 +98,38 @@ def test_chain_out_of_reach_matches_brute_force():
     assert bool(hits) == reachable and (got is None) == (not hits)
     if hits:
       assert got["steps"][0][1]["heavy"] + got["steps"][0][1]["recent"] == max(hits)
+
+
+def test_kivi_chain_never_reduces_to_its_eviction():
+  """A KIVI chain whose eviction keeps fewer events than KIVI's exact residual would store
+  every kept event exact (the eviction alone under the chain's name): the planner refuses
+  those budgets (out of reach) and every chain it returns quantizes something, checked on
+  real data against the eviction's own memory. A residual of 32 at T = 96 puts 4x-8x on the
+  boundary."""
+  spec = cache_spec(L, H, T, D, batch=B)
+  cache, sig = real_cache(3)
+  native = real_bytes(make_compressor("native"), cache, sig)
+  qparams = {"bits": 2, "group": 8, "residual": 32}
+  refused = 0
+  for ratio in R.RATIOS:
+    got = R.chain_for_ratio("snapkv", "kivi", spec, ratio, qparams, window=W)
+    # brute force over every snapkv budget: which reach the ratio, and how many events each keeps
+    hits = []
+    for b in range(W, T + 1):
+      r = native / R.chain_bytes("snapkv", {"budget": b, "window": W}, "kivi", qparams, spec)
+      if ratio <= r <= 1.05 * ratio:
+        hits.append(b)
+    quantizing = [b for b in hits if b >= qparams["residual"]]
+    assert (got is None) == (not quantizing), (ratio, hits)
+    refused += bool(hits) and not quantizing
+    if got is None:
+      continue
+    (e, ep), (q, qp) = got["steps"]
+    evicted, _ = make_compressor(e, **ep).compress(cache, make_compressor(e, **ep).init(cache),
+                                                   sig)
+    comp = C.chain(make_compressor(e, **ep), make_compressor(q, **qp))
+    memory, _ = comp.compress(cache, comp.init(cache), sig)
+    exact, stored = evicted.materialize(), memory.materialize()
+    assert not (np.array_equal(np.asarray(exact.k), np.asarray(stored.k))
+                and np.array_equal(np.asarray(exact.v), np.asarray(stored.v))), ratio
+  assert refused >= 1  # the old planner would have returned a pure eviction here
