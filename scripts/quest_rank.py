@@ -6,7 +6,11 @@ test users' memories, stores them as Quest pages (``quest(page)``) and ranks eve
 candidates (``experiment.ranking_eval_candidates``) with ``model.rank(...,
 slot_select=quest_slot_select(memory, pages))`` at several page budgets: at every layer each
 query (request event or candidate) reads only the memory slots of its own ``pages`` pages with
-the largest bound sum_c max(q_c min_c, q_c max_c). Per cell: GAUC, candidate NDCG@10 and
+the largest bound of its score: sum_c max(q_c min_c, q_c max_c), plus for HSTU the query's
+largest relative position/time bias over the page's events (the bias needs every stored
+event's time stamp, counted in the bytes read). With ``--key_bound`` (default) the same
+budgets are also served with the bound of q . k alone (the bias ignored), as an ablation. Per
+cell: GAUC, candidate NDCG@10 and
 pooled AUC with paired 95% bootstrap intervals against native (the same users), stored bytes
 per user (``QuestMemory.stored_bytes``) and bytes read per request
 (``quest_rank_read_bytes``): per query (a candidate alone) and the union over the request's
@@ -53,6 +57,8 @@ _PAGES = flags.DEFINE_list("pages", ["25", "12", "6", "3"], "Pages read per quer
 _USERS = flags.DEFINE_integer("max_users", 0, "Test users (0: all).")
 _RECENT = flags.DEFINE_bool("recent", True, "Also serve the query-blind baseline that reads "
                              "each row's newest pages at the same page budgets.")
+_KEY_BOUND = flags.DEFINE_bool("key_bound", True, "Also serve Quest with the bound of q . k "
+                               "alone (HSTU's relative bias ignored in the page choice).")
 _RESAMPLES = flags.DEFINE_integer("resamples", 1000, "Bootstrap resamples.")
 
 
@@ -74,12 +80,16 @@ def _native(model, memory, req, cands):
   return model.rank(memory.materialize(), req, cands)
 
 
-@functools.partial(jax.jit, static_argnames=("pages",))
-def _quest(model, memory, req, cands, *, pages):
+@functools.partial(jax.jit, static_argnames=("pages", "with_bias"))
+def _quest(model, memory, req, cands, *, pages, with_bias=True):
   logits, queries = model.rank(memory.materialize(), req, cands,
-                               slot_select=quest_slot_select(memory, pages),
+                               slot_select=quest_slot_select(memory, pages, with_bias),
                                return_queries=True)
-  return logits, quest_rank_pages(memory, queries, pages)
+  biases = model.rank_slot_bias(memory.materialize(), req, cands) if with_bias else None
+  return logits, quest_rank_pages(memory, queries, pages, biases)
+
+
+_quest_key_bound = functools.partial(_quest, with_bias=False)
 
 
 def _recent_pages(memory, pages: int) -> jax.Array:
@@ -120,7 +130,13 @@ def main(argv):
   n = len(split) if not _USERS.value else min(_USERS.value, len(split))
   cands = ranking_eval_candidates(config, data, "test")[:n]
   page, budgets = _PAGE.value, [int(p) for p in _PAGES.value]
+  # HSTU adds a relative position/time bias to q . k: the score bound reads every stored
+  # event's time stamp (counted in the bytes read); SASRec has none.
+  has_bias = all(hasattr(layer, "bias") for layer in model.layers)
   cells = [(f"quest page={page} pages={p}", p, _quest) for p in budgets]
+  if _KEY_BOUND.value:
+    cells += [(f"quest (q.k bound) page={page} pages={p}", p, _quest_key_bound)
+              for p in budgets]
   if _RECENT.value:
     cells += [(f"recent pages page={page} pages={p}", p, _recent) for p in budgets]
   labels = ["native"] + [c[0] for c in cells]
@@ -140,7 +156,8 @@ def main(argv):
     m = req.items.shape[1]
     for label, p, fn in cells:
       lg, chosen = fn(model, memory, req, cand, pages=p)
-      per_query, union = quest_rank_read_bytes(memory, chosen, q_valid)
+      per_query, union = quest_rank_read_bytes(memory, chosen, q_valid,
+                                               with_bias=fn is _quest and has_bias)
       logits[label].append(np.asarray(lg)[real])
       figs[label].append(np.stack([stored, per_query[:, m:].mean(1)[real],
                                    union[real].astype(np.float64)], 1))

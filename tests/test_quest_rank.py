@@ -54,17 +54,28 @@ def _pages_of(ck, cpos, page):
   return out
 
 
-def _choose(q, bounds, pages):
-  """Pages (sorted by bound desc, page asc) of one query; also the gap at the cut."""
-  ub = {p: float(np.sum(np.maximum(q * lo, q * hi))) for p, (lo, hi) in bounds.items()}
+def _choose(q, bounds, pages, extra=None):
+  """Pages (sorted by bound desc, page asc) of one query; also the gap at the cut. ``extra``
+  {page: the largest score bias over the page's real events} is added to the key bound."""
+  ub = {p: float(np.sum(np.maximum(q * lo, q * hi))) + (extra[p] if extra else 0.0)
+        for p, (lo, hi) in bounds.items()}
   order = sorted(ub, key=lambda p: (-ub[p], p))
   gap = np.inf if len(order) <= pages else ub[order[pages - 1]] - ub[order[pages]]
   return set(order[:pages]), gap
 
 
-def ref_rank(model, name, cache, b, req, cand, page, pages):
+def _rab(layer, hh, qpos, qts, kp, kt):
+  """float64 HSTU bias rab_pos[rel] + rab_time[bucket] of one query on slots (kp, kt)."""
+  rel = np.clip(qpos - kp, 0, layer.max_len - 1)
+  dt = np.maximum(np.abs(qts - kt), 1)
+  bucket = np.clip(np.floor(np.log(dt) / 0.301), 0, layer.num_time_buckets - 1).astype(int)
+  return _np(layer.rab_pos[...])[hh, rel] + _np(layer.rab_time[...])[hh, bucket]
+
+
+def ref_rank(model, name, cache, b, req, cand, page, pages, with_bias=True):
   """float64 logits [C] of user b, chosen pages {(layer, head, token row): set} (row j < m:
-  request event j, m + c: candidate c, as in ``rank``'s queries), min tie gap.
+  request event j, m + c: candidate c, as in ``rank``'s queries), min tie gap. With
+  ``with_bias`` (HSTU) a page's bound adds the query's largest rab over the page's events.
 
   One forward per candidate over [request events; candidate]: the request events at
   positions start + j attend causally to one another, the candidate (position start + n_req,
@@ -100,7 +111,12 @@ def ref_rank(model, name, cache, b, req, cand, page, pages):
       for hh in range(H):
         bounds = _pages_of(ck[li, hh], cpos[li, hh], page)
         for j in range(n):
-          sel, g = _choose(q[j, hh], bounds, pages)
+          extra = None
+          if name == "hstu" and with_bias:
+            real = np.flatnonzero(cpos[li, hh] >= 0)
+            r = _rab(layer, hh, pos[j], ts[j], cpos[li, hh, real], cts[li, hh, real])
+            extra = {p: float(r[real // page == p].max()) for p in bounds}
+          sel, g = _choose(q[j, hh], bounds, pages, extra)
           gap = min(gap, g)
           chosen[(li, hh, j if j < rl else m + ci)] = sel
           mem = [t for t in range(ck.shape[2]) if cpos[li, hh, t] >= 0 and t // page in sel]
@@ -110,11 +126,7 @@ def ref_rank(model, name, cache, b, req, cand, page, pages):
           kt = np.concatenate([cts[li, hh, mem], ts[:j + 1]])
           s = keys @ q[j, hh]
           if name == "hstu":
-            rel = np.clip(pos[j] - kp, 0, max_len - 1)
-            dt = np.maximum(np.abs(ts[j] - kt), 1)
-            nb = layer.num_time_buckets
-            bucket = np.clip(np.floor(np.log(dt) / 0.301), 0, nb - 1).astype(int)
-            s = s + _np(layer.rab_pos[...])[hh, rel] + _np(layer.rab_time[...])[hh, bucket]
+            s = s + _rab(layer, hh, pos[j], ts[j], kp, kt)
             a = _silu(s) / max_len
           else:
             s = s / np.sqrt(dq)
@@ -141,14 +153,15 @@ def _native(model, memory, req, cands):
   return model.rank(memory.materialize(), req, cands)
 
 
-def _quest_rank(model, memory, req, cands, pages):
+def _quest_rank(model, memory, req, cands, pages, with_bias=True):
   logits, queries = model.rank(memory.materialize(), req, cands,
-                               slot_select=quest_slot_select(memory, pages),
+                               slot_select=quest_slot_select(memory, pages, with_bias),
                                return_queries=True)
-  return logits, quest_rank_pages(memory, queries, pages)
+  biases = model.rank_slot_bias(memory.materialize(), req, cands) if with_bias else None
+  return logits, quest_rank_pages(memory, queries, pages, biases)
 
 
-_quest_jit = jax.jit(_quest_rank, static_argnums=4)
+_quest_jit = jax.jit(_quest_rank, static_argnums=(4, 5))
 
 
 def _setup(name, page, seed=0):
@@ -167,20 +180,23 @@ def test_all_pages_equal_native_rank(name, page):
   P = memory.kmin.shape[3]
   native = np.asarray(_native(model, memory, req, cands))
   for pages in (P, P + 3):
-    got, chosen = _quest_jit(model, memory, req, cands, pages)
-    np.testing.assert_array_equal(np.asarray(got), native)  # bit for bit
+    for with_bias in (True, False):
+      got, chosen = _quest_jit(model, memory, req, cands, pages, with_bias)
+      np.testing.assert_array_equal(np.asarray(got), native)  # bit for bit
 
 
-@pytest.mark.parametrize("name", ["hstu", "sasrec"])
+@pytest.mark.parametrize("name,with_bias", [("hstu", True), ("hstu", False), ("sasrec", True)])
 @pytest.mark.parametrize("page,pages", [(4, 1), (4, 2), (3, 2)])
-def test_few_pages_match_float64_reference(name, page, pages):
+def test_few_pages_match_float64_reference(name, with_bias, page, pages):
+  """Logits and every query's pages against the float64 reference; HSTU with the bound of
+  the whole score (q.k + rab, the default) and of q.k alone (``with_bias=False``)."""
   model, cache, memory, req, cands = _setup(name, page)
-  got, chosen = _quest_jit(model, memory, req, cands, pages)
+  got, chosen = _quest_jit(model, memory, req, cands, pages, with_bias)
   got, chosen = np.asarray(got), np.asarray(chosen)  # [B, C], [L, B, H, m + C, P]
   native = np.asarray(_native(model, memory, req, cands))
   differs = False
   for b in range(got.shape[0]):
-    ref, ref_chosen, gap = ref_rank(model, name, cache, b, req, cands, page, pages)
+    ref, ref_chosen, gap = ref_rank(model, name, cache, b, req, cands, page, pages, with_bias)
     assert gap > 1e-4, f"user {b}: near-tie of page bounds ({gap}); pick other inputs"
     np.testing.assert_allclose(got[b], ref, rtol=1e-4, atol=1e-4)
     for (li, hh, row), sel in ref_chosen.items():
@@ -189,12 +205,13 @@ def test_few_pages_match_float64_reference(name, page, pages):
   assert differs  # the selection is not idle on these inputs
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("page,pages", [(4, 1), (3, 2), (4, 9)])
-def test_read_bytes_closed_form(page, pages):
+def test_read_bytes_closed_form(page, pages, with_bias):
   model, cache, memory, req, cands = _setup("hstu", page)
-  _, chosen = _quest_jit(model, memory, req, cands, pages)
+  _, chosen = _quest_jit(model, memory, req, cands, pages, with_bias)
   q_valid = np.concatenate([np.asarray(req.valid), np.ones(cands.shape, bool)], axis=1)
-  per_query, union = quest_rank_read_bytes(memory, chosen, q_valid)
+  per_query, union = quest_rank_read_bytes(memory, chosen, q_valid, with_bias)
   chosen = np.asarray(chosen)
   cpos = np.asarray(cache.pos)
   L, B, H, T = cpos.shape
@@ -202,6 +219,8 @@ def test_read_bytes_closed_form(page, pages):
   for b in range(B):
     bounds = sum(len({t // page for t in range(T) if cpos[li, b, hh, t] >= 0}) * 2 * dk * 4
                  for li in range(L) for hh in range(H))
+    if with_bias:  # every stored event's time stamp (int32), once per user
+      bounds += int((cpos[0, b, 0] >= 0).sum()) * 4
     merged = set()
     for j in range(q_valid.shape[1]):
       if not q_valid[b, j]:

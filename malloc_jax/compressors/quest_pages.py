@@ -190,27 +190,46 @@ def _select_pages(score: jax.Array, valid: jax.Array, pages: int) -> jax.Array:
   return mark_slots(sel, picked, P)
 
 
-def quest_query_pages(memory: QuestMemory, layer: int, q: jax.Array, pages: int) -> jax.Array:
+def quest_query_pages(memory: QuestMemory, layer: int, q: jax.Array, pages: int,
+                      bias: jax.Array | None = None) -> jax.Array:
   """[B, H, m, P] bool: each query's top ``pages`` real pages of ``layer`` by Quest's bound.
 
   The per-query form of :func:`quest_select`: every one of the m queries (a ranking
   request's events and candidates) ranks the pages of its own (user, head) row by
   sum_c max(q_c min_c, q_c max_c) and keeps the ``pages`` largest among the real pages.
+  With ``bias`` (the additive score bias of each query on each slot, HSTU's rab) the bound
+  is of the whole pre-activation score q . k + bias: the key bound plus the largest bias
+  over the page's real events.
 
   Args:
     memory: a QuestMemory; layer: its layer index (static).
     q: [B, H, m, Dk] queries of that layer (float32 math).
     pages: pages read per query (>= 1).
+    bias: [B, H, m, T] or None.
   """
   pages = check_int("quest", "pages", pages, 1)
   q = q.astype(jnp.float32)[:, :, :, None, :]  # [B, H, m, 1, Dk]
   lo = memory.kmin[layer].astype(jnp.float32)[:, :, None]  # [B, H, 1, P, Dk]
   hi = memory.kmax[layer].astype(jnp.float32)[:, :, None]
   score = jnp.sum(jnp.maximum(q * lo, q * hi), axis=-1)  # [B, H, m, P]
+  if bias is not None:
+    real = memory.materialize().pos[layer][:, :, None] >= 0  # [B, H, 1, T]
+    score = score + _page_max(bias.astype(jnp.float32), real, memory.page)
   return _select_pages(score, _page_valid(memory)[layer][:, :, None], pages)
 
 
-def quest_slot_select(memory: QuestMemory, pages: int):
+def _page_max(x: jax.Array, real: jax.Array, page: int) -> jax.Array:
+  """[..., P]: the largest x [..., T] over each page's real slots (``real`` [..., T] bool,
+  broadcast); 0 for a page without one (such a page is never selected)."""
+  T = x.shape[-1]
+  P = -(-T // page)
+  x = jnp.where(jnp.broadcast_to(real, x.shape), x, -jnp.inf)
+  x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, P * page - T)], constant_values=-jnp.inf)
+  out = jnp.max(x.reshape(*x.shape[:-1], P, page), axis=-1)
+  return jnp.where(jnp.isfinite(out), out, 0.0)
+
+
+def quest_slot_select(memory: QuestMemory, pages: int, with_bias: bool = True):
   """The ``slot_select`` of ``SequenceRecommender.rank`` that reads a Quest memory.
 
   Each request event and candidate reads, at every layer, only the memory slots of its own
@@ -218,30 +237,41 @@ def quest_slot_select(memory: QuestMemory, pages: int):
   token (so a candidate's selection at layer l depends on what it read below l). Call
   ``model.rank(memory.materialize(), request, candidates, slot_select=...)``.
 
+  ``with_bias`` (default): where the layer adds a score bias to q . k (HSTU's relative
+  position and time bias, which the layer passes as ``bias=``), the page bound is of the
+  whole score, q . k + bias, as Quest bounds the score its attention uses; the bias needs
+  each read page's time stamps (counted by :func:`quest_rank_read_bytes` with
+  ``with_bias=True``). ``False``: the key bound alone (the score without the bias), as an
+  ablation. SASRec has no bias: both are the same.
+
   Returns:
-    A callable (layer, q [B, H, m, Dk]) -> [B, H, m, T] bool.
+    A callable (layer, q [B, H, m, Dk], bias=None) -> [B, H, m, T] bool.
 
   References: Tang et al., Quest, ICML 2024 (per-query page selection by the key bounds).
   """
   pages = check_int("quest", "pages", pages, 1)
   T = memory.k.shape[3]
 
-  def select(layer, q):
-    chosen = quest_query_pages(memory, layer, q, pages)  # [B, H, m, P]
+  def select(layer, q, bias=None):
+    chosen = quest_query_pages(memory, layer, q, pages,
+                               bias=bias if with_bias else None)  # [B, H, m, P]
     return jnp.repeat(chosen, memory.page, axis=-1)[..., :T]
 
   return select
 
 
-def quest_rank_pages(memory: QuestMemory, queries: jax.Array, pages: int) -> jax.Array:
+def quest_rank_pages(memory: QuestMemory, queries: jax.Array, pages: int,
+                     biases: jax.Array | None = None) -> jax.Array:
   """[L, B, H, m, P] bool: :func:`quest_query_pages` of every layer for ``queries``
-  [L, B, H, m, Dk] (``model.rank(..., return_queries=True)``'s)."""
-  return jnp.stack([quest_query_pages(memory, i, queries[i], pages)
+  [L, B, H, m, Dk] (``model.rank(..., return_queries=True)``'s) and, for the bounds of the
+  whole score, ``biases`` [L, B, H, m, T] (``model.rank_slot_bias``) or None."""
+  return jnp.stack([quest_query_pages(memory, i, queries[i], pages,
+                                      None if biases is None else biases[i])
                     for i in range(queries.shape[0])])
 
 
-def quest_rank_read_bytes(memory: QuestMemory, chosen: jax.Array, q_valid: jax.Array
-                          ) -> tuple[np.ndarray, np.ndarray]:
+def quest_rank_read_bytes(memory: QuestMemory, chosen: jax.Array, q_valid: jax.Array,
+                          with_bias: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """Bytes a ranking request reads from a Quest memory when each query picks its pages.
 
   With ``chosen`` [L, B, H, m, P] from :func:`quest_rank_pages` and ``q_valid`` [B, m]
@@ -254,7 +284,10 @@ def quest_rank_read_bytes(memory: QuestMemory, chosen: jax.Array, q_valid: jax.A
   page plus the keys and values of the chosen pages, as :func:`quest_read_bytes` for one
   query. ``union[b]``: the same with the chosen pages of all the request's real queries
   merged, i.e. what one batched pass (M-FALCON) has to fetch: the bounds once and each page
-  chosen by any query once. Positions and time stamps are not counted.
+  chosen by any query once. Positions and time stamps are not counted, except with
+  ``with_bias`` (the pages were chosen by the bound of q . k + bias, which needs the time
+  stamp of every stored event to evaluate HSTU's time bias): then every real event's time
+  stamp, n_user s_ts, is added to both figures (positions stay implicit in a prefix store).
 
   Returns:
     (per_query [B, m], union [B]).
@@ -270,6 +303,9 @@ def quest_rank_read_bytes(memory: QuestMemory, chosen: jax.Array, q_valid: jax.A
   bounds = (-(-n // page) * 2 * dk * memory.kmin.dtype.itemsize).sum(axis=(0, 2))  # [B]
   chosen = np.asarray(chosen) & np.asarray(q_valid)[None, :, None, :, None]
   read = np.einsum("lbhjp,lbhp->bj", chosen.astype(np.int64), events)  # [B, m]
+  if with_bias:
+    ts = memory.materialize().ts
+    bounds = bounds + (pos[0, :, 0] >= 0).sum(axis=-1, dtype=np.int64) * ts.dtype.itemsize
   per_query = np.where(np.asarray(q_valid), bounds[:, None] + read * per_event, 0)
   union = (chosen.any(axis=3) * events).sum(axis=(0, 2, 3))  # [B]
   return per_query.astype(np.int64), (bounds + union * per_event).astype(np.int64)

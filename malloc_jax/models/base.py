@@ -294,21 +294,9 @@ class SequenceRecommender(nnx.Module):
     References: Zhai et al., "Actions Speak Louder than Words", ICML 2024 (M-FALCON);
       Zhou et al., "Deep Interest Network for Click-Through Rate Prediction", KDD 2018.
     """
-    B, m = request.items.shape
-    C = candidates.shape[1]
-    start = cache.length
-    r_valid = request.valid
-    r_pos = jnp.where(r_valid, start[:, None] + jnp.arange(m, dtype=jnp.int32)[None], -1)
-    if candidate_ts is None:
-      candidate_ts = request_time(request)
-    c_pos = jnp.broadcast_to((start + request.length)[:, None], (B, C)).astype(jnp.int32)
-    items = jnp.concatenate([request.items, candidates.astype(request.items.dtype)], axis=1)
-    q_pos = jnp.concatenate([r_pos, c_pos], axis=1)
-    q_ts = jnp.concatenate([jnp.where(r_valid, request.ts, 0),
-                            jnp.broadcast_to(candidate_ts[:, None], (B, C)).astype(
-                                request.ts.dtype)], axis=1)
-    q_valid = jnp.concatenate([r_valid, jnp.ones((B, C), bool)], axis=1)
-    isolated = jnp.concatenate([jnp.zeros((B, m), bool), jnp.ones((B, C), bool)], axis=1)
+    m = request.items.shape[1]
+    items, q_pos, q_ts, q_valid, isolated = rank_tokens(cache.length, request, candidates,
+                                                        candidate_ts)
     extra = {}
     if slot_select is not None:
       if "slot_select" not in inspect.signature(self._run_tokens).parameters:
@@ -326,6 +314,40 @@ class SequenceRecommender(nnx.Module):
         raise ValueError(f"return_queries: {type(self).__name__}'s layers return no queries")
       extras += (queries,)
     return (logits, *extras) if extras else logits
+
+  def rank_slot_bias(self, cache: Cache, request: Events, candidates: jax.Array,
+                     candidate_ts: jax.Array | None = None) -> jax.Array | None:
+    """[L, B, H, m + C, T]: the additive score bias (HSTU's rab) of every token of
+    ``rank(cache, request, candidates)`` on every memory slot, the ``bias`` each layer
+    passes to a ``slot_select``; None when the layers add none (SASRec)."""
+    if not all(hasattr(layer, "bias") for layer in self.layers):
+      return None
+    _, q_pos, q_ts, _, _ = rank_tokens(cache.length, request, candidates, candidate_ts)
+    return jnp.stack([layer.bias(q_pos, q_ts, cache.pos[i], cache.ts[i])
+                      for i, layer in enumerate(self.layers)])
+
+
+def rank_tokens(start: jax.Array, request: Events, candidates: jax.Array,
+                candidate_ts: jax.Array | None = None):
+  """The tokens of a ranking request after a memory of ``start`` [B] events: (items, q_pos,
+  q_ts, q_valid, isolated), each [B, m + C], request events first (positions start, start+1,
+  ...), then the candidates at the request's next position and its last time stamp (or
+  ``candidate_ts`` [B]), isolated from one another (see ``SequenceRecommender.rank``)."""
+  B, m = request.items.shape
+  C = candidates.shape[1]
+  r_valid = request.valid
+  r_pos = jnp.where(r_valid, start[:, None] + jnp.arange(m, dtype=jnp.int32)[None], -1)
+  if candidate_ts is None:
+    candidate_ts = request_time(request)
+  c_pos = jnp.broadcast_to((start + request.length)[:, None], (B, C)).astype(jnp.int32)
+  items = jnp.concatenate([request.items, candidates.astype(request.items.dtype)], axis=1)
+  q_pos = jnp.concatenate([r_pos, c_pos], axis=1)
+  q_ts = jnp.concatenate([jnp.where(r_valid, request.ts, 0),
+                          jnp.broadcast_to(candidate_ts[:, None], (B, C)).astype(
+                              request.ts.dtype)], axis=1)
+  q_valid = jnp.concatenate([r_valid, jnp.ones((B, C), bool)], axis=1)
+  isolated = jnp.concatenate([jnp.zeros((B, m), bool), jnp.ones((B, C), bool)], axis=1)
+  return items, q_pos, q_ts, q_valid, isolated
 
 
 def request_time(request: Events) -> jax.Array:
@@ -368,14 +390,19 @@ def attention_mask(q_pos, q_valid, kpos, isolated=None):
   return mask & ~hide[:, None] & ~late
 
 
-def select_slots(mask, q, slot_select):
+def select_slots(mask, q, slot_select, bias=None):
   """``mask`` [B, H, m, T + m] restricted to the cached slots ``slot_select(q)`` [B, H, m, T]
-  allows (the m new tokens untouched); ``mask`` itself when ``slot_select`` is None."""
+  allows (the m new tokens untouched); ``mask`` itself when ``slot_select`` is None.
+
+  ``bias`` [B, H, m, T] (or None): the additive score bias of each query on each cached slot
+  (HSTU's relative position and time bias), passed as ``slot_select(q, bias=bias)`` to a
+  selection that takes it."""
   if slot_select is None:
     return mask
   m = q.shape[2]
-  return mask & jnp.pad(slot_select(q), ((0, 0), (0, 0), (0, 0), (0, m)),
-                        constant_values=True)
+  takes_bias = bias is not None and "bias" in inspect.signature(slot_select).parameters
+  chosen = slot_select(q, bias=bias) if takes_bias else slot_select(q)
+  return mask & jnp.pad(chosen, ((0, 0), (0, 0), (0, 0), (0, m)), constant_values=True)
 
 
 def concat_keys(ck, cv, cpos, cts, k, v, q_pos, q_ts):

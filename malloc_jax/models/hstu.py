@@ -117,13 +117,17 @@ class HSTULayer(nnx.Module):
       o, a = reads.attend_memory(attn, ck, q, k, v, q_pos, q_ts, q_valid), None
     else:
       kk, vv, kpos, kts = concat_keys(ck, cv, cpos, cts, k, v, q_pos, q_ts)
-      mask = select_slots(attention_mask(q_pos, q_valid, kpos, isolated), q, slot_select)
+      mask = attention_mask(q_pos, q_valid, kpos, isolated)
       if rows is not None:  # queries: the last `rows` tokens only
         sl = slice(m - rows, m)
         x, u, q, q_pos, q_ts, mask = x[:, sl], u[:, sl], q[:, :, sl], q_pos[:, sl], q_ts[:, sl], \
             mask[:, :, sl]
         m = rows
-      s = jnp.einsum("bhmd,bhtd->bhmt", q, kk) + self.bias(q_pos, q_ts, kpos, kts)
+      rab = self.bias(q_pos, q_ts, kpos, kts)  # [B, H, m, T + m]
+      # A per-query slot selection sees the bias of the cached slots (Quest bounds the whole
+      # pre-activation score q.k + rab, see quest_pages.quest_slot_select).
+      mask = select_slots(mask, q, slot_select, bias=rab[..., :ck.shape[2]])
+      s = jnp.einsum("bhmd,bhtd->bhmt", q, kk) + rab
       a = jnp.where(mask, nnx.silu(s), 0.0) / self.max_len  # [B, H, m, T+m]
       o = jnp.einsum("bhmt,bhtd->bhmd", a, vv)
       a = jnp.abs(a)
