@@ -268,6 +268,66 @@ def rank_cell(model, data: EvalSet, candidates: np.ndarray, compressor: comp_lib
   return {"metrics": summary, "per_user": per, "logits": logits, "bytes_per_user": nbytes}
 
 
+def quest_rank_cell(model, data: EvalSet, candidates: np.ndarray, *, page: int, pages: int,
+                    with_bias: bool = True, batch_size: int = 64, query_len: int = 1,
+                    window: int = 8) -> dict:
+  """:func:`rank_cell` for Quest read per query: each user's memory is stored as Quest pages
+  (``quest(page)``) and every request event and candidate reads, at every layer, only its
+  own ``pages`` pages with the largest score bound (``quest_pages.quest_slot_select``;
+  ``with_bias``: the bound of q . k + HSTU's rab, else of q . k alone).
+
+  Returns rank_cell's dict (``bytes_per_user``: the stored bytes, which Quest does not
+  shrink) plus ``read_per_candidate`` (mean bytes one candidate reads alone) and
+  ``read_union`` (mean bytes one request's batched pass fetches), from
+  ``quest_pages.quest_rank_read_bytes``.
+  """
+  import jax  # noqa: PLC0415 (ranking.py is otherwise NumPy)
+
+  from malloc_jax.compressors.quest_pages import (  # noqa: PLC0415
+    quest,
+    quest_rank_pages,
+    quest_rank_read_bytes,
+    quest_slot_select,
+  )
+  U = len(candidates)
+  if U == 0 or U > len(data):
+    raise ValueError(f"quest_rank_cell: {U} candidate rows for {len(data)} users")
+  comp = quest(page)
+  has_bias = with_bias and all(hasattr(layer, "bias") for layer in model.layers)
+
+  @jax.jit
+  def serve(model, cache, req, cands):
+    memory = comp.compress(cache, comp.init(cache))[0]
+    logits, queries = model.rank(memory.materialize(), req, cands,
+                                 slot_select=quest_slot_select(memory, pages, with_bias),
+                                 return_queries=True)
+    biases = model.rank_slot_bias(memory.materialize(), req, cands) if has_bias else None
+    return memory, logits, quest_rank_pages(memory, queries, pages, biases)
+
+  logits, stored, per_cand, union = [], [], [], []
+  for b in serving.batches(model, data, batch_size=batch_size, max_users=U,
+                           query_len=query_len, window=window):
+    rows = np.arange(b.start, b.start + len(b.real))
+    cands = np.asarray(candidates)[np.where(b.real, rows, 0)]  # padding rows: user 0's
+    memory, lg, chosen = serve(model, b.cache, b.req, cands)
+    q_valid = np.concatenate([np.asarray(b.req.valid), np.ones(cands.shape, bool)], axis=1)
+    pq, un = quest_rank_read_bytes(memory, chosen, q_valid, with_bias=has_bias)
+    m = b.req.items.shape[1]
+    logits.append(np.asarray(lg)[b.real])
+    stored.append(np.asarray(memory.stored_bytes())[b.real])
+    per_cand.append(pq[:, m:].mean(1)[b.real])
+    union.append(un[b.real])
+  logits = np.concatenate(logits)
+  if not np.all(np.isfinite(logits)):
+    bad = int(np.flatnonzero(~np.isfinite(logits).all(1))[0])
+    raise FloatingPointError(f"quest_rank_cell: user {bad}'s scores are not finite")
+  summary, per = impression_metrics(logits)
+  return {"metrics": summary, "per_user": per, "logits": logits,
+          "bytes_per_user": float(np.concatenate(stored).mean()),
+          "read_per_candidate": float(np.concatenate(per_cand).mean()),
+          "read_union": float(np.concatenate(union).mean())}
+
+
 def weighted_pooled_auc(logits: np.ndarray, weights: np.ndarray) -> np.ndarray:
   """Pooled AUC of impressions [U, 1 + K] (positive in column 0) under user weights.
 

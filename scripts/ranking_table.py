@@ -135,6 +135,11 @@ _VINIT = flags.DEFINE_enum("variant_init", "scratch", ["scratch", "backbone"],
                            "itself trained for the same budget.")
 _VSEC = flags.DEFINE_float("variant_seconds", None, "Training seconds of each variant (and of "
                            "the control row) instead of the main backbone's rule.")
+_QUEST = flags.DEFINE_integer("quest_page", 0, "Also serve Quest read per query "
+                              "(ranking.quest_rank_cell) with pages of this many events, at "
+                              "each --ratios read budget (pages = capacity / page / ratio), "
+                              "with the bound of the whole score and, for HSTU, of q . k "
+                              "alone; 0: not served.")
 _OUT = flags.DEFINE_string("out", None, "JSON output path.")
 
 # Settings that define the data and the backbone: a --backbone must have been trained with
@@ -496,6 +501,27 @@ def main(argv):
                             oracle=oracle)
     add(label, group_name, res["metrics"], res["per_user"], res["bytes_per_user"])
     print(f"{label}: GAUC {res['metrics']['GAUC']:.4f} ({time.time() - t0:.1f}s)", flush=True)
+
+  # --- Quest read per query: stores everything, each query reads its own top pages ---------
+  if _QUEST.value:
+    page = _QUEST.value
+    n_pages = -(-s["length"] // page)
+    has_bias = all(hasattr(layer, "bias") for layer in model.layers)
+    for ratio in ratios:
+      pages = max(1, round(n_pages / ratio))
+      for with_bias in ((True, False) if has_bias else (True,)):
+        t0 = time.time()
+        res = ranking.quest_rank_cell(model, test, cands, page=page, pages=pages,
+                                      with_bias=with_bias, batch_size=64)
+        label = (f"quest reads {n_pages / pages:.3g}x (page {page}, {pages} of {n_pages} "
+                 f"pages{'' if with_bias or not has_bias else ', q.k bound only'}; reads "
+                 f"{res['read_per_candidate']:,.0f} B/candidate, "
+                 f"{res['read_union']:,.0f} B/request)")
+        add(label, "quest", res["metrics"], res["per_user"], res["bytes_per_user"])
+        rows[-1].update(read_per_candidate=res["read_per_candidate"],
+                        read_union=res["read_union"])
+        print(f"{label}: GAUC {res['metrics']['GAUC']:.4f} ({time.time() - t0:.1f}s)",
+              flush=True)
 
   # --- trained variants: each trained for ranking by the same rule, served from its memory --
   variants = {}

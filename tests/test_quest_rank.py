@@ -19,6 +19,7 @@ from malloc_jax.compressors.quest_pages import (
   quest_slot_select,
 )
 from malloc_jax.models import make_model
+from malloc_jax.serving import split_request
 from tests.test_rank_target import NUM_ITEMS, _inputs, _prefill, make
 
 
@@ -248,3 +249,38 @@ def test_refused_by_other_layers():
     cache = _prefill(model, hist)
     with pytest.raises(ValueError, match="slot_select"):
       model.rank(cache, req, cands, slot_select=lambda i, q: jnp.ones(q.shape[:3] + (12,), bool))
+
+
+def test_quest_rank_cell_all_pages_is_native_and_few_pages_match_one_batch():
+  """``ranking.quest_rank_cell``: with every page read it ranks exactly as the native
+  ``rank_cell``; with fewer pages its logits and bytes are those of one direct batch
+  (:func:`_quest_rank`, checked against the float64 reference above)."""
+  from malloc_jax import compressors as C
+  from malloc_jax import ranking
+  from malloc_jax.data.dataset import EvalSet
+  model = make("hstu")
+  rng = np.random.default_rng(4)
+  U, N = 5, 14
+  length = np.array([14, 9, 6, 12, 3], np.int32)
+  items = np.where(np.arange(N)[None] < length[:, None], rng.integers(1, NUM_ITEMS + 1, (U, N)),
+                   0).astype(np.int32)
+  ts = np.where(items > 0, np.cumsum(rng.integers(1, 4000, (U, N)), axis=1), 0).astype(np.int32)
+  split = EvalSet(items=items, ts=ts, length=length, target=items[np.arange(U), length - 1],
+                  target_ts=ts[np.arange(U), length - 1])
+  cands = rng.integers(1, NUM_ITEMS + 1, (U, 6)).astype(np.int32)
+  native = ranking.rank_cell(model, split, cands, C.native(), batch_size=4)
+  full = ranking.quest_rank_cell(model, split, cands, page=4, pages=8, batch_size=4)
+  np.testing.assert_allclose(full["logits"], native["logits"], rtol=1e-6, atol=1e-6)
+  few = ranking.quest_rank_cell(model, split, cands, page=4, pages=1, batch_size=8)
+  prefix, req = split_request(jnp.asarray(items), jnp.asarray(ts), jnp.asarray(length), 1)
+  cache, _ = model.prefill(prefix, 8)
+  comp = quest(4)
+  memory = comp.compress(cache, comp.init(cache))[0]
+  lg, chosen = _quest_jit(model, memory, req, jnp.asarray(cands), 1, True)
+  np.testing.assert_allclose(few["logits"], np.asarray(lg), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(few["logits"], native["logits"], atol=1e-3)
+  q_valid = np.concatenate([np.asarray(req.valid), np.ones(cands.shape, bool)], axis=1)
+  per_query, union = quest_rank_read_bytes(memory, chosen, q_valid, True)
+  assert few["read_per_candidate"] == pytest.approx(per_query[:, 1:].mean())
+  assert few["read_union"] == pytest.approx(union.mean())
+  assert few["bytes_per_user"] == pytest.approx(np.asarray(memory.stored_bytes()).mean())
