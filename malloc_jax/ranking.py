@@ -362,6 +362,32 @@ def weighted_pooled_auc(logits: np.ndarray, weights: np.ndarray) -> np.ndarray:
   return out
 
 
+def _bootstrap_weights(U: int, resamples: int, seed: int) -> np.ndarray:
+  """[R, U] multiplicity of each user in each of ``stats.bootstrap_indices``' resamples."""
+  from malloc_jax import stats
+  idx = stats.bootstrap_indices(U, resamples, seed)
+  return np.stack([np.bincount(i, minlength=U) for i in idx]).astype(np.float64)
+
+
+_REFERENCE_AUCS: dict = {}
+
+
+def _reference_aucs(reference: np.ndarray, resamples: int, seed: int):
+  """(pooled AUC on all users, [R] pooled AUC per resample) of the reference scores,
+  remembered by content: a table pairs every cell with the same native scores, whose
+  resampled AUCs are then computed once (the last 4 references are kept)."""
+  import hashlib
+  key = (hashlib.sha256(reference.tobytes()).hexdigest(), reference.shape, resamples, seed)
+  if key not in _REFERENCE_AUCS:
+    U = len(reference)
+    out = (float(weighted_pooled_auc(reference, np.ones((1, U)))[0]),
+           weighted_pooled_auc(reference, _bootstrap_weights(U, resamples, seed)))
+    while len(_REFERENCE_AUCS) >= 4:
+      _REFERENCE_AUCS.pop(next(iter(_REFERENCE_AUCS)))
+    _REFERENCE_AUCS[key] = out
+  return _REFERENCE_AUCS[key]
+
+
 def paired_auc_bootstrap(logits: np.ndarray, reference: np.ndarray, *, resamples: int = 1000,
                          seed: int = 0, level: float = 0.95) -> dict:
   """Paired bootstrap of the pooled AUC difference between two memories on the same users.
@@ -378,13 +404,12 @@ def paired_auc_bootstrap(logits: np.ndarray, reference: np.ndarray, *, resamples
     {"diff": AUC(logits) - AUC(reference) on all users, "ci_low", "ci_high",
     "contains_zero", "num_users"} (the keys of ``stats.paired_bootstrap``).
   """
-  from malloc_jax import stats
   U = len(logits)
-  idx = stats.bootstrap_indices(U, resamples, seed)
-  w = np.stack([np.bincount(i, minlength=U) for i in idx]).astype(np.float64)  # [R, U]
+  w = _bootstrap_weights(U, resamples, seed)
   ones = np.ones((1, U))
-  diff = float(weighted_pooled_auc(logits, ones)[0] - weighted_pooled_auc(reference, ones)[0])
-  d = weighted_pooled_auc(logits, w) - weighted_pooled_auc(reference, w)
+  ref_all, ref_w = _reference_aucs(np.asarray(reference, np.float64), resamples, seed)
+  diff = float(weighted_pooled_auc(logits, ones)[0] - ref_all)
+  d = weighted_pooled_auc(logits, w) - ref_w
   low, high = np.percentile(d, [50 * (1 - level), 50 * (1 + level)])
   return {"diff": diff, "ci_low": float(low), "ci_high": float(high),
           "contains_zero": bool(low <= 0.0 <= high), "num_users": int(U)}

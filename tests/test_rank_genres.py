@@ -292,3 +292,26 @@ def test_ranking_configs_set_genres_and_validate():
   syn.data.genres = "movies.dat"
   with pytest.raises(ValueError, match="config.data.genres"):
     validate_config(syn)
+
+
+def test_paired_auc_bootstrap_against_brute_force_and_its_reference_memo():
+  """The interval equals percentiles of brute-force pooled-AUC differences over the same
+  user resamples (``stats.bootstrap_indices``), for a first reference, a second one, and the
+  first again (served from the memo of reference AUCs)."""
+  from malloc_jax import ranking, stats
+
+  def pooled(s):
+    pos, neg = s[:, 0], s[:, 1:].ravel()
+    return (np.sum(pos[:, None] > neg[None]) + 0.5 * np.sum(pos[:, None] == neg[None])) / (
+        len(pos) * len(neg))
+
+  rng = np.random.default_rng(9)
+  cell = rng.normal(size=(25, 6))
+  refs = [cell + rng.normal(size=cell.shape), cell + 0.3 * rng.normal(size=cell.shape)]
+  for ref in (refs[0], refs[1], refs[0]):
+    got = ranking.paired_auc_bootstrap(cell, ref, resamples=40, seed=3)
+    d = [pooled(cell[i]) - pooled(ref[i]) for i in stats.bootstrap_indices(25, 40, 3)]
+    low, high = np.percentile(d, [2.5, 97.5])
+    assert got["diff"] == pytest.approx(pooled(cell) - pooled(ref), abs=1e-12)
+    assert got["ci_low"] == pytest.approx(low, abs=1e-12)
+    assert got["ci_high"] == pytest.approx(high, abs=1e-12)
