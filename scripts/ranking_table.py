@@ -21,6 +21,18 @@ the candidates), and the fraction of the Bayes GAUC lift over history-blind each
   # and served from its own memory (variants without a multi-position training pass train
   # one impression per window; the row label says so):
   python scripts/ranking_table.py --variants=all --out runs/ranking_variants.json
+  # HSTU at 512 events once, kept; then every variant against it without retraining it, and
+  # Quest read per query (BENCHMARKS.md, "Variant rows at 512 events"):
+  python scripts/ranking_table.py --preset=cpu512 --steps=13628 --save_backbone=runs/bb512 \
+      --out runs/main512.json
+  python scripts/ranking_table.py --preset=cpu512 --steps=13628 --backbone=runs/bb512 \
+      --variants=all --variant_seconds=300 --methods=streaming --ratios=8 --out runs/var512.json
+  python scripts/ranking_table.py --preset=cpu512 --steps=13628 --backbone=runs/bb512 \
+      --methods= --quest_page=4 --out runs/quest512.json
+  # the variants converted from the trained backbone and uptrained (GQA-style), with a
+  # control row (the backbone itself trained for the same budget):
+  python scripts/ranking_table.py --preset=cpu512 --steps=13628 --backbone=runs/bb512 \
+      --variants=all --variant_init=backbone --variant_seconds=150 --out runs/uptrain512.json
   # learning curve only (no table), any backbone, e.g. HSTU on the CPU:
   python scripts/ranking_table.py --model=hstu --length=128 --train_only --steps=2500
 
@@ -196,13 +208,15 @@ def reference_gauc(spec, hist, last, cands, popularity) -> dict:
 
 
 def variant_names(names: list[str]) -> list[str]:
-  """The ``--variants`` list ('all': every registered trained variant), checked."""
+  """The ``--variants`` list ('all': every registered trained variant), checked. A plain
+  backbone (hstu, sasrec) may be listed too: trained by the variants' rule, it is their
+  same-budget reference row."""
   if names == ["all"]:
     return sorted(VARIANT_SPECS)
-  bad = [n for n in names if n not in VARIANT_SPECS]
+  bad = [n for n in names if n not in VARIANT_SPECS and n not in ("hstu", "sasrec")]
   if bad:
-    raise ValueError(f"--variants: {bad} unknown; expected names from {sorted(VARIANT_SPECS)} "
-                     "or 'all'")
+    raise ValueError(f"--variants: {bad} unknown; expected names from {sorted(VARIANT_SPECS)}, "
+                     "hstu, sasrec or 'all'")
   return list(names)
 
 
@@ -531,8 +545,9 @@ def main(argv):
   # With --variant_init=backbone a control row first: the main backbone trained for the same
   # budget, which separates what the extra training buys from what the variant's memory costs.
   for name in ([s["model"]] if from_backbone else []) + variant_list:
-    control = from_backbone and name == s["model"] and name not in VARIANT_SPECS
-    opts = {} if control else variant_options(name, s)
+    plain = name not in VARIANT_SPECS  # the control, or a same-budget reference backbone
+    control = from_backbone and name == s["model"] and plain
+    opts = {} if plain else variant_options(name, s)
     vmodel, vinfo = train_ranker(name, opts, s_v, data, sampler, valid, init=source,
                                  partial=from_backbone)
     t0 = time.time()
@@ -540,6 +555,8 @@ def main(argv):
     kept = vinfo["kept"]
     if control:
       head = f"control: backbone {name} (+"
+    elif plain and not from_backbone:
+      head = f"reference: {name} from scratch, the variants' budget ("
     elif from_backbone:
       head = f"variant {name} (from the backbone, {len(kept)} arrays at init; +"
     else:
