@@ -139,7 +139,9 @@ def tie_query_key_init(model, score_offset: float = 0.0, qk_scale: float = 1.0) 
   attends to the history events of its own item and the count of those events reaches its
   output. From a random init the listwise ranking loss sits at ln(1 + K) for thousands of
   steps on the synthetic topics task (BENCHMARKS.md, target-aware ranking); training unties
-  the two projections freely afterwards. SASRec (``qkv``) and HSTU (``uvqk``) layers.
+  the two projections freely afterwards. SASRec (``qkv``) and HSTU (``uvqk``) layers; with
+  head sharing (GQA, MQA: ``kv_heads`` key heads) each key head is tied to the first query
+  head of its group.
 
   ``score_offset`` (HSTU only) also sets the relative-position bias to that constant: HSTU's
   pointwise SiLU attention sums rather than normalizes, and with SiLU'd queries and keys
@@ -151,23 +153,35 @@ def tie_query_key_init(model, score_offset: float = 0.0, qk_scale: float = 1.0) 
   References: Kang & McAuley, ICDM 2018 (SASRec); Zhai et al., ICML 2024 (HSTU).
   """
   for layer in model.layers:
-    if hasattr(layer, "qkv"):  # SASRec: [q | k | v], each dim wide
-      lin, d = layer.qkv, layer.qkv.kernel[...].shape[1] // 3
-      q, k = slice(0, d), slice(d, 2 * d)
-    elif hasattr(layer, "uvqk"):  # HSTU: [u | v | q | k]
-      lin, H = layer.uvqk, layer.heads
-      a = 2 * H * layer.dv
-      q, k = slice(a, a + H * layer.dqk), slice(a + H * layer.dqk, a + 2 * H * layer.dqk)
+    H = layer.heads if hasattr(layer, "heads") else None
+    G = getattr(layer, "kv_heads", H)  # head sharing (GQA, MQA): G key heads
+    if hasattr(layer, "qkv"):  # SASRec: [q (H dh) | k (G dh) | v (G dh)]
+      lin = layer.qkv
+      dh = getattr(layer, "dh", lin.kernel[...].shape[1] // 3 // (H or 1))
+      q0, k0, dq = 0, H * dh, dh
+    elif hasattr(layer, "uvqk"):  # HSTU: [u (H dv) | v (G dv) | q (H dqk) | k (G dqk)]
+      lin, dq = layer.uvqk, layer.dqk
+      q0 = (H + G) * layer.dv
+      k0 = q0 + H * dq
     else:
       raise ValueError(f"tie_query_key_init: {type(layer).__name__} has no qkv/uvqk "
                        "projection (SASRec and HSTU layers only)")
     if score_offset and hasattr(layer, "rab_pos"):
       layer.rab_pos[...] = jnp.full_like(layer.rab_pos[...], score_offset)
+    # Key head g takes the columns of query head g * H / G (the first of the query heads that
+    # share it); every query column is scaled by qk_scale.
+    qcols = jnp.arange(q0, q0 + H * dq)
+    src = jnp.concatenate([jnp.arange(q0 + g * (H // G) * dq, q0 + (g * (H // G) + 1) * dq)
+                           for g in range(G)])
+    kcols = jnp.arange(k0, k0 + G * dq)
+    if int(kcols[-1]) >= lin.kernel[...].shape[1]:
+      raise ValueError(f"tie_query_key_init: {type(layer).__name__}'s projection has "
+                       f"{lin.kernel[...].shape[1]} columns, fewer than its heads imply")
     w = lin.kernel[...]
-    lin.kernel[...] = w.at[:, q].multiply(qk_scale).at[:, k].set(w[:, q] * qk_scale)
+    lin.kernel[...] = w.at[:, qcols].multiply(qk_scale).at[:, kcols].set(w[:, src] * qk_scale)
     if lin.bias is not None:
       b = lin.bias[...]
-      lin.bias[...] = b.at[q].multiply(qk_scale).at[k].set(b[q] * qk_scale)
+      lin.bias[...] = b.at[qcols].multiply(qk_scale).at[kcols].set(b[src] * qk_scale)
 
 
 def ranking_impressions(items, length, rng, sampler: RankingSampler, num_items: int):

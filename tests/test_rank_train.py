@@ -144,6 +144,47 @@ def test_tied_query_key_init(name):
     tie_query_key_init(make("hstu_rwkv"))
 
 
+@pytest.mark.parametrize("name", ["hstu_gqa", "hstu_mqa", "sasrec_gqa", "sasrec_mqa", "hstu",
+                                  "sasrec"])
+def test_tied_query_key_init_with_shared_key_heads(name):
+  """With head sharing the key head g the layer itself computes (its ``step``, returned as the
+  new tokens' keys) equals the query of head g * H / G, the first of its group, computed
+  from the layer's projection; the value columns are untouched. (An earlier version tied
+  columns by the native layout and so tied nothing for HSTU-GQA/MQA.)"""
+  from malloc_jax.train import tie_query_key_init
+
+  model = make(name)
+  layer = model.layers[0]
+  lin = layer.qkv if hasattr(layer, "qkv") else layer.uvqk
+  before = np.asarray(lin.kernel[...]).copy()
+  tie_query_key_init(model)
+  H = layer.heads
+  G = getattr(layer, "kv_heads", H)
+  x = jax.random.normal(jax.random.key(1), (1, 3, 16))
+  pos = jnp.arange(3)[None]
+  empty = model.empty_cache(1)
+  _, k, v, *_ = layer.step(x, pos, pos * 10, jnp.ones((1, 3), bool), empty.k[0], empty.v[0],
+                           empty.pos[0], empty.ts[0])
+  k = np.asarray(k)  # [1, G, 3, dk] as the layer computes it
+  if hasattr(layer, "qkv"):
+    dq = layer.dh
+    q = np.asarray(layer.qkv(layer.ln1(x)))[..., :H * dq]  # SASRec: no activation
+  else:
+    dq = layer.dqk
+    h = np.asarray(jax.nn.silu(layer.uvqk(layer.ln(x))))
+    q0 = (H + G) * layer.dv
+    q = h[..., q0:q0 + H * dq]
+  q = q.reshape(1, 3, H, dq).transpose(0, 2, 1, 3)  # [1, H, 3, dq]
+  assert k.shape[1] == G
+  for g in range(G):
+    np.testing.assert_allclose(k[0, g], q[0, g * (H // G)], rtol=1e-6, atol=1e-6)
+  # Exactly the key columns changed (qk_scale 1: the query columns keep their values).
+  after = np.asarray(lin.kernel[...])
+  k0 = H * dq if hasattr(layer, "qkv") else (H + G) * layer.dv + H * dq
+  changed = np.flatnonzero(np.any(after != before, axis=0))
+  np.testing.assert_array_equal(changed, np.arange(k0, k0 + G * dq))
+
+
 @pytest.mark.parametrize("name", ["hstu", "hstu_gqa", "hstu_mqa", "hstu_mla", "hstu_lsh"])
 def test_top_layer_rows_equal_the_full_pass(name):
   """``_run_tokens(last_rows=r)`` (the top layer computes only the last r queries: HSTU and
