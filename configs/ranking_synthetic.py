@@ -9,7 +9,10 @@ Each candidate item reads the user's memory (``model.rank``, M-FALCON); training
 member of its topic (hard negatives) and 10 uniform items, scored by a listwise softmax
 cross-entropy, from W_k = W_q at init (``train.rank_tied_qk``): the design that leaves the
 initial plateau (BENCHMARKS.md, target-aware ranking). SASRec by default (it learned on 2
-CPU cores); ``:model=hstu`` is the issue's backbone, slower to learn. The test
+CPU cores); ``:model=hstu`` is the issue's backbone, slower to learn: the recipe that
+takes HSTU past the plateau at 512 events adds ``--config.train.rank_score_offset=-3
+--config.train.bias_lr_scale=30`` (rab at -3 at init, rab tables at 30x the learning rate;
+BENCHMARKS.md, HSTU at 512 events). The test
 impressions are the target, its 9 topic mates and 10 items of other topics; the table has
 AUC, GAUC, logloss and candidate NDCG@10 per compressor with the paired SE against native.
 ``scripts/ranking_table.py`` adds the Bayes-optimal and history-blind rows and every method
@@ -30,7 +33,7 @@ def get_config(arg: str | None = None):
   config.model.update(name=args.model, dim=32, heads=1, num_layers=1, dropout=0.0)
   config.train.update(steps=3000 if args.steps < 0 else args.steps, batch_size=16, lr=3e-3,
                       eval_every=500, eval_users=256, rank_loss="listwise", rank_positions=16,
-                      rank_tied_qk=True,
+                      rank_tied_qk=True, rank_score_offset=0.0, bias_lr_scale=1.0,
                       rank_negatives={"uniform": 10, "popularity": 0, "hard": 9})
   config.eval.update(batch_size=64, max_users=500, rank_easy=10, rank_negatives=19)
   config.compressors.streaming_8x = {"name": "streaming", "sinks": 4, "recent": 28}

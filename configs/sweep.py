@@ -130,7 +130,7 @@ def _ranking_task(run: ml_collections.ConfigDict, runlocal: bool) -> ml_collecti
   hard = syn.topic_size - 1 if topics else 0
   return ml_collections.ConfigDict({
       "train": {"rank_loss": "listwise", "rank_positions": 4 if runlocal else 16,
-                "rank_tied_qk": True,
+                "rank_tied_qk": True, "rank_score_offset": 0.0, "bias_lr_scale": 1.0,
                 "rank_negatives": {"uniform": 10, "popularity": 0, "hard": hard}},
       "eval": {"rank_easy": 10, "rank_negatives": 19}})
 

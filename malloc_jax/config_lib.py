@@ -139,7 +139,8 @@ def set_ranking_task(c: ml_collections.ConfigDict, genres: str, *, loss: str = "
   """
   c.task = "ranking"
   c.data.genres = genres
-  c.train.update(rank_loss=loss, rank_positions=positions,
+  c.train.update(rank_loss=loss, rank_positions=positions, rank_score_offset=0.0,
+                 bias_lr_scale=1.0,
                  rank_negatives={"uniform": easy, "popularity": 0, "hard": hard})
   c.eval.update(rank_hard=hard, rank_easy=easy)
 

@@ -44,6 +44,8 @@ from malloc_jax.train import (
 )
 
 TRAIN_FIELDS = ("seed", "task", "data", "model", "train")
+# train.* fields added after workdirs existed, with their defaults (see check_workdir).
+OPTIONAL_TRAIN_FIELDS = {"bias_lr_scale": 1.0, "rank_score_offset": 0.0}
 
 
 def load_data(config) -> SequenceDataset:
@@ -95,8 +97,11 @@ def check_workdir(workdir: Path, config) -> None:
     saved = json.loads(path.read_text())
     # train.steps only says where training stops (the learning rate is constant), so a
     # finished run may be extended with more steps (train_model continues it).
+    # Train fields added later are compared only when set away from their defaults, so a
+    # workdir written before they existed still resumes (OPTIONAL_TRAIN_FIELDS).
     strip = lambda c: {**c, "train": {k: v for k, v in c.get("train", {}).items()
-                                      if k != "steps"}}
+                                      if k != "steps" and not (k in OPTIONAL_TRAIN_FIELDS and
+                                                               v == OPTIONAL_TRAIN_FIELDS[k])}}
     if strip(saved) != strip(current):
       diffs = [f"{k}" for k in TRAIN_FIELDS if saved.get(k) != current.get(k)]
       raise ValueError(f"workdir {workdir} holds a run trained with a different config "
@@ -258,8 +263,12 @@ def train_model(config, workdir: Path, data: SequenceDataset, print_fn=print):
   t = config.train
   sampler = ranking_sampler(config, data)  # None unless config.task == "ranking"
   if sampler is not None and t.get("rank_tied_qk", False):
-    tie_query_key_init(model)  # W_k = W_q at init: leaves the ranking plateau (BENCHMARKS)
-  trainer = Trainer(model, make_optimizer(t.lr, t.weight_decay), t.num_negatives,
+    # W_k = W_q at init: leaves the ranking plateau (BENCHMARKS); HSTU's rab may start at
+    # train.rank_score_offset (the cpu512 recipe: -3).
+    tie_query_key_init(model, t.get("rank_score_offset", 0.0))
+  # train.bias_lr_scale: HSTU's rab tables learn that many times faster (cpu512 recipe: 30).
+  tx = make_optimizer(t.lr, t.weight_decay, bias_lr_scale=t.get("bias_lr_scale", 1.0))
+  trainer = Trainer(model, tx, t.num_negatives,
                     dropout=config.model.dropout > 0, task=config.get("task", "retrieval"),
                     sampler=sampler, negative_sharing=t.get("negative_sharing", "batch"))
   val_cands = None if sampler is None else ranking_eval_candidates(config, data, "valid")

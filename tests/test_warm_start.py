@@ -120,3 +120,52 @@ def test_partial_warm_start_converts_a_trained_model_into_a_variant():
   assert "layers/0/rab_pos (1, 12) -> (4, 12)" in extended
   with pytest.raises(ValueError, match="uvqk"):  # without kept= the same source is refused
     experiment.warm_start(params, strkeys(source))
+
+
+def test_rab_recipe_fields_train_faster_rab_and_keep_old_workdirs(tmp_path):
+  """``train.bias_lr_scale`` and ``train.rank_score_offset`` reach the ranking trainer: after
+  one step (Adam's first update is lr · sign(g), closed form) the rab tables moved
+  ``bias_lr_scale`` times as far as at scale 1 from the same init (``rank_score_offset``),
+  every other parameter equally; a workdir whose train_config predates the two fields
+  resumes when they are at their defaults and is refused when one is set."""
+  import importlib.util
+  import json
+  from pathlib import Path
+
+  spec = importlib.util.spec_from_file_location(
+      "_rs", Path(__file__).resolve().parents[1] / "configs" / "ranking_synthetic.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+
+  def run(scale, name):
+    c = module.get_config("runlocal=True,model=hstu,steps=1")
+    c.train.update(steps=1, bias_lr_scale=scale, rank_score_offset=-3.0, eval_every=0,
+                   checkpoint_every=1, weight_decay=0.0)
+    experiment.check_workdir(tmp_path / name, c)
+    model, _ = experiment.train_model(c, tmp_path / name, experiment.load_data(c),
+                                      print_fn=lambda *a, **k: None)
+    return c, _flat(nnx.state(model, nnx.Param))
+
+  c1, one = run(1.0, "a")
+  _, seven = run(7.0, "b")
+  init_model = experiment.build_model(c1, experiment.load_data(c1).num_items)
+  from malloc_jax.train import tie_query_key_init
+  tie_query_key_init(init_model, -3.0)
+  init = _flat(nnx.state(init_model, nnx.Param))
+  for name, p0 in init.items():
+    d1, d7 = one[name] - p0, seven[name] - p0
+    if "rab_pos" in name or "rab_time" in name:
+      np.testing.assert_allclose(d7, 7.0 * d1, rtol=1e-4, atol=1e-7, err_msg=name)
+      assert np.abs(d1).max() > 0, name
+    else:
+      np.testing.assert_allclose(d7, d1, rtol=1e-4, atol=1e-7, err_msg=name)
+  # An older workdir's train_config has neither field.
+  saved = json.loads((tmp_path / "a" / "train_config.json").read_text())
+  for k in ("bias_lr_scale", "rank_score_offset"):
+    saved["train"].pop(k)
+  (tmp_path / "a" / "train_config.json").write_text(json.dumps(saved))
+  c1.train.update(bias_lr_scale=1.0, rank_score_offset=0.0)
+  experiment.check_workdir(tmp_path / "a", c1)  # defaults: accepted
+  c1.train.bias_lr_scale = 30.0
+  with pytest.raises(ValueError, match="differs in: .*train"):
+    experiment.check_workdir(tmp_path / "a", c1)
