@@ -562,7 +562,9 @@ def main(argv):
     else:
       head = f"variant {name} ("
     label = (head + f"{vinfo['steps_done']} steps, {vinfo['train_seconds']:.0f}s"
-             + ("" if vinfo["tied_qk"] or from_backbone else ", W_k untied")
+             + ("" if vinfo["tied_qk"] or from_backbone
+                else ", shared q/k" if all(hasattr(layer, "uvq") for layer in vmodel.layers)
+                else ", W_k untied")
              + (f", {vinfo['positions']} impression/window"
                 if vinfo["positions"] != s["positions"] else "") + ")")
     add(label, "variant", res["metrics"], res["per_user"], res["bytes_per_user"])
