@@ -284,3 +284,40 @@ def test_quest_rank_cell_all_pages_is_native_and_few_pages_match_one_batch():
   assert few["read_per_candidate"] == pytest.approx(per_query[:, 1:].mean())
   assert few["read_union"] == pytest.approx(union.mean())
   assert few["bytes_per_user"] == pytest.approx(np.asarray(memory.stored_bytes()).mean())
+
+
+@pytest.mark.parametrize("name", ["hstu_linformer", "hstu_rwkv", "hstu_linear", "hstu_beacon",
+                                  "hstu_longformer"])
+def test_rank_cell_serves_every_block_variant_with_its_bytes(name):
+  """``ranking.rank_cell`` with the native memory of the block variants (the path of the
+  ranking table's variant rows): it ranks as ``model.rank`` of the prefilled memory, and a
+  fixed-size state's stored bytes (its Cache view after ``native()``) are the state's own:
+  every leaf's bytes per user, as ``stored_bytes`` counts the state itself. (A view with no
+  slot index used to crash the byte count.)"""
+  from malloc_jax import compressors as C
+  from malloc_jax import ranking
+  from malloc_jax.data.dataset import EvalSet
+  from tests.helpers import VARIANT_OPTIONS
+  model = make_model(name, NUM_ITEMS, dim=16, num_layers=2, max_len=32, dropout=0.0, seed=0,
+                     **{"heads": 2, **VARIANT_OPTIONS.get(name, {})})
+  rng = np.random.default_rng(5)
+  U, N = 4, 14
+  length = np.array([14, 9, 6, 12], np.int32)
+  items = np.where(np.arange(N)[None] < length[:, None], rng.integers(1, NUM_ITEMS + 1, (U, N)),
+                   0).astype(np.int32)
+  ts = np.where(items > 0, np.cumsum(rng.integers(1, 4000, (U, N)), axis=1), 0).astype(np.int32)
+  split = EvalSet(items=items, ts=ts, length=length, target=items[np.arange(U), length - 1],
+                  target_ts=ts[np.arange(U), length - 1])
+  cands = rng.integers(1, NUM_ITEMS + 1, (U, 5)).astype(np.int32)
+  got = ranking.rank_cell(model, split, cands, C.native(), batch_size=4)
+  prefix, req = split_request(jnp.asarray(items), jnp.asarray(ts), jnp.asarray(length), 1)
+  state, _ = model.prefill(prefix, 8)
+  want = np.asarray(model.rank(state, req, jnp.asarray(cands)))
+  np.testing.assert_allclose(got["logits"], want, rtol=1e-5, atol=1e-5)
+  memory, _ = C.native().compress(state, C.native().init(state))
+  stored = C.stored_bytes(memory)
+  if name in ("hstu_linformer", "hstu_rwkv", "hstu_linear"):  # fixed-size states
+    leaves = jax.tree.leaves(state)
+    per_user = sum(x.size * x.dtype.itemsize for x in leaves) // U
+    assert np.all(stored == per_user) and np.all(C.stored_bytes(state) == per_user)
+  assert got["bytes_per_user"] > 0

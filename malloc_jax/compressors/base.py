@@ -139,7 +139,14 @@ class DenseMemory:
 
       sum_rows m * (Dk * s_k + Dv * s_v) + index_stored_bytes
     """
-    L, _, H = self.k.shape[:3]
+    L, B, H = self.k.shape[:3]
+    if isinstance(self.index, SparseIndex) and self.index.pos.shape[-1] == 0:
+      # The Cache view of a fixed-size state (models.variants.common.FixedState: Linformer,
+      # RWKV, linear attention), passed through native(): the state packed into k [L, B, 1,
+      # 1, S] with no slot index. It stores its whole buffer and its length, as the state
+      # itself does (stored_bytes of a FixedState).
+      per_user = (self.k.size * self.k.dtype.itemsize + self.v.size * self.v.dtype.itemsize) // B
+      return np.full((B,), per_user + self.index.length.dtype.itemsize, np.int64)
     m = row_counts(self.index, L, H, last_occupied=True)  # [L, B, H]
     per = self.k.shape[-1] * self.k.dtype.itemsize + self.v.shape[-1] * self.v.dtype.itemsize
     return m.sum(axis=(0, 2)) * per + index_stored_bytes(self.index, m)
