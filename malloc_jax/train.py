@@ -257,9 +257,9 @@ def ranking_logits(model, items, ts, length, p, cands, train_rng=None):
   # a layer that can compute a subset of its queries (HSTU) skips the history's attention.
   fast = ("rows" in inspect.signature(model.layers[-1].step).parameters
           and "last_rows" in inspect.signature(model._run_tokens).parameters)
-  rows = P * K1 if fast else None
+  extra = {"last_rows": P * K1} if fast else {}  # CLA's _run_tokens takes no last_rows
   x, *_ = model._run_tokens(model.empty_cache(B), tok, q_pos, q_ts, q_valid, train_rng, isolated,
-                            last_rows=rows)
+                            **extra)
   return model.rank_logits(x[:, -P * K1:], flat).reshape(B, P, K1)
 
 

@@ -544,14 +544,22 @@ def main(argv):
   source = _strkeys(nnx.to_pure_dict(nnx.state(model, nnx.Param))) if from_backbone else None
   # With --variant_init=backbone a control row first: the main backbone trained for the same
   # budget, which separates what the extra training buys from what the variant's memory costs.
+  failed = {}
   for name in ([s["model"]] if from_backbone else []) + variant_list:
     plain = name not in VARIANT_SPECS  # the control, or a same-budget reference backbone
     control = from_backbone and name == s["model"] and plain
     opts = {} if plain else variant_options(name, s)
-    vmodel, vinfo = train_ranker(name, opts, s_v, data, sampler, valid, init=source,
-                                 partial=from_backbone)
-    t0 = time.time()
-    res = ranking.rank_cell(vmodel, test, cands, C.native(), batch_size=64)
+    try:  # one variant's failure must not lose the others' rows: reported, exit code 1
+      vmodel, vinfo = train_ranker(name, opts, s_v, data, sampler, valid, init=source,
+                                   partial=from_backbone)
+      t0 = time.time()
+      res = ranking.rank_cell(vmodel, test, cands, C.native(), batch_size=64)
+    except Exception as err:  # noqa: BLE001 - reported below and in the JSON
+      import traceback
+      traceback.print_exc()
+      failed[name] = f"{type(err).__name__}: {err}"
+      print(f"variant {name}: FAILED ({failed[name][:300]}); continuing", flush=True)
+      continue
     kept = vinfo["kept"]
     if control:
       head = f"control: backbone {name} (+"
@@ -599,13 +607,16 @@ def main(argv):
         f"{steps_done} steps)", flush=True)
   out = {"settings": s, "train_seconds": train_seconds, "steps_done": steps_done,
          "curve": curve, "valid_references": val_bayes, "warm": info.get("warm"),
-         "rows": rows, "variants": variants,
+         "rows": rows, "variants": variants, "failed_variants": failed,
          "num_users": n_eval, "candidates": int(cands.shape[1]), "table": table,
          "devices": [str(d) for d in jax.devices()], "total_seconds": time.time() - t_all}
   if _OUT.value:
     Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(_OUT.value), json.loads(json.dumps(out, default=float)))
     print(f"wrote {_OUT.value}")
+  if failed:
+    print(f"FAILED variants (no row): {failed}", flush=True)
+    raise SystemExit(1)
 
 
 if __name__ == "__main__":

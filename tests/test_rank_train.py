@@ -47,7 +47,8 @@ def test_hard_negatives_are_the_other_members():
     RankingSampler(hard=1, groups=GROUPS, item_group=ITEM_GROUP, loss="pairwise")
 
 
-@pytest.mark.parametrize("name", ["hstu", "sasrec", "hstu_gqa", "hstu_mqa", "hstu_mla", "hstu_lsh"])
+@pytest.mark.parametrize("name", ["hstu", "sasrec", "hstu_gqa", "hstu_mqa", "hstu_mla", "hstu_lsh",
+                                  "hstu_cla", "sasrec_cla"])
 def test_positions_in_one_pass_equal_rank_of_each_prefix(name):
   """P candidate blocks at P positions of one window = ``model.rank`` of each prefix alone."""
   model = make(name)
