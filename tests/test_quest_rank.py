@@ -251,23 +251,30 @@ def test_refused_by_other_layers():
       model.rank(cache, req, cands, slot_select=lambda i, q: jnp.ones(q.shape[:3] + (12,), bool))
 
 
+def _eval_split(lengths, num_cands: int, seed: int):
+  """(EvalSet, items, ts, length, candidates) of random histories of ``lengths`` (N = 14
+  slots), each user's last event its target, and ``num_cands`` random candidates each."""
+  from malloc_jax.data.dataset import EvalSet
+  rng = np.random.default_rng(seed)
+  length = np.asarray(lengths, np.int32)
+  U, N = len(length), 14
+  items = np.where(np.arange(N)[None] < length[:, None], rng.integers(1, NUM_ITEMS + 1, (U, N)),
+                   0).astype(np.int32)
+  ts = np.where(items > 0, np.cumsum(rng.integers(1, 4000, (U, N)), axis=1), 0).astype(np.int32)
+  split = EvalSet(items=items, ts=ts, length=length, target=items[np.arange(U), length - 1],
+                  target_ts=ts[np.arange(U), length - 1])
+  cands = rng.integers(1, NUM_ITEMS + 1, (U, num_cands)).astype(np.int32)
+  return split, items, ts, length, cands
+
+
 def test_quest_rank_cell_all_pages_is_native_and_few_pages_match_one_batch():
   """``ranking.quest_rank_cell``: with every page read it ranks exactly as the native
   ``rank_cell``; with fewer pages its logits and bytes are those of one direct batch
   (:func:`_quest_rank`, checked against the float64 reference above)."""
   from malloc_jax import compressors as C
   from malloc_jax import ranking
-  from malloc_jax.data.dataset import EvalSet
   model = make("hstu")
-  rng = np.random.default_rng(4)
-  U, N = 5, 14
-  length = np.array([14, 9, 6, 12, 3], np.int32)
-  items = np.where(np.arange(N)[None] < length[:, None], rng.integers(1, NUM_ITEMS + 1, (U, N)),
-                   0).astype(np.int32)
-  ts = np.where(items > 0, np.cumsum(rng.integers(1, 4000, (U, N)), axis=1), 0).astype(np.int32)
-  split = EvalSet(items=items, ts=ts, length=length, target=items[np.arange(U), length - 1],
-                  target_ts=ts[np.arange(U), length - 1])
-  cands = rng.integers(1, NUM_ITEMS + 1, (U, 6)).astype(np.int32)
+  split, items, ts, length, cands = _eval_split([14, 9, 6, 12, 3], 6, seed=4)
   native = ranking.rank_cell(model, split, cands, C.native(), batch_size=4)
   full = ranking.quest_rank_cell(model, split, cands, page=4, pages=8, batch_size=4)
   np.testing.assert_allclose(full["logits"], native["logits"], rtol=1e-6, atol=1e-6)
@@ -296,19 +303,11 @@ def test_rank_cell_serves_every_block_variant_with_its_bytes(name):
   slot index used to crash the byte count.)"""
   from malloc_jax import compressors as C
   from malloc_jax import ranking
-  from malloc_jax.data.dataset import EvalSet
   from tests.helpers import VARIANT_OPTIONS
   model = make_model(name, NUM_ITEMS, dim=16, num_layers=2, max_len=32, dropout=0.0, seed=0,
                      **{"heads": 2, **VARIANT_OPTIONS.get(name, {})})
-  rng = np.random.default_rng(5)
-  U, N = 4, 14
-  length = np.array([14, 9, 6, 12], np.int32)
-  items = np.where(np.arange(N)[None] < length[:, None], rng.integers(1, NUM_ITEMS + 1, (U, N)),
-                   0).astype(np.int32)
-  ts = np.where(items > 0, np.cumsum(rng.integers(1, 4000, (U, N)), axis=1), 0).astype(np.int32)
-  split = EvalSet(items=items, ts=ts, length=length, target=items[np.arange(U), length - 1],
-                  target_ts=ts[np.arange(U), length - 1])
-  cands = rng.integers(1, NUM_ITEMS + 1, (U, 5)).astype(np.int32)
+  split, items, ts, length, cands = _eval_split([14, 9, 6, 12], 5, seed=5)
+  U = len(length)
   got = ranking.rank_cell(model, split, cands, C.native(), batch_size=4)
   prefix, req = split_request(jnp.asarray(items), jnp.asarray(ts), jnp.asarray(length), 1)
   state, _ = model.prefill(prefix, 8)
