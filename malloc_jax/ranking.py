@@ -285,24 +285,19 @@ def quest_rank_cell(model, data: EvalSet, candidates: np.ndarray, *, page: int, 
 
   from malloc_jax.compressors.quest_pages import (  # noqa: PLC0415
     quest,
-    quest_rank_pages,
+    quest_rank,
     quest_rank_read_bytes,
-    quest_slot_select,
   )
   U = len(candidates)
   if U == 0 or U > len(data):
     raise ValueError(f"quest_rank_cell: {U} candidate rows for {len(data)} users")
   comp = quest(page)
-  has_bias = with_bias and all(hasattr(layer, "bias") for layer in model.layers)
+  has_bias = with_bias and model.has_score_bias
 
   @jax.jit
   def serve(model, cache, req, cands):
     memory = comp.compress(cache, comp.init(cache))[0]
-    logits, queries = model.rank(memory.materialize(), req, cands,
-                                 slot_select=quest_slot_select(memory, pages, with_bias),
-                                 return_queries=True)
-    biases = model.rank_slot_bias(memory.materialize(), req, cands) if has_bias else None
-    return memory, logits, quest_rank_pages(memory, queries, pages, biases)
+    return memory, *quest_rank(model, memory, req, cands, pages, with_bias)
 
   logits, stored, per_cand, union = [], [], [], []
   for b in serving.batches(model, data, batch_size=batch_size, max_users=U,

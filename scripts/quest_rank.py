@@ -39,12 +39,7 @@ from ml_collections import config_flags
 from malloc_jax import ranking, stats
 from malloc_jax.checkpoint import write_json_atomic
 from malloc_jax.compressors.budget import native_stored_bytes
-from malloc_jax.compressors.quest_pages import (
-  quest,
-  quest_rank_pages,
-  quest_rank_read_bytes,
-  quest_slot_select,
-)
+from malloc_jax.compressors.quest_pages import quest, quest_rank, quest_rank_read_bytes
 from malloc_jax.evaluate import check_eval_set, padded_batches, split_request
 from malloc_jax.experiment import load_data, ranking_eval_candidates, train_model
 
@@ -82,11 +77,7 @@ def _native(model, memory, req, cands):
 
 @functools.partial(jax.jit, static_argnames=("pages", "with_bias"))
 def _quest(model, memory, req, cands, *, pages, with_bias=True):
-  logits, queries = model.rank(memory.materialize(), req, cands,
-                               slot_select=quest_slot_select(memory, pages, with_bias),
-                               return_queries=True)
-  biases = model.rank_slot_bias(memory.materialize(), req, cands) if with_bias else None
-  return logits, quest_rank_pages(memory, queries, pages, biases)
+  return quest_rank(model, memory, req, cands, pages, with_bias)
 
 
 _quest_key_bound = functools.partial(_quest, with_bias=False)
@@ -132,7 +123,7 @@ def main(argv):
   page, budgets = _PAGE.value, [int(p) for p in _PAGES.value]
   # HSTU adds a relative position/time bias to q . k: the score bound reads every stored
   # event's time stamp (counted in the bytes read); SASRec has none.
-  has_bias = all(hasattr(layer, "bias") for layer in model.layers)
+  has_bias = model.has_score_bias
   cells = [(f"quest page={page} pages={p}", p, _quest) for p in budgets]
   if _KEY_BOUND.value:
     cells += [(f"quest (q.k bound) page={page} pages={p}", p, _quest_key_bound)

@@ -520,7 +520,7 @@ def main(argv):
   if _QUEST.value:
     page = _QUEST.value
     n_pages = -(-s["length"] // page)
-    has_bias = all(hasattr(layer, "bias") for layer in model.layers)
+    has_bias = model.has_score_bias
     for ratio in ratios:
       pages = max(1, round(n_pages / ratio))
       for with_bias in ((True, False) if has_bias else (True,)):

@@ -12,12 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from malloc_jax.compressors.quest_pages import (
-  quest,
-  quest_rank_pages,
-  quest_rank_read_bytes,
-  quest_slot_select,
-)
+from malloc_jax.compressors.quest_pages import quest, quest_rank, quest_rank_read_bytes
 from malloc_jax.models import make_model
 from malloc_jax.serving import split_request
 from tests.test_rank_target import NUM_ITEMS, _inputs, _prefill, make
@@ -154,15 +149,7 @@ def _native(model, memory, req, cands):
   return model.rank(memory.materialize(), req, cands)
 
 
-def _quest_rank(model, memory, req, cands, pages, with_bias=True):
-  logits, queries = model.rank(memory.materialize(), req, cands,
-                               slot_select=quest_slot_select(memory, pages, with_bias),
-                               return_queries=True)
-  biases = model.rank_slot_bias(memory.materialize(), req, cands) if with_bias else None
-  return logits, quest_rank_pages(memory, queries, pages, biases)
-
-
-_quest_jit = jax.jit(_quest_rank, static_argnums=(4, 5))
+_quest_jit = jax.jit(quest_rank, static_argnums=(4, 5))
 
 
 def _setup(name, page, seed=0):
@@ -270,7 +257,7 @@ def _eval_split(lengths, num_cands: int, seed: int):
 def test_quest_rank_cell_all_pages_is_native_and_few_pages_match_one_batch():
   """``ranking.quest_rank_cell``: with every page read it ranks exactly as the native
   ``rank_cell``; with fewer pages its logits and bytes are those of one direct batch
-  (:func:`_quest_rank`, checked against the float64 reference above)."""
+  (``quest_rank``, checked against the float64 reference above)."""
   from malloc_jax import compressors as C
   from malloc_jax import ranking
   model = make("hstu")

@@ -270,6 +270,23 @@ def quest_rank_pages(memory: QuestMemory, queries: jax.Array, pages: int,
                     for i in range(queries.shape[0])])
 
 
+def quest_rank(model, memory: QuestMemory, request, candidates, pages: int,
+               with_bias: bool = True):
+  """``model.rank`` of a Quest memory with per-query reads, and each query's pages.
+
+  Every request event and candidate reads, at every layer, only its own top ``pages`` pages
+  (:func:`quest_slot_select`; ``with_bias``: the bound of q . k plus the layer's score bias
+  where it has one). Returns (logits [B, C], chosen [L, B, H, m + C, P] bool), ``chosen``
+  recomputed from the queries (and biases) the pass used, for :func:`quest_rank_read_bytes`.
+  """
+  cache = memory.materialize()
+  logits, queries = model.rank(cache, request, candidates,
+                               slot_select=quest_slot_select(memory, pages, with_bias),
+                               return_queries=True)
+  biases = model.rank_slot_bias(cache, request, candidates) if with_bias else None
+  return logits, quest_rank_pages(memory, queries, pages, biases)
+
+
 def quest_rank_read_bytes(memory: QuestMemory, chosen: jax.Array, q_valid: jax.Array,
                           with_bias: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """Bytes a ranking request reads from a Quest memory when each query picks its pages.

@@ -315,12 +315,17 @@ class SequenceRecommender(nnx.Module):
       extras += (queries,)
     return (logits, *extras) if extras else logits
 
+  @property
+  def has_score_bias(self) -> bool:
+    """Whether every layer adds a score bias to q . k (HSTU's relative position/time bias)."""
+    return all(hasattr(layer, "bias") for layer in self.layers)
+
   def rank_slot_bias(self, cache: Cache, request: Events, candidates: jax.Array,
                      candidate_ts: jax.Array | None = None) -> jax.Array | None:
     """[L, B, H, m + C, T]: the additive score bias (HSTU's rab) of every token of
     ``rank(cache, request, candidates)`` on every memory slot, the ``bias`` each layer
     passes to a ``slot_select``; None when the layers add none (SASRec)."""
-    if not all(hasattr(layer, "bias") for layer in self.layers):
+    if not self.has_score_bias:
       return None
     _, q_pos, q_ts, _, _ = rank_tokens(cache.length, request, candidates, candidate_ts)
     return jnp.stack([layer.bias(q_pos, q_ts, cache.pos[i], cache.ts[i])
