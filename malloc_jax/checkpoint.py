@@ -196,6 +196,17 @@ def load_memories(directory: str | os.PathLike, like: Any) -> tuple[Any, dict]:
   return out["memory"], dict(out["meta"])
 
 
+def load_memories_meta(directory: str | os.PathLike) -> dict:
+  """The meta of the newest :func:`save_memories` in ``directory`` (the arrays are not read)."""
+  directory = Path(directory).absolute()
+  with ocp.CheckpointManager(directory, item_names=("memory", "meta")) as mgr:
+    step = mgr.latest_step()
+    if step is None:
+      raise CheckpointError(f"{directory}: no saved memories")
+    out = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+  return dict(out["meta"])
+
+
 def load_best_params(workdir: str | os.PathLike) -> tuple[dict, dict]:
   """The best-validation parameters of a finished (or running) training workdir.
 

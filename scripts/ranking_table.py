@@ -59,7 +59,13 @@ from flax import nnx
 
 from malloc_jax import compressors as C
 from malloc_jax import config_lib, ranking
-from malloc_jax.checkpoint import load_memories, save_memories, write_json_atomic
+from malloc_jax.checkpoint import (
+  CheckpointError,
+  load_memories,
+  load_memories_meta,
+  save_memories,
+  write_json_atomic,
+)
 from malloc_jax.compressors.budget import cache_spec, ratio_table
 from malloc_jax.compressors.registry import make_compressor
 from malloc_jax.data.dataset import build_dataset
@@ -260,14 +266,11 @@ def save_backbone(directory: str, model, s: dict, info: dict) -> None:
 def check_backbone(directory: str, s: dict) -> dict:
   """The meta of a --save_backbone directory, after checking that it was trained with this
   run's data and model settings (ValueError naming the first field that differs)."""
-  from malloc_jax.checkpoint import CheckpointError
-  meta_file = sorted(Path(directory).glob("*/meta/metadata"),
-                     key=lambda f: int(f.parent.parent.name) if f.parent.parent.name.isdigit()
-                     else -1)  # the newest save, as load_memories restores
-  if not meta_file:
+  try:
+    meta = load_memories_meta(directory)  # the newest save, as load_memories restores
+  except (CheckpointError, FileNotFoundError) as err:
     raise CheckpointError(f"--backbone={directory}: no saved backbone there (expected a "
-                          "--save_backbone directory)")
-  meta = json.loads(meta_file[-1].read_text())
+                          f"--save_backbone directory): {err}") from None
   for k in BACKBONE_FIELDS:
     if meta["settings"].get(k) != s[k]:
       raise ValueError(f"--backbone={directory}: it was trained with {k}="
