@@ -187,6 +187,8 @@ def save_memories(directory: str | os.PathLike, memory: Any, meta: dict | None =
 def load_memories(directory: str | os.PathLike, like: Any) -> tuple[Any, dict]:
   """Restores the newest saved memories into the structure of ``like`` (arrays or shapes)."""
   directory = Path(directory).absolute()
+  if not directory.is_dir():  # a reader must not create the directory it was pointed at
+    raise CheckpointError(f"{directory}: no saved memories (no such directory)")
   with ocp.CheckpointManager(directory, item_names=("memory", "meta")) as mgr:
     step = mgr.latest_step()
     if step is None:
@@ -199,6 +201,8 @@ def load_memories(directory: str | os.PathLike, like: Any) -> tuple[Any, dict]:
 def load_memories_meta(directory: str | os.PathLike) -> dict:
   """The meta of the newest :func:`save_memories` in ``directory`` (the arrays are not read)."""
   directory = Path(directory).absolute()
+  if not directory.is_dir():  # a reader must not create the directory it was pointed at
+    raise CheckpointError(f"{directory}: no saved memories (no such directory)")
   with ocp.CheckpointManager(directory, item_names=("memory", "meta")) as mgr:
     step = mgr.latest_step()
     if step is None:

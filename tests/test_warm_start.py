@@ -169,3 +169,19 @@ def test_rab_recipe_fields_train_faster_rab_and_keep_old_workdirs(tmp_path):
   c1.train.bias_lr_scale = 30.0
   with pytest.raises(ValueError, match="differs in: .*train"):
     experiment.check_workdir(tmp_path / "a", c1)
+
+
+def test_memories_meta_round_trip_and_missing_directory_is_not_created(tmp_path):
+  """``checkpoint.load_memories_meta`` (what ``ranking_table.py --backbone`` checks first)
+  returns the newest save's meta; a missing directory is an error and is not created."""
+  from malloc_jax.checkpoint import load_memories, load_memories_meta, save_memories
+  tree = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+  save_memories(tmp_path / "bb", tree, {"settings": {"length": 32}})
+  save_memories(tmp_path / "bb", tree, {"settings": {"length": 64}})
+  assert load_memories_meta(tmp_path / "bb") == {"settings": {"length": 64}}
+  got, meta = load_memories(tmp_path / "bb", tree)
+  np.testing.assert_array_equal(np.asarray(got["w"]), tree["w"])
+  for fn in (load_memories_meta, lambda d: load_memories(d, tree)):
+    with pytest.raises(CheckpointError, match="no such directory"):
+      fn(tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()
