@@ -153,12 +153,11 @@ def tie_query_key_init(model, score_offset: float = 0.0, qk_scale: float = 1.0) 
   References: Kang & McAuley, ICDM 2018 (SASRec); Zhai et al., ICML 2024 (HSTU).
   """
   for layer in model.layers:
-    H = layer.heads if hasattr(layer, "heads") else None
+    H = getattr(layer, "heads", 1)
     G = getattr(layer, "kv_heads", H)  # head sharing (GQA, MQA): G key heads
     if hasattr(layer, "qkv"):  # SASRec: [q (H dh) | k (G dh) | v (G dh)]
-      lin = layer.qkv
-      dh = getattr(layer, "dh", lin.kernel[...].shape[1] // 3 // (H or 1))
-      q0, k0, dq = 0, H * dh, dh
+      lin, dq = layer.qkv, layer.dh
+      q0, k0 = 0, H * dq
     elif hasattr(layer, "uvqk"):  # HSTU: [u (H dv) | v (G dv) | q (H dqk) | k (G dqk)]
       lin, dq = layer.uvqk, layer.dqk
       q0 = (H + G) * layer.dv
