@@ -436,9 +436,7 @@ def main(argv):
                batch=s["warm_batch"] or s["batch"])
     wmodel, warm_info = train_ranker(s["model"], {}, s_w, data_w, sampler,
                                      (val_cands, ref_w, hard_eval))
-    strkeys = lambda d: ({str(k): strkeys(v) for k, v in d.items()} if isinstance(d, dict)
-                         else d)  # warm_start reads checkpoint dicts (string keys)
-    init = strkeys(nnx.to_pure_dict(nnx.state(wmodel, nnx.Param)))
+    init = _strkeys(nnx.to_pure_dict(nnx.state(wmodel, nnx.Param)))  # warm_start's keys
   if _LOAD.value:
     model, info = load_backbone(_LOAD.value, s, data.num_items)
   else:
